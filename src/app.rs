@@ -1,0 +1,246 @@
+//! Start-up and shutdown: builds the backends from the configuration, wires
+//! them into one [`AppState`], binds the listener, and runs until told to
+//! stop. Tests build the same application on port 0.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use poem::{
+    EndpointExt, IntoEndpoint, Route, Server, get,
+    listener::{Acceptor, Listener, TcpListener},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    api,
+    auth::JwtKeys,
+    bus::{Bus, local::LocalBus},
+    chat::{Chat, Limits},
+    config::ServeConfig,
+    hub::Hub,
+    limiter::{Limiter, memory::MemoryLimiter},
+    presence::{Presence, memory::MemoryPresence},
+    store::{self, Store},
+    ws,
+};
+
+/// Everything a request handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: ServeConfig,
+    pub keys: JwtKeys,
+    pub chat: Chat,
+    /// Cancelled when shutdown begins: sessions close with 1012.
+    pub shutdown: CancellationToken,
+    /// Open WebSocket sessions, awaited on shutdown.
+    pub sessions: TaskTracker,
+    /// This process, in connection keys shared with other instances.
+    pub instance_id: String,
+    next_connection: AtomicU64,
+    shutting_down: AtomicBool,
+    pub metrics: PrometheusHandle,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Readiness goes false, sessions are told to close (1012), and we wait
+    /// for them (their in-flight sends finish first) up to the grace period.
+    pub async fn drain(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(self.config.shutdown_grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over with sessions still open");
+        }
+    }
+}
+
+/// The process-wide metrics recorder: `metrics` macros need a global one, so
+/// every application in the process (several in tests) shares it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (e.g. by a test
+            // harness); ours then only renders what it saw.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// The backends, chosen once from the configuration.
+pub struct Backends {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn Presence>,
+    pub limiter: Arc<dyn Limiter>,
+}
+
+impl Backends {
+    pub async fn from_config(config: &ServeConfig) -> anyhow::Result<Self> {
+        if config.redis_url.is_some() {
+            anyhow::bail!(
+                "REDIS_URL is set, but this build has no Redis backends yet: unset it to run embedded"
+            );
+        }
+        let store = store::connect(config.database_url.expose()).await?;
+        Ok(Self {
+            store,
+            bus: Arc::new(LocalBus),
+            presence: Arc::new(MemoryPresence::default()),
+            limiter: Arc::new(MemoryLimiter::default()),
+        })
+    }
+}
+
+pub struct Application {
+    state: AppState,
+    acceptor: poem::listener::TcpAcceptor,
+    local_addr: SocketAddr,
+}
+
+impl Application {
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let secret = config.require_secret()?.clone();
+        let backends = Backends::from_config(&config).await?;
+        if config.migrate_on_start {
+            backends.store.migrate().await?;
+        }
+        let hub = Hub::new(
+            Arc::clone(&backends.store),
+            Arc::clone(&backends.bus),
+            Duration::from_millis(50),
+        );
+        let chat = Chat {
+            store: backends.store,
+            bus: backends.bus,
+            presence: backends.presence,
+            limiter: backends.limiter,
+            hub,
+            limits: Limits::from_config(&config),
+            max_message_chars: config.max_message_chars,
+            replay_limit: config.replay_limit,
+        };
+        let state = AppState(Arc::new(Inner {
+            keys: JwtKeys::new(&secret, &config),
+            chat,
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            instance_id: uuid::Uuid::now_v7().simple().to_string(),
+            next_connection: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            metrics: metrics_handle(),
+            config,
+        }));
+        let acceptor = TcpListener::bind(state.config.listen)
+            .into_acceptor()
+            .await?;
+        let local_addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .ok_or_else(|| anyhow::anyhow!("listener has no socket address"))?;
+        Ok(Self {
+            state,
+            acceptor,
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let grace = state.config.shutdown_grace;
+        let routes = routes(state.clone());
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(
+                routes,
+                async move {
+                    shutdown.await;
+                    tracing::info!("shutting down: draining connections");
+                    state.drain().await;
+                },
+                Some(grace),
+            )
+            .await
+    }
+}
+
+/// Every route the service serves.
+pub fn routes(state: AppState) -> impl poem::Endpoint {
+    let rest = api::service();
+    let spec_yaml = rest.spec_yaml();
+    let spec_json = rest.spec();
+    let viewer = rest.scalar();
+    let max_body = state.config.max_body_bytes;
+    Route::new()
+        .nest(
+            "/api/v1",
+            rest.into_endpoint()
+                .before(move |req| api::limit_body(req, max_body))
+                .catch_all_error(api::error::into_response),
+        )
+        .at("/ws/chat/:room_id", get(ws::upgrade))
+        .at("/healthz", get(api::health::healthz))
+        .at("/readyz", get(api::health::readyz))
+        .at("/metrics", get(api::health::metrics))
+        .at(
+            "/openapi.yaml",
+            get(poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type("application/yaml")
+                    .body(spec_yaml.clone())
+            })),
+        )
+        .at(
+            "/openapi.json",
+            get(poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type("application/json")
+                    .body(spec_json.clone())
+            })),
+        )
+        .nest("/docs", viewer)
+        .data(state)
+}

@@ -1,0 +1,243 @@
+//! Configuration: one typed struct, read once from flags and environment.
+//!
+//! Every option is also an environment variable (shown in `--help`); a `.env`
+//! file in the working directory is read first when present. Secrets are
+//! wrapped in [`Secret`] so that they never show up in `Debug` output or logs.
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "chat-service", version, about = "Clash of Code chat service")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve`, the default command.
+    #[command(flatten)]
+    pub serve: ServeConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Mint a token signed with the configured secret (local use and tests).
+    Token(TokenArgs),
+    /// Print the OpenAPI document (YAML) and exit.
+    Openapi,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// User id (`sub` claim).
+    #[arg(long)]
+    pub sub: String,
+    /// Display name (`name` claim).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Role to grant (admin, moderator, service); repeatable.
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+    /// Lifetime of the token, e.g. `1h`, `30m`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+}
+
+/// A value that must never be printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "HS384")]
+    Hs384,
+    #[value(name = "HS512")]
+    Hs512,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn duration(raw: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(raw)
+}
+
+/// Everything `serve` needs. Defaults are the contract's.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(
+        long,
+        global = true,
+        env = "LISTEN_ADDR",
+        default_value = "0.0.0.0:8001"
+    )]
+    pub listen: SocketAddr,
+
+    /// Database: `sqlite://path` (embedded) or `postgres://…` (cluster).
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "sqlite://chat.db",
+        hide_env_values = true
+    )]
+    pub database_url: Secret,
+
+    /// Redis for cluster mode; unset means in-process fan-out, presence and limits.
+    #[arg(long, global = true, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+
+    /// Shared secret the Core service signs tokens with. Required.
+    #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// The one signing algorithm accepted.
+    #[arg(long, global = true, env = "JWT_ALGORITHM", default_value = "HS256")]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// Required `iss` claim, when set.
+    #[arg(long, global = true, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, when set.
+    #[arg(long, global = true, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock leeway for `exp`/`nbf`, and grace after `exp` before a socket is closed.
+    #[arg(long, global = true, env = "JWT_LEEWAY", default_value = "5s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+
+    /// Apply migrations at start-up.
+    #[arg(long, global = true, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+
+    /// Longest message body, in characters.
+    #[arg(long, global = true, env = "MAX_MESSAGE_CHARS", default_value_t = 2000)]
+    pub max_message_chars: usize,
+
+    /// Largest WebSocket frame accepted, in bytes (1009 past it).
+    #[arg(long, global = true, env = "MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Largest REST request body, in bytes (413 past it).
+    #[arg(long, global = true, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most messages replayed on resume (`since`).
+    #[arg(long, global = true, env = "REPLAY_LIMIT", default_value_t = 500)]
+    pub replay_limit: u32,
+
+    /// Sends (WebSocket and REST together) allowed per user per window.
+    #[arg(long, global = true, env = "SEND_RATE_LIMIT", default_value_t = 10)]
+    pub send_rate_limit: u32,
+
+    #[arg(long, global = true, env = "SEND_RATE_WINDOW", default_value = "10s", value_parser = duration)]
+    pub send_rate_window: Duration,
+
+    /// WebSocket connection attempts allowed per client IP per window.
+    #[arg(long, global = true, env = "CONNECT_RATE_LIMIT", default_value_t = 120)]
+    pub connect_rate_limit: u32,
+
+    #[arg(long, global = true, env = "CONNECT_RATE_WINDOW", default_value = "60s", value_parser = duration)]
+    pub connect_rate_window: Duration,
+
+    /// Other REST requests allowed per user per window.
+    #[arg(long, global = true, env = "REST_RATE_LIMIT", default_value_t = 600)]
+    pub rest_rate_limit: u32,
+
+    #[arg(long, global = true, env = "REST_RATE_WINDOW", default_value = "60s", value_parser = duration)]
+    pub rest_rate_window: Duration,
+
+    /// At most one `typing` per user per room per this interval.
+    #[arg(long, global = true, env = "TYPING_INTERVAL", default_value = "2s", value_parser = duration)]
+    pub typing_interval: Duration,
+
+    /// Server ping interval.
+    #[arg(long, global = true, env = "PING_INTERVAL", default_value = "25s", value_parser = duration)]
+    pub ping_interval: Duration,
+
+    /// A connection that sent nothing for this long is closed.
+    #[arg(long, global = true, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+
+    /// Frames queued for one connection before it is closed as too slow (4008).
+    #[arg(long, global = true, env = "OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Frames one connection may send per 10 s before it is closed for abuse (4029).
+    #[arg(long, global = true, env = "FRAME_FLOOD_LIMIT", default_value_t = 200)]
+    pub frame_flood_limit: u32,
+
+    /// A write to a socket that takes longer than this closes it as too slow.
+    #[arg(long, global = true, env = "WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub write_timeout: Duration,
+
+    /// How long shutdown waits for connections to drain.
+    #[arg(long, global = true, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Take the client IP from the last `X-Forwarded-For` entry (behind a proxy).
+    #[arg(long, global = true, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_forwarded_for: bool,
+
+    /// Log format: text or json. Filter with RUST_LOG.
+    #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl ServeConfig {
+    /// The secret, or a clear error naming the variable.
+    pub fn require_secret(&self) -> anyhow::Result<&Secret> {
+        match &self.jwt_secret {
+            Some(secret) if !secret.expose().is_empty() => Ok(secret),
+            _ => anyhow::bail!(
+                "JWT_SECRET is not set: set it (environment, .env file or --jwt-secret) to the \
+                 secret the Core service signs tokens with"
+            ),
+        }
+    }
+
+    /// Defaults suitable for tests: every value as in production except the
+    /// listen address (port 0) and the given database.
+    pub fn for_tests(database_url: &str, secret: &str) -> Self {
+        let cli = Cli::parse_from(["chat-service"]);
+        Self {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            database_url: Secret::new(database_url),
+            jwt_secret: Some(Secret::new(secret)),
+            ..cli.serve
+        }
+    }
+}

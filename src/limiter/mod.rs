@@ -1,0 +1,41 @@
+//! Sliding-window rate limits.
+//!
+//! A key (e.g. `send:<user>`) may be hit at most `limit` times in any window
+//! of length `window`. A refused hit is not counted and says how long until
+//! the oldest counted hit leaves the window. Implementations: [`memory`]
+//! (one process).
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::ChatError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    Refused { retry_after: Duration },
+}
+
+/// A limit: at most `limit` hits per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub limit: u32,
+    pub window: Duration,
+}
+
+#[async_trait]
+pub trait Limiter: Send + Sync + 'static {
+    /// Counts a hit on `key` if the limit allows it.
+    async fn hit(&self, key: &str, limit: Limit) -> Result<Decision, ChatError>;
+}
+
+/// Hits the limit and turns a refusal into the contract's error.
+pub async fn enforce(limiter: &dyn Limiter, key: &str, limit: Limit) -> Result<(), ChatError> {
+    match limiter.hit(key, limit).await? {
+        Decision::Allowed => Ok(()),
+        Decision::Refused { retry_after } => Err(ChatError::RateLimited { retry_after }),
+    }
+}

@@ -1,0 +1,40 @@
+//! Who is connected to which room, across every instance.
+//!
+//! Presence is counted per connection and reported per user: `connect`
+//! answers whether this is the user's first connection to the room (the
+//! caller then announces `join`), `disconnect` whether it was the last
+//! (`leave`). Implementations: [`memory`] (one process).
+
+pub mod memory;
+
+use async_trait::async_trait;
+
+use crate::{
+    domain::{RoomId, User, UserId},
+    error::ChatError,
+};
+
+/// Identifies one connection, unique across instances.
+pub type ConnectionKey = str;
+
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// Records a connection; `true` when the user had none in the room.
+    async fn connect(
+        &self,
+        room: &RoomId,
+        user: &User,
+        conn: &ConnectionKey,
+    ) -> Result<bool, ChatError>;
+
+    /// Forgets a connection; `true` when it was the user's last in the room.
+    async fn disconnect(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        conn: &ConnectionKey,
+    ) -> Result<bool, ChatError>;
+
+    /// The distinct users connected to the room now, by id.
+    async fn list(&self, room: &RoomId) -> Result<Vec<User>, ChatError>;
+}

@@ -1,0 +1,353 @@
+//! The embedded store: one SQLite file, WAL mode, `synchronous = FULL` so an
+//! acknowledged message survives a power cut.
+//!
+//! SQLite allows one writer at a time. Rather than let concurrent writers
+//! collide and retry on `SQLITE_BUSY`, writes go through a pool of exactly
+//! one connection, so they queue in FIFO order inside the process; reads use
+//! their own pool and never wait for writes (WAL).
+
+use std::{str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    Row,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
+};
+use time::OffsetDateTime;
+
+use super::{Appended, Member, NewMessage, Page, Store, rows, to_millis};
+use crate::{
+    domain::{Message, Room, RoomId, User, UserId},
+    error::ChatError,
+};
+
+pub struct SqliteStore {
+    reader: SqlitePool,
+    writer: SqlitePool,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const MESSAGE_COLUMNS_BY_ROOM_AND_SEQ: &str = "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
+     FROM messages WHERE room_id = ? AND seq = ?";
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { reader, writer })
+    }
+
+    async fn message_by_seq(&self, room: &RoomId, seq: i64) -> Result<Message, ChatError> {
+        let row = sqlx::query(MESSAGE_COLUMNS_BY_ROOM_AND_SEQ)
+            .bind(room.as_str())
+            .bind(seq)
+            .fetch_one(&self.writer)
+            .await?;
+        rows::message(&row)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), ChatError> {
+        MIGRATOR.run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), ChatError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn room(&self, id: &RoomId) -> Result<Option<Room>, ChatError> {
+        sqlx::query("SELECT id, kind, name, owner_id, created_at FROM rooms WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| rows::room(&row))
+            .transpose()
+    }
+
+    async fn create_room(&self, room: &Room, members: &[UserId]) -> Result<(), ChatError> {
+        let mut tx = self.writer.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO rooms (id, kind, name, owner_id, created_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(room.id.as_str())
+        .bind(room.kind.as_str())
+        .bind(&room.name)
+        .bind(room.owner_id.as_ref().map(UserId::as_str))
+        .bind(to_millis(room.created_at))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(ChatError::Conflict(format!("room id {} is taken", room.id)));
+        }
+        for member in members {
+            sqlx::query(
+                "INSERT INTO room_members (room_id, user_id, added_at) VALUES (?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(room.id.as_str())
+            .bind(member.as_str())
+            .bind(to_millis(room.created_at))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ensure_direct_room(
+        &self,
+        room: &Room,
+        a: &UserId,
+        b: &UserId,
+    ) -> Result<(Room, bool), ChatError> {
+        if let Some(existing) = self.room(&room.id).await? {
+            return Ok((existing, false));
+        }
+        match self.create_room(room, &[a.clone(), b.clone()]).await {
+            Ok(()) => Ok((room.clone(), true)),
+            // Created by a concurrent request in between: use that one.
+            Err(ChatError::Conflict(_)) => Ok((
+                self.room(&room.id)
+                    .await?
+                    .ok_or_else(|| ChatError::Internal(anyhow::anyhow!("direct room vanished")))?,
+                false,
+            )),
+            Err(other) => Err(other),
+        }
+    }
+
+    async fn rooms_for(&self, user: &UserId) -> Result<Vec<Room>, ChatError> {
+        sqlx::query(
+            "SELECT id, kind, name, owner_id, created_at FROM rooms \
+             WHERE kind IN ('global', 'public') \
+                OR id IN (SELECT room_id FROM room_members WHERE user_id = ?) \
+             ORDER BY created_at, id",
+        )
+        .bind(user.as_str())
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(rows::room)
+        .collect()
+    }
+
+    async fn is_member(&self, room: &RoomId, user: &UserId) -> Result<bool, ChatError> {
+        let row = sqlx::query("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn members(&self, room: &RoomId) -> Result<Vec<Member>, ChatError> {
+        sqlx::query(
+            "SELECT m.user_id, u.name FROM room_members m LEFT JOIN users u ON u.id = m.user_id \
+             WHERE m.room_id = ? ORDER BY m.added_at, m.user_id",
+        )
+        .bind(room.as_str())
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(rows::member)
+        .collect()
+    }
+
+    async fn add_member(&self, room: &RoomId, user: &UserId) -> Result<(), ChatError> {
+        sqlx::query(
+            "INSERT INTO room_members (room_id, user_id, added_at) VALUES (?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(to_millis(OffsetDateTime::now_utc()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_member(&self, room: &RoomId, user: &UserId) -> Result<bool, ChatError> {
+        let done = sqlx::query("DELETE FROM room_members WHERE room_id = ? AND user_id = ?")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn remember_user(&self, user: &User) -> Result<(), ChatError> {
+        sqlx::query(
+            "INSERT INTO users (id, name, updated_at) VALUES (?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, updated_at = excluded.updated_at \
+             WHERE users.name <> excluded.name",
+        )
+        .bind(user.id.as_str())
+        .bind(&user.name)
+        .bind(to_millis(OffsetDateTime::now_utc()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
+        // One writer connection: the duplicate check, the seq bump and the
+        // insert cannot interleave with another append.
+        let mut tx = self.writer.begin().await?;
+        if let Some(client_id) = &message.client_id {
+            let original = sqlx::query(
+                "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
+                 FROM messages WHERE room_id = ? AND user_id = ? AND client_id = ?",
+            )
+            .bind(message.room_id.as_str())
+            .bind(message.user.id.as_str())
+            .bind(client_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = original {
+                return Ok(Appended::Duplicate(rows::message(&row)?));
+            }
+        }
+        let seq: i64 =
+            sqlx::query("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
+                .bind(message.room_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(ChatError::room_not_found)?
+                .try_get(0)?;
+        sqlx::query(
+            "INSERT INTO messages (room_id, seq, id, user_id, user_name, body, client_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(message.room_id.as_str())
+        .bind(seq)
+        .bind(&message.id)
+        .bind(message.user.id.as_str())
+        .bind(&message.user.name)
+        .bind(&message.body)
+        .bind(message.client_id.as_ref().map(|c| c.as_str()))
+        .bind(to_millis(message.created_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Appended::Stored(Message {
+            room_id: message.room_id,
+            id: message.id,
+            seq: seq as u64,
+            user: message.user,
+            body: message.body,
+            client_id: message.client_id,
+            created_at: message.created_at,
+            deleted: false,
+        }))
+    }
+
+    async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError> {
+        let row = sqlx::query("SELECT last_seq FROM rooms WHERE id = ?")
+            .bind(room.as_str())
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(ChatError::room_not_found)?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+
+    async fn history(
+        &self,
+        room: &RoomId,
+        page: Page,
+        limit: u32,
+    ) -> Result<Vec<Message>, ChatError> {
+        let query = match page {
+            Page::Newest { before } => sqlx::query(
+                "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
+                 FROM messages WHERE room_id = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            )
+            .bind(room.as_str())
+            .bind(0i64)
+            .bind(before.map_or(i64::MAX, |b| b as i64)),
+            Page::Oldest { after, before } => sqlx::query(
+                "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
+                 FROM messages WHERE room_id = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?",
+            )
+            .bind(room.as_str())
+            .bind(after as i64)
+            .bind(before.map_or(i64::MAX, |b| b as i64)),
+        };
+        query
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(rows::message)
+            .collect()
+    }
+
+    async fn delete_message(
+        &self,
+        room: &RoomId,
+        id: &str,
+    ) -> Result<Option<(Message, bool)>, ChatError> {
+        let mut tx = self.writer.begin().await?;
+        let Some(row) =
+            sqlx::query("SELECT seq, deleted_at FROM messages WHERE room_id = ? AND id = ?")
+                .bind(room.as_str())
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let seq: i64 = row.try_get(0)?;
+        let already: Option<i64> = row.try_get(1)?;
+        if already.is_none() {
+            sqlx::query(
+                "UPDATE messages SET body = '', deleted_at = ? WHERE room_id = ? AND seq = ?",
+            )
+            .bind(to_millis(OffsetDateTime::now_utc()))
+            .bind(room.as_str())
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some((
+            self.message_by_seq(room, seq).await?,
+            already.is_none(),
+        )))
+    }
+
+    async fn message(&self, room: &RoomId, id: &str) -> Result<Option<Message>, ChatError> {
+        sqlx::query(
+            "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
+             FROM messages WHERE room_id = ? AND id = ?",
+        )
+        .bind(room.as_str())
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(|row| rows::message(&row))
+        .transpose()
+    }
+}

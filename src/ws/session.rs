@@ -1,0 +1,387 @@
+//! One WebSocket connection, from `ready` to close.
+//!
+//! A session is a single task that owns its socket. Its loop waits, in this
+//! order of priority, for: a close request (revoked 4003, too slow 4008),
+//! server shutdown (1012), token expiry (4001), idle timeout, a frame queued
+//! by the hub, the ping timer, and the next client frame. A client frame is
+//! handled to the end (a send is stored and acked) before the loop looks at
+//! anything else, which is what lets shutdown finish in-flight sends.
+//!
+//! Frames from the hub wait in a bounded queue; the hub closes the
+//! connection (4008) when the queue is full instead of buffering without
+//! limit. A write that stalls past the write timeout closes it too.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use poem::Upgraded;
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep_until, timeout},
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        self, Message as WsMessage, Utf8Bytes,
+        error::CapacityError,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
+};
+
+use crate::{
+    app::AppState,
+    bus::WireUser,
+    domain::{Caller, Room},
+    error::ChatError,
+    hub::{Closer, Connection},
+    protocol::{ClientFrame, RoomView, ServerFrame, format_time},
+    store::Page,
+};
+
+type Socket = WebSocketStream<Upgraded>;
+
+/// Close codes of the contract.
+mod close {
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN: u16 = 1013;
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    pub const TOO_SLOW: u16 = 4008;
+    pub const ABUSE: u16 = 4029;
+}
+
+/// The window of the frame flood limit (`frame_flood_limit` frames per
+/// window, far above what the send limit lets through, so only floods trip it).
+const FRAME_FLOOD_WINDOW: Duration = Duration::from_secs(10);
+
+pub async fn run(state: AppState, socket: Socket, caller: Caller, room: Room, since: Option<u64>) {
+    let id = state.next_connection_id();
+    let key = format!("{}:{id}", state.instance_id);
+    let (outbound, queue) = mpsc::channel(state.config.outbound_queue.max(1));
+    let conn = Arc::new(Connection {
+        id,
+        user_id: caller.id().clone(),
+        outbound,
+        closer: Closer::default(),
+    });
+    let user = caller.user.clone();
+    metrics::gauge!("chat_connections").increment(1.0);
+
+    // Presence first, so the connection does not receive its own `join`.
+    let joined = async {
+        state.chat.store.remember_user(&user).await?;
+        state.chat.connected(&room.id, &user, &key).await?;
+        state.chat.hub.join(&room.id, Arc::clone(&conn)).await
+    }
+    .await;
+    let (mut socket, end) = match joined {
+        Ok(delivered) => {
+            let mut session = Session {
+                state: state.clone(),
+                socket,
+                caller,
+                room: room.clone(),
+                conn: Arc::clone(&conn),
+                queue,
+            };
+            let end = session.serve(delivered, since).await;
+            (session.socket, end)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not register a connection");
+            (socket, End::Close(close::TRY_AGAIN, "try again later"))
+        }
+    };
+    // The connection is gone for the room before its socket finishes
+    // closing (which may linger behind a slow peer).
+    state.chat.hub.leave(&room.id, conn.id);
+    state.chat.disconnected(&room.id, &user, &key).await;
+    metrics::gauge!("chat_connections").decrement(1.0);
+    if let End::Close(code, reason) = end {
+        close_socket(&mut socket, code, reason).await;
+    }
+}
+
+struct Session {
+    state: AppState,
+    socket: Socket,
+    caller: Caller,
+    room: Room,
+    conn: Arc<Connection>,
+    queue: mpsc::Receiver<Utf8Bytes>,
+}
+
+/// Why the loop ended.
+enum End {
+    /// Close the socket with this code.
+    Close(u16, &'static str),
+    /// The socket is gone or stuck: just drop it.
+    Drop,
+}
+
+impl Session {
+    async fn serve(&mut self, delivered: u64, since: Option<u64>) -> End {
+        match self.start(delivered, since).await {
+            Ok(()) => self.run_loop().await,
+            Err(end) => end,
+        }
+    }
+
+    /// `ready`, then the replay of what the client missed. Live frames wait
+    /// in the queue meanwhile: they all have seqs above `delivered`, and the
+    /// replay stops at `delivered`, so nothing is sent twice or out of order.
+    async fn start(&mut self, delivered: u64, since: Option<u64>) -> Result<(), End> {
+        let chat = &self.state.chat;
+        let presence: Vec<WireUser> = match chat.presence.list(&self.room.id).await {
+            Ok(users) => users.iter().map(WireUser::from).collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read presence");
+                Vec::new()
+            }
+        };
+        let (replay, resumed) = match since {
+            Some(since) if since < delivered => {
+                let limit = chat.replay_limit;
+                let missing = delivered - since;
+                let result = if missing > u64::from(limit) {
+                    chat.store
+                        .history(
+                            &self.room.id,
+                            Page::Newest {
+                                before: Some(delivered + 1),
+                            },
+                            limit,
+                        )
+                        .await
+                        .map(|mut page| {
+                            page.reverse();
+                            (page, false)
+                        })
+                } else {
+                    chat.store
+                        .history(
+                            &self.room.id,
+                            Page::Oldest {
+                                after: since,
+                                before: Some(delivered + 1),
+                            },
+                            limit,
+                        )
+                        .await
+                        .map(|page| (page, true))
+                };
+                result.map_err(|err| {
+                    tracing::warn!(error = %err, "could not read the replay");
+                    End::Close(
+                        close::TRY_AGAIN,
+                        "history unavailable, reconnect with since",
+                    )
+                })?
+            }
+            Some(_) => (Vec::new(), true),
+            None => (Vec::new(), false),
+        };
+        let user = WireUser::from(&self.caller.user);
+        let ready = ServerFrame::Ready {
+            room: RoomView::from(&self.room),
+            user: &user,
+            last_seq: delivered,
+            resumed: since.map(|_| resumed),
+            presence: &presence,
+        };
+        self.write(Utf8Bytes::from(ready.to_json())).await?;
+        for message in &replay {
+            let wire = crate::bus::WireMessage::from(message);
+            self.write(Utf8Bytes::from(ServerFrame::for_message(&wire).to_json()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn run_loop(&mut self) -> End {
+        let config = self.state.config.clone();
+        let shutdown = self.state.shutdown.clone();
+        let conn = Arc::clone(&self.conn);
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+        let mut last_heard = Instant::now();
+        let mut flood = FloodGuard::new(config.frame_flood_limit);
+        loop {
+            let expires = self.expiry_deadline();
+            tokio::select! {
+                biased;
+                reason = conn.closer.closed() => return End::Close(reason.code(), reason.text()),
+                () = shutdown.cancelled() => return End::Close(close::RESTART, "server restarting"),
+                () = sleep_until(expires) => return End::Close(close::TOKEN_EXPIRED, "token expired"),
+                () = sleep_until(last_heard + config.idle_timeout) => {
+                    return End::Close(close::POLICY, "idle timeout");
+                }
+                Some(frame) = self.queue.recv() => {
+                    if let Err(end) = self.write(frame).await {
+                        return end;
+                    }
+                }
+                _ = ping.tick() => {
+                    if let Err(end) = self.send_raw(WsMessage::Ping(Default::default())).await {
+                        return end;
+                    }
+                }
+                incoming = self.socket.next() => {
+                    let message = match incoming {
+                        None => return End::Drop,
+                        Some(Ok(message)) => message,
+                        Some(Err(tungstenite::Error::Capacity(
+                            CapacityError::MessageTooLong { .. },
+                        ))) => return End::Close(close::TOO_BIG, "frame too large"),
+                        Some(Err(err)) => {
+                            tracing::debug!(error = %err, "socket error");
+                            return End::Drop;
+                        }
+                    };
+                    last_heard = Instant::now();
+                    if !flood.allow(last_heard) {
+                        return End::Close(close::ABUSE, "too many frames");
+                    }
+                    let handled = match message {
+                        WsMessage::Text(text) => self.handle_text(text.as_str()).await,
+                        WsMessage::Binary(_) => {
+                            let err = ChatError::BadRequest("binary frames are not accepted; send JSON text".into());
+                            self.send_error(&err, None).await
+                        }
+                        // tungstenite answers pings and close frames itself.
+                        WsMessage::Close(_) => return End::Drop,
+                        WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Ok(()),
+                    };
+                    if let Err(end) = handled {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the connection must close for its token: `exp` plus leeway.
+    fn expiry_deadline(&self) -> Instant {
+        let left = self.caller.expires_at - time::OffsetDateTime::now_utc();
+        let left = Duration::try_from(left).unwrap_or(Duration::ZERO) + self.state.keys.leeway();
+        Instant::now() + left
+    }
+
+    async fn handle_text(&mut self, text: &str) -> Result<(), End> {
+        let frame = match ClientFrame::parse(text) {
+            Ok(frame) => frame,
+            Err(bad) => return self.send_error(&bad.error, bad.client_id.as_deref()).await,
+        };
+        match frame {
+            ClientFrame::Message { body, client_id } => {
+                let echo = client_id.as_ref().map(|c| c.as_str().to_owned());
+                match self
+                    .state
+                    .chat
+                    .send(&self.caller, &self.room, &body, client_id)
+                    .await
+                {
+                    Ok(sent) => {
+                        let m = &sent.message;
+                        let ack = ServerFrame::Ack {
+                            client_id: m.client_id.as_ref().map(|c| c.as_str()),
+                            id: &m.id,
+                            seq: m.seq,
+                            created_at: format_time(m.created_at),
+                        };
+                        self.write(Utf8Bytes::from(ack.to_json())).await
+                    }
+                    Err(err) => self.send_error(&err, echo.as_deref()).await,
+                }
+            }
+            ClientFrame::Typing => match self.state.chat.typing(&self.caller, &self.room).await {
+                Ok(()) => Ok(()),
+                Err(err) => self.send_error(&err, None).await,
+            },
+            ClientFrame::Ping => {
+                self.write(Utf8Bytes::from(ServerFrame::Pong.to_json()))
+                    .await
+            }
+            ClientFrame::Refresh { token } => match self.state.keys.verify(&token) {
+                Ok(fresh) if fresh.id() == self.caller.id() => {
+                    let expires_at = format_time(fresh.expires_at);
+                    self.caller = fresh;
+                    self.write(Utf8Bytes::from(
+                        ServerFrame::Refreshed { expires_at }.to_json(),
+                    ))
+                    .await
+                }
+                Ok(_) => {
+                    let err = ChatError::Forbidden("the new token belongs to another user".into());
+                    self.send_error(&err, None).await
+                }
+                Err(err) => self.send_error(&err, None).await,
+            },
+        }
+    }
+
+    async fn send_error(&mut self, err: &ChatError, client_id: Option<&str>) -> Result<(), End> {
+        let message = err.client_message();
+        let retry_after_ms = err.retry_after().map(|d| d.as_millis().max(1) as u64);
+        let frame = ServerFrame::error(err.code(), &message, retry_after_ms, client_id);
+        self.write(Utf8Bytes::from(frame.to_json())).await
+    }
+
+    async fn write(&mut self, frame: Utf8Bytes) -> Result<(), End> {
+        self.send_raw(WsMessage::Text(frame)).await
+    }
+
+    /// Writes one frame; a peer that does not take it within the write
+    /// timeout is too slow.
+    async fn send_raw(&mut self, message: WsMessage) -> Result<(), End> {
+        match timeout(self.state.config.write_timeout, self.socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Drop),
+            Err(_) => Err(End::Close(close::TOO_SLOW, "too slow")),
+        }
+    }
+}
+
+/// How long a close frame may wait behind a full socket: a client that was
+/// only briefly not reading still learns why it was closed (e.g. 4008).
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+async fn close_socket(socket: &mut Socket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = timeout(CLOSE_LINGER, socket.send(WsMessage::Close(Some(frame)))).await;
+    // Give the peer a moment to answer the close, then drop the socket.
+    let _ = timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await;
+}
+
+/// Counts a client's frames in fixed windows to spot floods.
+struct FloodGuard {
+    window_start: Instant,
+    count: u32,
+    limit: u32,
+}
+
+impl FloodGuard {
+    fn new(limit: u32) -> Self {
+        Self {
+            window_start: Instant::now(),
+            count: 0,
+            limit,
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window_start) >= FRAME_FLOOD_WINDOW {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= self.limit
+    }
+}

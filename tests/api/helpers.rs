@@ -1,0 +1,355 @@
+//! Test harness: a real server on an ephemeral port, a real HTTP client and
+//! a real WebSocket client, and a fresh database per test.
+
+use std::{net::SocketAddr, time::Duration};
+
+use chat_service::{
+    app::{AppState, Application},
+    auth::JwtKeys,
+    config::{Secret, ServeConfig},
+};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, Message, client::IntoClientRequest, http::HeaderValue},
+};
+
+pub const SECRET: &str = "test-secret-of-reasonable-length";
+
+/// How long a test waits for something it expects before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub keys: JwtKeys,
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Starts a server with the default configuration changed by `tweak`.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut ServeConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+        let mut config = ServeConfig::for_tests(&url, SECRET);
+        tweak(&mut config);
+        let keys = JwtKeys::new(&Secret::new(SECRET), &config);
+        let app = Application::build(config).await.expect("app builds");
+        let addr = app.local_addr();
+        let state = app.state();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+            keys,
+            state,
+            stop: Some(stop),
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        self.token_with(sub, &[], Duration::from_secs(3600))
+    }
+
+    pub fn token_with(&self, sub: &str, roles: &[&str], ttl: Duration) -> String {
+        let roles: Vec<String> = roles.iter().map(|r| (*r).to_owned()).collect();
+        self.keys
+            .mint(sub, Some(&format!("user {sub}")), &roles, ttl)
+            .expect("token")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws_url(&self, room: &str) -> String {
+        format!("ws://{}/ws/chat/{room}", self.addr)
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(response).await
+    }
+
+    pub async fn post(&self, token: &str, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(response).await
+    }
+
+    pub async fn put(&self, token: &str, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .put(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(response).await
+    }
+
+    pub async fn delete(&self, token: &str, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(response).await
+    }
+
+    /// Creates a room through REST and returns its id.
+    pub async fn create_room(&self, token: &str, id: &str, kind: &str, members: &[&str]) -> String {
+        let (status, body) = self
+            .post(
+                token,
+                "/api/v1/rooms",
+                json!({"id": id, "name": id, "kind": kind, "members": members}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().expect("room id").to_owned()
+    }
+
+    /// Connects as the token's user, with the token in the query.
+    pub async fn connect(&self, room: &str, token: &str) -> WsClient {
+        self.connect_with(room, Some(token), None, &[])
+            .await
+            .expect("connects")
+    }
+
+    /// Connects and reads the `ready` frame.
+    pub async fn join(&self, room: &str, token: &str) -> (WsClient, Value) {
+        let mut client = self.connect(room, token).await;
+        let ready = client.next_json().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        (client, ready)
+    }
+
+    /// Connects with any combination of token transports and query; a
+    /// refusal comes back as `(status, body, headers)`.
+    pub async fn connect_with(
+        &self,
+        room: &str,
+        query_token: Option<&str>,
+        since: Option<u64>,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, Refusal> {
+        let mut url = self.ws_url(room);
+        let mut params = Vec::new();
+        if let Some(token) = query_token {
+            params.push(format!("token={token}"));
+        }
+        if let Some(since) = since {
+            params.push(format!("since={since}"));
+        }
+        if !params.is_empty() {
+            url = format!("{url}?{}", params.join("&"));
+        }
+        let mut request = url.into_client_request().expect("request");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                HeaderValue::from_str(value).expect("header value"),
+            );
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((stream, response)) => Ok(WsClient {
+                stream,
+                protocol: response
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            }),
+            Err(tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = response
+                    .body()
+                    .as_ref()
+                    .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
+                    .unwrap_or(Value::Null);
+                Err(Refusal {
+                    status,
+                    body,
+                    retry_after,
+                })
+            }
+            Err(other) => panic!("connection failed: {other}"),
+        }
+    }
+
+    /// Stops the server the way SIGTERM does and waits for it to exit.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(30), server)
+                .await
+                .expect("server stops")
+                .expect("server task")
+                .expect("server result");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<String>,
+}
+
+pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body)
+}
+
+pub struct WsClient {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The subprotocol the server chose.
+    pub protocol: Option<String>,
+}
+
+/// What a client saw when the connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    Code(u16),
+    /// The connection ended without a close frame.
+    Dropped,
+}
+
+impl WsClient {
+    pub async fn send_json(&mut self, value: Value) {
+        self.stream
+            .send(Message::text(value.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.stream.send(Message::binary(data)).await.expect("send");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.stream.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a message frame.
+    pub async fn say(&mut self, body: &str, client_id: Option<&str>) {
+        let mut frame = json!({"type": "message", "body": body});
+        if let Some(id) = client_id {
+            frame["client_id"] = json!(id);
+        }
+        self.send_json(frame).await;
+    }
+
+    /// The next JSON frame (control frames skipped); fails after [`WAIT`].
+    pub async fn next_json(&mut self) -> Value {
+        tokio::time::timeout(WAIT, self.read_json())
+            .await
+            .expect("a frame within the wait")
+            .expect("a JSON frame, not a close")
+    }
+
+    async fn read_json(&mut self) -> Option<Value> {
+        loop {
+            match self.stream.next().await? {
+                Ok(Message::Text(text)) => {
+                    return Some(
+                        serde_json::from_str(text.as_str()).expect("server frames are JSON"),
+                    );
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// The next frame of the given type, skipping others (join, typing, …).
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.next_json().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Asserts that no JSON frame arrives for `quiet`.
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        if let Ok(Some(frame)) = tokio::time::timeout(quiet, self.read_json()).await {
+            panic!("expected no frame, got {frame}");
+        }
+    }
+
+    /// Reads until the connection ends and returns how it ended; JSON
+    /// frames on the way are returned too.
+    pub async fn closed(&mut self) -> (Closed, Vec<Value>) {
+        let mut frames = Vec::new();
+        let ending = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        frames.push(serde_json::from_str(text.as_str()).expect("JSON"));
+                    }
+                    Some(Ok(Message::Close(Some(frame)))) => {
+                        return Closed::Code(frame.code.into());
+                    }
+                    Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return Closed::Dropped,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await
+        .expect("the connection ends");
+        (ending, frames)
+    }
+}

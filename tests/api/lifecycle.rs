@@ -1,0 +1,143 @@
+//! Probes, metrics, the OpenAPI document, shutdown, and the command line.
+
+use std::process::Command;
+
+use crate::helpers::{Closed, TestApp};
+
+#[tokio::test]
+async fn probes_answer_and_metrics_are_prometheus_text() {
+    let app = TestApp::spawn().await;
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let (_client, _) = app.join("global", &app.token("alice")).await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("chat_connections"), "{metrics}");
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_is_the_committed_one() {
+    let app = TestApp::spawn().await;
+    let served = app
+        .http
+        .get(app.url("/openapi.yaml"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
+        .expect("openapi.yaml is committed");
+    assert!(
+        served == committed,
+        "openapi.yaml is stale: regenerate it with `cargo run -- openapi > openapi.yaml`"
+    );
+    let viewer = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(viewer.status(), 200);
+}
+
+#[tokio::test]
+async fn shutdown_turns_readiness_off_and_closes_sockets_with_1012() {
+    let mut app = TestApp::spawn().await;
+    let (mut client, _) = app.join("global", &app.token("alice")).await;
+    let state = app.state.clone();
+    let url = app.url("/readyz");
+    let http = app.http.clone();
+    let stopping = tokio::spawn(async move { state.drain().await });
+    let (closed, _) = client.closed().await;
+    assert_eq!(closed, Closed::Code(1012));
+    let ready = http.get(&url).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    stopping.await.unwrap();
+    app.shutdown().await;
+}
+
+fn cli() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chat-service"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command.current_dir(std::env::temp_dir());
+    command
+}
+
+#[test]
+fn serve_without_a_secret_exits_with_a_message_naming_jwt_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = cli()
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("JWT_SECRET"), "{stderr}");
+}
+
+#[test]
+fn the_token_command_mints_tokens_the_service_accepts() {
+    let output = cli()
+        .env("JWT_SECRET", crate::helpers::SECRET)
+        .args([
+            "token",
+            "--sub",
+            "42",
+            "--name",
+            "alice",
+            "--role",
+            "moderator",
+            "--ttl",
+            "10m",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap();
+    let config =
+        chat_service::config::ServeConfig::for_tests("sqlite::memory:", crate::helpers::SECRET);
+    let keys = chat_service::auth::JwtKeys::new(
+        &chat_service::config::Secret::new(crate::helpers::SECRET),
+        &config,
+    );
+    let caller = keys.verify(token.trim()).unwrap();
+    assert_eq!(caller.id().as_str(), "42");
+    assert_eq!(caller.user.name, "alice");
+    assert!(caller.has(chat_service::domain::Role::Moderator));
+    let left = caller.expires_at - time::OffsetDateTime::now_utc();
+    assert!(left <= time::Duration::minutes(10) && left > time::Duration::minutes(9));
+}
+
+#[test]
+fn the_openapi_command_prints_the_committed_document() {
+    let output = cli().arg("openapi").output().unwrap();
+    assert!(output.status.success());
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), committed);
+}
+
+#[test]
+fn a_mistyped_database_url_fails_loudly() {
+    let output = cli()
+        .env("JWT_SECRET", "x")
+        .env("DATABASE_URL", "mysql://localhost/chat")
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL"));
+}
