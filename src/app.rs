@@ -193,6 +193,7 @@ impl Application {
         let state = self.state.clone();
         let grace = state.config.shutdown_grace;
         let routes = routes(state.clone());
+        tracing::info!(addr = %self.local_addr, "chat service listening");
         Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(
                 routes,

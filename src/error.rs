@@ -15,8 +15,9 @@
 
 use std::time::Duration;
 
-/// The contract's error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The contract's error codes (also the `code` enum of the OpenAPI document).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, poem_openapi::Enum)]
+#[oai(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
     MessageTooLong,

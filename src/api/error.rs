@@ -7,50 +7,15 @@
 //! unknown routes) and gives it the same shape.
 
 use poem::{IntoResponse, Response, http::StatusCode};
-use poem_openapi::{ApiResponse, Enum, Object, payload::Json};
+use poem_openapi::{ApiResponse, Object, payload::Json};
 
 use crate::error::{ChatError, ErrorCode};
-
-/// The contract's error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-#[oai(rename_all = "snake_case")]
-pub enum ApiErrorCode {
-    BadRequest,
-    MessageTooLong,
-    InvalidMessage,
-    Unauthorized,
-    Forbidden,
-    NotFound,
-    Conflict,
-    PayloadTooLarge,
-    RateLimited,
-    Unavailable,
-    Internal,
-}
-
-impl From<ErrorCode> for ApiErrorCode {
-    fn from(code: ErrorCode) -> Self {
-        match code {
-            ErrorCode::BadRequest => Self::BadRequest,
-            ErrorCode::MessageTooLong => Self::MessageTooLong,
-            ErrorCode::InvalidMessage => Self::InvalidMessage,
-            ErrorCode::Unauthorized => Self::Unauthorized,
-            ErrorCode::Forbidden => Self::Forbidden,
-            ErrorCode::NotFound => Self::NotFound,
-            ErrorCode::Conflict => Self::Conflict,
-            ErrorCode::PayloadTooLarge => Self::PayloadTooLarge,
-            ErrorCode::RateLimited => Self::RateLimited,
-            ErrorCode::Unavailable => Self::Unavailable,
-            ErrorCode::Internal => Self::Internal,
-        }
-    }
-}
 
 /// An error: a stable machine-readable code and a human-readable message.
 #[derive(Debug, Clone, Object)]
 #[oai(rename = "Error")]
 pub struct ErrorBody {
-    pub code: ApiErrorCode,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -89,7 +54,7 @@ impl From<ChatError> for ApiError {
     fn from(err: ChatError) -> Self {
         let code = err.code();
         let body = Json(ErrorBody {
-            code: code.into(),
+            code,
             message: err.client_message(),
         });
         match code {

@@ -80,6 +80,15 @@ impl TestApp {
         format!("ws://{}/ws/chat/{room}", self.addr)
     }
 
+    /// An unauthenticated GET of a text resource (probes, metrics, docs).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self.http.get(self.url(path)).send().await.expect("request");
+        (
+            response.status().as_u16(),
+            response.text().await.expect("body"),
+        )
+    }
+
     pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
         let response = self
             .http

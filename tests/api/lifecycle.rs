@@ -7,43 +7,27 @@ use crate::helpers::{Closed, TestApp};
 #[tokio::test]
 async fn probes_answer_and_metrics_are_prometheus_text() {
     let app = TestApp::spawn().await;
-    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
-    assert_eq!(health.status(), 200);
-    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(app.get_text("/healthz").await.0, 200);
+    assert_eq!(app.get_text("/readyz").await.0, 200);
     let (_client, _) = app.join("global", &app.token("alice")).await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (status, metrics) = app.get_text("/metrics").await;
+    assert_eq!(status, 200);
     assert!(metrics.contains("chat_connections"), "{metrics}");
 }
 
 #[tokio::test]
 async fn the_served_openapi_document_is_the_committed_one() {
     let app = TestApp::spawn().await;
-    let served = app
-        .http
-        .get(app.url("/openapi.yaml"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, served) = app.get_text("/openapi.yaml").await;
     let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
         .expect("openapi.yaml is committed");
     assert!(
         served == committed,
         "openapi.yaml is stale: regenerate it with `cargo run -- openapi > openapi.yaml`"
     );
-    let viewer = app.http.get(app.url("/docs")).send().await.unwrap();
-    assert_eq!(viewer.status(), 200);
+    let (status, viewer) = app.get_text("/docs").await;
+    assert_eq!(status, 200);
+    assert!(viewer.contains("openapi"), "the viewer loads the document");
 }
 
 #[tokio::test]
@@ -140,4 +124,99 @@ fn a_mistyped_database_url_fails_loudly() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL"));
+}
+
+#[tokio::test]
+async fn heartbeats_keep_live_clients_and_close_silent_ones() {
+    let app = TestApp::spawn_with(|c| {
+        c.ping_interval = std::time::Duration::from_millis(200);
+        c.idle_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    // A reading client answers the server's pings (tungstenite does it).
+    let (mut live, _) = app.join("global", &app.token("alice")).await;
+    let (mut silent, _) = app.join("global", &app.token("bob")).await;
+    assert_eq!(live.next_json().await["type"], "join");
+    // The silent one never reads, so it never answers a ping: after the idle
+    // timeout it is gone for the room.
+    let leave = live.next_json().await;
+    assert_eq!(
+        (leave["type"].as_str(), leave["user"]["id"].as_str()),
+        (Some("leave"), Some("bob"))
+    );
+    // The live one outlives the idle timeout.
+    live.expect_silence(std::time::Duration::from_millis(1500))
+        .await;
+    live.send_json(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(live.next_json().await["type"], "pong");
+    silent.closed().await;
+}
+
+/// The real binary, stopped with SIGTERM: clients get 1012 and it exits 0.
+#[tokio::test]
+async fn sigterm_drains_connections_with_1012_and_exits() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = cli()
+        .current_dir(dir.path())
+        .env("JWT_SECRET", crate::helpers::SECRET)
+        .env("LOG_FORMAT", "json")
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["fields"]["message"] == "chat service listening" {
+                return entry["fields"]["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the service never said where it listens");
+    })
+    .await
+    .unwrap();
+    assert!(
+        std::path::Path::new(&dir.path().join("chat.db")).exists(),
+        "embedded default: a SQLite file"
+    );
+
+    let config =
+        chat_service::config::ServeConfig::for_tests("sqlite::memory:", crate::helpers::SECRET);
+    let keys = chat_service::auth::JwtKeys::new(
+        &chat_service::config::Secret::new(crate::helpers::SECRET),
+        &config,
+    );
+    let token = keys
+        .mint("alice", None, &[], std::time::Duration::from_secs(60))
+        .unwrap();
+    let (stream, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/chat/global?token={token}"))
+            .await
+            .unwrap();
+    let mut client = crate::helpers::WsClient {
+        stream,
+        protocol: None,
+    };
+    assert_eq!(client.next_json().await["type"], "ready");
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(client.closed().await.0, Closed::Code(1012));
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
 }
