@@ -3,7 +3,8 @@
 //! Presence is counted per connection and reported per user: `connect`
 //! answers whether this is the user's first connection to the room (the
 //! caller then announces `join`), `disconnect` whether it was the last
-//! (`leave`). Implementations: [`memory`] (one process).
+//! (`leave`). Connection keys are `<instance id>:<n>`, unique across
+//! instances. Implementations: [`memory`] (one process).
 
 pub mod memory;
 
@@ -37,4 +38,17 @@ pub trait Presence: Send + Sync + 'static {
 
     /// The distinct users connected to the room now, by id.
     async fn list(&self, room: &RoomId) -> Result<Vec<User>, ChatError>;
+
+    /// Called periodically: tells the other instances this one is alive (and
+    /// restores this instance's entries if the backend lost them).
+    async fn keep_alive(&self) -> Result<(), ChatError> {
+        Ok(())
+    }
+
+    /// Called periodically: forgets the connections of instances that
+    /// stopped keeping alive (killed pods) and returns, for each room, the
+    /// users who thereby lost their last connection (to announce `leave`).
+    async fn sweep(&self) -> Result<Vec<(RoomId, User)>, ChatError> {
+        Ok(Vec::new())
+    }
 }
