@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests and the behaviour suite, each test
-# against its own throwaway database.
+# The whole test suite. It needs a PostgreSQL and a Redis: scripts/services.sh
+# reuses running ones or starts throwaway ones (installing them if needed).
+#
+#  1. every test: unit tests, the behaviour suite on the embedded backend,
+#     the multi-pod and fault tests (which always use PostgreSQL + Redis);
+#  2. the behaviour suite again, unchanged, on PostgreSQL + Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo test --locked --all-targets "$@"
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+cargo test --locked --all-targets
+CHAT_TEST_BACKEND=cluster cargo test --locked --test api -- --skip cluster:: --skip faults::

@@ -17,18 +17,19 @@ use poem::{
     EndpointExt, IntoEndpoint, Route, Server, get,
     listener::{Acceptor, Listener, TcpListener},
 };
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api,
     auth::JwtKeys,
-    bus::{Bus, local::LocalBus},
+    bus::{Bus, Event, Inbound, WireUser, local::LocalBus, redis::RedisBus},
     chat::{Chat, Limits},
-    config::ServeConfig,
+    config::{Secret, ServeConfig},
     hub::Hub,
-    limiter::{Limiter, memory::MemoryLimiter},
-    presence::{Presence, memory::MemoryPresence},
-    store::{self, Store},
+    limiter::{Limiter, memory::MemoryLimiter, redis::RedisLimiter},
+    presence::{Presence, memory::MemoryPresence, redis::RedisPresence},
+    store::{self, Store, cached::CachedStore},
     ws,
 };
 
@@ -42,6 +43,9 @@ pub struct Inner {
     pub chat: Chat,
     /// Cancelled when shutdown begins: sessions close with 1012.
     pub shutdown: CancellationToken,
+    /// Cancelled once the service has stopped: background tasks (bus
+    /// subscriber, maintenance) end.
+    pub background: CancellationToken,
     /// Open WebSocket sessions, awaited on shutdown.
     pub sessions: TaskTracker,
     /// This process, in connection keys shared with other instances.
@@ -104,23 +108,80 @@ pub struct Backends {
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn Presence>,
     pub limiter: Arc<dyn Limiter>,
+    /// Events from other instances, for the hub (cluster mode).
+    pub inbound: Option<mpsc::Receiver<Inbound>>,
 }
 
+/// Events from the bus waiting for the hub; the bus waits when it is full.
+const INBOUND_QUEUE: usize = 4096;
+
 impl Backends {
-    pub async fn from_config(config: &ServeConfig) -> anyhow::Result<Self> {
-        if config.redis_url.is_some() {
-            anyhow::bail!(
-                "REDIS_URL is set, but this build has no Redis backends yet: unset it to run embedded"
-            );
-        }
+    /// Embedded without `REDIS_URL`, cluster with it. The store follows the
+    /// `DATABASE_URL` scheme either way.
+    pub async fn from_config(
+        config: &ServeConfig,
+        instance_id: &str,
+        background: &CancellationToken,
+    ) -> anyhow::Result<Self> {
         let store = store::connect(config.database_url.expose()).await?;
+        let Some(redis_url) = &config.redis_url else {
+            return Ok(Self {
+                store,
+                bus: Arc::new(LocalBus),
+                presence: Arc::new(MemoryPresence::default()),
+                limiter: Arc::new(MemoryLimiter::default()),
+                inbound: None,
+            });
+        };
+        let pool = redis_pool(redis_url)?;
+        let prefix = config.redis_key_prefix.clone();
+        let (sender, inbound) = mpsc::channel(INBOUND_QUEUE);
+        let bus = RedisBus::start(
+            redis_url,
+            pool.clone(),
+            prefix.clone(),
+            instance_id.to_owned(),
+            sender,
+            background.child_token(),
+        )?;
+        let presence = RedisPresence::new(
+            pool.clone(),
+            prefix.clone(),
+            instance_id.to_owned(),
+            config.presence_ttl,
+        );
+        // Announce this pod before it accepts connections; a Redis that is
+        // down now is retried by the maintenance loop.
+        if let Err(err) = presence.keep_alive().await {
+            tracing::warn!(error = %err, "presence keep-alive failed at start-up");
+        }
         Ok(Self {
-            store,
-            bus: Arc::new(LocalBus),
-            presence: Arc::new(MemoryPresence::default()),
-            limiter: Arc::new(MemoryLimiter::default()),
+            store: Arc::new(CachedStore::new(
+                store,
+                pool.clone(),
+                prefix.clone(),
+                config.cache_recent_messages,
+            )),
+            bus: Arc::new(bus),
+            presence: Arc::new(presence),
+            limiter: Arc::new(RedisLimiter::new(pool, prefix)),
+            inbound: Some(inbound),
         })
     }
+}
+
+/// A pool of Redis connections whose waits are bounded: a Redis outage
+/// makes calls fail fast (and fall back) instead of piling up.
+fn redis_pool(url: &Secret) -> anyhow::Result<deadpool_redis::Pool> {
+    let mut config = deadpool_redis::Config::from_url(url.expose());
+    let mut pool = deadpool_redis::PoolConfig::new(32);
+    pool.timeouts = deadpool_redis::Timeouts {
+        wait: Some(Duration::from_secs(1)),
+        create: Some(Duration::from_secs(1)),
+        recycle: Some(Duration::from_secs(1)),
+    };
+    config.pool = Some(pool);
+    Ok(config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
 }
 
 pub struct Application {
@@ -132,7 +193,9 @@ pub struct Application {
 impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let secret = config.require_secret()?.clone();
-        let backends = Backends::from_config(&config).await?;
+        let instance_id = uuid::Uuid::now_v7().simple().to_string();
+        let background = CancellationToken::new();
+        let backends = Backends::from_config(&config, &instance_id, &background).await?;
         if config.migrate_on_start {
             backends.store.migrate().await?;
         }
@@ -141,6 +204,10 @@ impl Application {
             Arc::clone(&backends.bus),
             Duration::from_millis(50),
         );
+        let cluster = backends.inbound.is_some();
+        if let Some(inbound) = backends.inbound {
+            tokio::spawn(pump_inbound(Arc::clone(&hub), inbound));
+        }
         let chat = Chat {
             store: backends.store,
             bus: backends.bus,
@@ -155,13 +222,17 @@ impl Application {
             keys: JwtKeys::new(&secret, &config),
             chat,
             shutdown: CancellationToken::new(),
+            background,
             sessions: TaskTracker::new(),
-            instance_id: uuid::Uuid::now_v7().simple().to_string(),
+            instance_id,
             next_connection: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             metrics: metrics_handle(),
             config,
         }));
+        if cluster {
+            tokio::spawn(maintain(state.clone()));
+        }
         let acceptor = TcpListener::bind(state.config.listen)
             .into_acceptor()
             .await?;
@@ -191,6 +262,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
+        let background = state.background.clone();
         let grace = state.config.shutdown_grace;
         let routes = routes(state.clone());
         tracing::info!(addr = %self.local_addr, "chat service listening");
@@ -204,7 +276,55 @@ impl Application {
                 },
                 Some(grace),
             )
-            .await
+            .await?;
+        background.cancel();
+        Ok(())
+    }
+}
+
+/// Hands events from other instances to the hub.
+async fn pump_inbound(hub: Arc<Hub>, mut inbound: mpsc::Receiver<Inbound>) {
+    while let Some(item) = inbound.recv().await {
+        match item {
+            Inbound::Event(event) => hub.dispatch(event),
+            Inbound::Resync => {
+                let hub = Arc::clone(&hub);
+                tokio::spawn(async move { hub.catch_up().await });
+            }
+        }
+    }
+}
+
+/// Cluster housekeeping: keep this pod's presence alive, forget killed
+/// pods' connections (announcing their users' `leave`), and periodically
+/// compare rooms with the store to recover lost bus events.
+async fn maintain(state: AppState) {
+    let stop = state.background.clone();
+    let mut presence = tokio::time::interval(state.config.presence_ttl / 3);
+    let mut resync = tokio::time::interval(state.config.resync_interval);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = presence.tick() => {
+                let chat = &state.chat;
+                if let Err(err) = chat.presence.keep_alive().await {
+                    tracing::warn!(error = %err, "presence keep-alive failed");
+                }
+                match chat.presence.sweep().await {
+                    Ok(gone) => {
+                        for (room, user) in gone {
+                            chat.announce(Event::Leave {
+                                room_id: room.to_string(),
+                                user: WireUser::from(&user),
+                            })
+                            .await;
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "presence sweep failed"),
+                }
+            }
+            _ = resync.tick() => state.chat.hub.catch_up().await,
+        }
     }
 }
 

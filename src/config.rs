@@ -119,6 +119,29 @@ pub struct ServeConfig {
     #[arg(long, global = true, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Secret>,
 
+    /// Prefix of every Redis key and channel (several deployments may share a Redis).
+    #[arg(long, global = true, env = "REDIS_KEY_PREFIX", default_value = "chat:")]
+    pub redis_key_prefix: String,
+
+    /// Cluster mode: a pod that stopped refreshing its presence for this
+    /// long (killed) no longer counts; pods refresh every third of it.
+    #[arg(long, global = true, env = "PRESENCE_TTL", default_value = "30s", value_parser = duration)]
+    pub presence_ttl: Duration,
+
+    /// Cluster mode: how often each pod compares its rooms with the store
+    /// to deliver messages whose bus event was lost.
+    #[arg(long, global = true, env = "RESYNC_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub resync_interval: Duration,
+
+    /// Cluster mode: newest messages per room kept in the Redis cache.
+    #[arg(
+        long,
+        global = true,
+        env = "CACHE_RECENT_MESSAGES",
+        default_value_t = 500
+    )]
+    pub cache_recent_messages: usize,
+
     /// Shared secret the Core service signs tokens with. Required.
     #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,

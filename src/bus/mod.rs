@@ -13,9 +13,11 @@
 //!   events of one room from different instances may interleave in any order.
 //! - An instance receives only events of rooms it [`watch`](Bus::watch)es.
 //!
-//! Implementations: [`local`] (one process: nothing to publish to).
+//! Implementations: [`local`] (one process: nothing to publish to) and
+//! [`redis`] (Redis Pub/Sub between pods).
 
 pub mod local;
+pub mod redis;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -126,6 +128,16 @@ impl Event {
             user_id: user.to_string(),
         }
     }
+}
+
+/// What a bus hands to the hub.
+#[derive(Debug)]
+pub enum Inbound {
+    /// An event from another instance.
+    Event(Event),
+    /// Events may have been lost (the bus reconnected): compare every
+    /// watched room with the store and deliver what is missing.
+    Resync,
 }
 
 #[async_trait]

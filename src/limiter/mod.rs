@@ -3,9 +3,11 @@
 //! A key (e.g. `send:<user>`) may be hit at most `limit` times in any window
 //! of length `window`. A refused hit is not counted and says how long until
 //! the oldest counted hit leaves the window. Implementations: [`memory`]
-//! (one process).
+//! (one process) and [`redis`] (shared by every instance, failing open to
+//! per-instance windows).
 
 pub mod memory;
+pub mod redis;
 
 use std::time::Duration;
 

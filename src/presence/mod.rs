@@ -4,9 +4,11 @@
 //! answers whether this is the user's first connection to the room (the
 //! caller then announces `join`), `disconnect` whether it was the last
 //! (`leave`). Connection keys are `<instance id>:<n>`, unique across
-//! instances. Implementations: [`memory`] (one process).
+//! instances. Implementations: [`memory`] (one process) and [`redis`]
+//! (every instance sharing one Redis; killed instances are swept).
 
 pub mod memory;
+pub mod redis;
 
 use async_trait::async_trait;
 

@@ -2,7 +2,9 @@
 //!
 //! [`Store`] is the only place SQL lives. Two implementations: [`sqlite`]
 //! (embedded default, one file) and [`postgres`] (cluster mode), chosen from
-//! the `DATABASE_URL` scheme by [`connect`].
+//! the `DATABASE_URL` scheme by [`connect`]. In cluster mode [`cached`]
+//! wraps the store with a Redis cache of rooms, memberships and each room's
+//! newest messages, shared by every pod (it gives the same guarantees).
 //!
 //! Guarantees every implementation gives:
 //! - `append` allocates the room's next `seq` and stores the message in one
@@ -14,6 +16,7 @@
 //! - Connection problems are [`ChatError::Unavailable`]; nothing half-done
 //!   is left behind.
 
+pub mod cached;
 pub mod postgres;
 pub mod sqlite;
 

@@ -69,9 +69,13 @@ pub async fn run(state: AppState, socket: Socket, caller: Caller, room: Room, si
     metrics::gauge!("chat_connections").increment(1.0);
 
     // Presence first, so the connection does not receive its own `join`.
+    // A presence failure (Redis down) costs the `join` event, not the
+    // connection: the backend restores this instance's entries later.
     let joined = async {
         state.chat.store.remember_user(&user).await?;
-        state.chat.connected(&room.id, &user, &key).await?;
+        if let Err(err) = state.chat.connected(&room.id, &user, &key).await {
+            tracing::warn!(error = %err, "could not record presence");
+        }
         state.chat.hub.join(&room.id, Arc::clone(&conn)).await
     }
     .await;

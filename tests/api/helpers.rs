@@ -1,7 +1,7 @@
 //! Test harness: a real server on an ephemeral port, a real HTTP client and
 //! a real WebSocket client, and a fresh database per test.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use chat_service::{
     app::{AppState, Application},
@@ -21,14 +21,132 @@ pub const SECRET: &str = "test-secret-of-reasonable-length";
 /// How long a test waits for something it expects before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Where a test's data lives: a SQLite file (embedded), or its own
+/// PostgreSQL schema and Redis key prefix (cluster). Several pods of one
+/// test share one backend.
+pub struct Backend {
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    pub prefix: String,
+    cleanup: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The PostgreSQL the cluster tests use; `scripts/test.sh` provides one.
+pub fn test_database_url() -> String {
+    std::env::var("CHAT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn test_redis_url() -> String {
+    std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+impl Backend {
+    /// The backend the suite runs on: `CHAT_TEST_BACKEND=cluster` for
+    /// PostgreSQL + Redis, embedded otherwise.
+    pub async fn for_suite() -> Self {
+        match std::env::var("CHAT_TEST_BACKEND").as_deref() {
+            Ok("cluster") => Self::cluster().await,
+            Ok("embedded") | Err(_) => Self::embedded(),
+            Ok(other) => panic!("CHAT_TEST_BACKEND must be embedded or cluster, not {other}"),
+        }
+    }
+
+    pub fn embedded() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self {
+            database_url: format!("sqlite://{}", dir.path().join("chat.db").display()),
+            redis_url: None,
+            prefix: String::new(),
+            cleanup: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh schema in the test PostgreSQL and a fresh Redis key prefix.
+    /// Fails (never skips) when either service is unreachable.
+    pub async fn cluster() -> Self {
+        Self::cluster_on(&test_database_url(), &test_redis_url()).await
+    }
+
+    pub async fn cluster_on(database_url: &str, redis_url: &str) -> Self {
+        use sqlx::Connection;
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let schema = format!("t_{id}");
+        let mut conn = sqlx::PgConnection::connect(database_url)
+            .await
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cluster tests need PostgreSQL at {database_url} (run scripts/test.sh): {err}"
+                )
+            });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut conn)
+            .await
+            .expect("create schema");
+        let client = redis::Client::open(redis_url).expect("redis url");
+        let mut redis = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|err| {
+                panic!("cluster tests need Redis at {redis_url} (run scripts/test.sh): {err}")
+            });
+        let _: String = redis::cmd("PING")
+            .query_async(&mut redis)
+            .await
+            .expect("redis answers");
+        let separator = if database_url.contains('?') { '&' } else { '?' };
+        Self {
+            database_url: format!("{database_url}{separator}options=-c%20search_path%3D{schema}"),
+            redis_url: Some(redis_url.to_owned()),
+            prefix: format!("t{id}:"),
+            cleanup: Some((database_url.to_owned(), schema)),
+            _dir: None,
+        }
+    }
+
+    fn apply(&self, config: &mut ServeConfig) {
+        config.database_url = Secret::new(&self.database_url);
+        config.redis_url = self.redis_url.as_deref().map(Secret::new);
+        config.redis_key_prefix = self.prefix.clone();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // Best effort, off the test's runtime: drop the test's schema.
+        if let Some((url, schema)) = self.cleanup.take() {
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    use sqlx::Connection;
+                    let mut conn = sqlx::PgConnection::connect(&url)
+                        .await
+                        .map_err(std::io::Error::other)?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                        .execute(&mut conn)
+                        .await
+                        .map_err(std::io::Error::other)?;
+                    Ok::<_, std::io::Error>(())
+                })
+            })
+            .join();
+        }
+    }
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     pub keys: JwtKeys,
     pub state: AppState,
+    /// Keeps the test's schema (or file) alive as long as any pod uses it.
+    _backend: Arc<Backend>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
-    _dir: tempfile::TempDir,
 }
 
 impl TestApp {
@@ -36,11 +154,16 @@ impl TestApp {
         Self::spawn_with(|_| {}).await
     }
 
-    /// Starts a server with the default configuration changed by `tweak`.
+    /// Starts a server on the suite's backend with the default
+    /// configuration changed by `tweak`.
     pub async fn spawn_with(tweak: impl FnOnce(&mut ServeConfig)) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
-        let mut config = ServeConfig::for_tests(&url, SECRET);
+        Self::spawn_on(Arc::new(Backend::for_suite().await), tweak).await
+    }
+
+    /// Starts a server (a pod) on a given backend.
+    pub async fn spawn_on(backend: Arc<Backend>, tweak: impl FnOnce(&mut ServeConfig)) -> Self {
+        let mut config = ServeConfig::for_tests("sqlite::memory:", SECRET);
+        backend.apply(&mut config);
         tweak(&mut config);
         let keys = JwtKeys::new(&Secret::new(SECRET), &config);
         let app = Application::build(config).await.expect("app builds");
@@ -55,9 +178,9 @@ impl TestApp {
             http: reqwest::Client::new(),
             keys,
             state,
+            _backend: backend,
             stop: Some(stop),
             server: Some(server),
-            _dir: dir,
         }
     }
 
@@ -243,6 +366,62 @@ impl Drop for TestApp {
     }
 }
 
+/// Runs the real binary (`serve`, JSON logs) in `dir` with extra
+/// environment, and returns it with the address it listens on.
+pub async fn spawn_service(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-service"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("JWT_SECRET", SECRET)
+        .env("LOG_FORMAT", "json")
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the service starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let line = line.expect("log line");
+            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if entry["fields"]["message"] == "chat service listening" {
+                let addr = entry["fields"]["addr"].as_str().expect("addr").to_owned();
+                // Keep draining the logs so the service never blocks on them.
+                std::thread::spawn(move || lines.for_each(drop));
+                return addr;
+            }
+        }
+        panic!("the service exited before listening");
+    })
+    .await
+    .expect("log reader");
+    (child, addr)
+}
+
+/// Connects to a service started by [`spawn_service`] as `user`.
+pub async fn connect_to(addr: &str, room: &str, user: &str) -> WsClient {
+    let config = ServeConfig::for_tests("sqlite::memory:", SECRET);
+    let token = JwtKeys::new(&Secret::new(SECRET), &config)
+        .mint(user, None, &[], Duration::from_secs(600))
+        .expect("token");
+    let (stream, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/chat/{room}?token={token}"))
+            .await
+            .expect("connects");
+    WsClient {
+        stream,
+        protocol: None,
+    }
+}
+
 #[derive(Debug)]
 pub struct Refusal {
     pub status: u16,
@@ -336,6 +515,15 @@ impl WsClient {
     pub async fn expect_silence(&mut self, quiet: Duration) {
         if let Ok(Some(frame)) = tokio::time::timeout(quiet, self.read_json()).await {
             panic!("expected no frame, got {frame}");
+        }
+    }
+
+    /// Asserts that no frame of the given type arrives for `quiet` (others
+    /// may).
+    pub async fn expect_none_of(&mut self, kind: &str, quiet: Duration) {
+        let deadline = tokio::time::Instant::now() + quiet;
+        while let Ok(Some(frame)) = tokio::time::timeout_at(deadline, self.read_json()).await {
+            assert_ne!(frame["type"], kind, "unexpected {frame}");
         }
     }
 

@@ -155,54 +155,14 @@ async fn heartbeats_keep_live_clients_and_close_silent_ones() {
 /// The real binary, stopped with SIGTERM: clients get 1012 and it exits 0.
 #[tokio::test]
 async fn sigterm_drains_connections_with_1012_and_exits() {
-    use std::io::{BufRead, BufReader};
-
     let dir = tempfile::tempdir().unwrap();
-    let mut child = cli()
-        .current_dir(dir.path())
-        .env("JWT_SECRET", crate::helpers::SECRET)
-        .env("LOG_FORMAT", "json")
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let addr = tokio::task::spawn_blocking(move || {
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if entry["fields"]["message"] == "chat service listening" {
-                return entry["fields"]["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("the service never said where it listens");
-    })
-    .await
-    .unwrap();
+    let (mut child, addr) = crate::helpers::spawn_service(dir.path(), &[]).await;
     assert!(
-        std::path::Path::new(&dir.path().join("chat.db")).exists(),
+        dir.path().join("chat.db").exists(),
         "embedded default: a SQLite file"
     );
 
-    let config =
-        chat_service::config::ServeConfig::for_tests("sqlite::memory:", crate::helpers::SECRET);
-    let keys = chat_service::auth::JwtKeys::new(
-        &chat_service::config::Secret::new(crate::helpers::SECRET),
-        &config,
-    );
-    let token = keys
-        .mint("alice", None, &[], std::time::Duration::from_secs(60))
-        .unwrap();
-    let (stream, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/chat/global?token={token}"))
-            .await
-            .unwrap();
-    let mut client = crate::helpers::WsClient {
-        stream,
-        protocol: None,
-    };
+    let mut client = crate::helpers::connect_to(&addr, "global", "alice").await;
     assert_eq!(client.next_json().await["type"], "ready");
 
     let pid = child.id().to_string();

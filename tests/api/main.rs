@@ -4,8 +4,11 @@ mod helpers;
 
 mod access;
 mod auth;
+mod cluster;
+mod faults;
 mod lifecycle;
 mod limits;
 mod messaging;
 mod rest;
 mod resume;
+mod servers;

@@ -1,0 +1,318 @@
+//! The cluster bus: Redis Pub/Sub, one channel per room
+//! (`{prefix}room:{room_id}`).
+//!
+//! Publishing costs one `PUBLISH` per event, whatever the number of
+//! recipients, on a pooled connection. Receiving uses one dedicated pub/sub
+//! connection per instance, subscribed only to the rooms this instance has
+//! connections in. A single task owns that connection: it applies
+//! watch/unwatch requests in the order the hub made them, forwards events
+//! from other instances to the hub, and when the connection drops it
+//! reconnects with backoff, subscribes again to every watched room, and
+//! then asks the hub to resynchronise from the store — so messages committed
+//! while Redis was unreachable still reach every connection, in order,
+//! without any client action.
+//!
+//! Events carry their origin instance; an instance ignores its own (the hub
+//! delivered them locally before publishing).
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, AsyncCommands};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, Event, Inbound};
+use crate::{config::Secret, domain::RoomId, error::ChatError};
+
+/// A publish or a subscription change that takes longer fails (and is
+/// recovered from the store, or retried on reconnection).
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What travels on a channel: the event and the instance that made it.
+#[derive(Serialize)]
+struct OutEnvelope<'a> {
+    origin: &'a str,
+    event: &'a Event,
+}
+
+#[derive(Deserialize)]
+struct InEnvelope {
+    origin: String,
+    event: Event,
+}
+
+enum Watch {
+    /// Subscribe; the sender (if any) is told once Redis confirmed it.
+    Start(RoomId, Option<oneshot::Sender<()>>),
+    Stop(RoomId),
+}
+
+pub struct RedisBus {
+    pool: deadpool_redis::Pool,
+    prefix: String,
+    instance_id: String,
+    watch: mpsc::UnboundedSender<Watch>,
+    connected: Arc<AtomicBool>,
+}
+
+impl RedisBus {
+    /// Starts the subscriber task; events from other instances (and
+    /// resynchronisation requests) arrive on `inbound`.
+    pub fn start(
+        url: &Secret,
+        pool: deadpool_redis::Pool,
+        prefix: String,
+        instance_id: String,
+        inbound: mpsc::Sender<Inbound>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url.expose())?;
+        let (watch, requests) = mpsc::unbounded_channel();
+        let connected = Arc::new(AtomicBool::new(false));
+        let subscriber = Subscriber {
+            client,
+            prefix: prefix.clone(),
+            instance_id: instance_id.clone(),
+            inbound,
+            requests,
+            watched: HashSet::new(),
+            connected: Arc::clone(&connected),
+        };
+        tokio::spawn(subscriber.run(stop));
+        Ok(Self {
+            pool,
+            prefix,
+            instance_id,
+            watch,
+            connected,
+        })
+    }
+}
+
+fn channel(prefix: &str, room: &str) -> String {
+    format!("{prefix}room:{room}")
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn publish(&self, event: &Event) -> Result<(), ChatError> {
+        let payload = serde_json::to_vec(&OutEnvelope {
+            origin: &self.instance_id,
+            event,
+        })
+        .map_err(|err| ChatError::Internal(err.into()))?;
+        let channel = channel(&self.prefix, event.room_id());
+        let publish = async {
+            let mut conn = self.pool.get().await?;
+            let _: i64 = conn.publish(channel, payload).await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, publish).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(ChatError::Unavailable(err)),
+            Err(_) => Err(ChatError::Unavailable(anyhow::anyhow!(
+                "redis publish timed out"
+            ))),
+        }
+    }
+
+    async fn watch(&self, room: &RoomId) -> Result<(), ChatError> {
+        // Wait for Redis to confirm, so that the hub's next read of the
+        // store cannot miss a message published meanwhile. While Redis is
+        // down the request is only recorded (and the confirmation dropped):
+        // the subscriber subscribes and resynchronises on reconnection.
+        let (confirmed, confirmation) = oneshot::channel();
+        let _ = self.watch.send(Watch::Start(room.clone(), Some(confirmed)));
+        let _ = tokio::time::timeout(REDIS_TIMEOUT, confirmation).await;
+        Ok(())
+    }
+
+    async fn unwatch(&self, room: &RoomId) {
+        let _ = self.watch.send(Watch::Stop(room.clone()));
+    }
+
+    async fn ping(&self) -> Result<(), ChatError> {
+        if !self.connected.load(Ordering::Acquire) {
+            return Err(ChatError::Unavailable(anyhow::anyhow!(
+                "redis pub/sub not connected"
+            )));
+        }
+        let ping = async {
+            let mut conn = self.pool.get().await?;
+            let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, ping).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(ChatError::Unavailable(err)),
+            Err(_) => Err(ChatError::Unavailable(anyhow::anyhow!(
+                "redis ping timed out"
+            ))),
+        }
+    }
+}
+
+/// The task that owns the pub/sub connection.
+struct Subscriber {
+    client: redis::Client,
+    prefix: String,
+    instance_id: String,
+    inbound: mpsc::Sender<Inbound>,
+    requests: mpsc::UnboundedReceiver<Watch>,
+    /// Rooms this instance wants; resubscribed after every reconnection.
+    watched: HashSet<RoomId>,
+    connected: Arc<AtomicBool>,
+}
+
+impl Subscriber {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            match self.session(&stop).await {
+                Ended::Stopped => return,
+                Ended::Lost {
+                    error,
+                    was_connected,
+                } => {
+                    self.connected.store(false, Ordering::Release);
+                    if was_connected {
+                        backoff = BACKOFF_FIRST;
+                        metrics::counter!("chat_bus_reconnects_total").increment(1);
+                    }
+                    tracing::warn!(error = %error, retry_in = ?backoff, "redis pub/sub unavailable");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            // Watch requests made meanwhile are applied by the next session.
+            while let Ok(request) = self.requests.try_recv() {
+                self.apply_offline(request);
+            }
+        }
+    }
+
+    fn apply_offline(&mut self, request: Watch) {
+        match request {
+            Watch::Start(room, _) => self.watched.insert(room),
+            Watch::Stop(room) => self.watched.remove(&room),
+        };
+    }
+
+    /// One connection's life: connect, subscribe to everything watched,
+    /// resynchronise, then serve until it breaks.
+    async fn session(&mut self, stop: &CancellationToken) -> Ended {
+        let connect = tokio::time::timeout(REDIS_TIMEOUT * 4, self.client.get_async_pubsub()).await;
+        let pubsub = match connect {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(err)) => return Ended::lost(err, false),
+            Err(_) => return Ended::lost(anyhow::anyhow!("connect timed out"), false),
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let channels: Vec<String> = self
+            .watched
+            .iter()
+            .map(|room| channel(&self.prefix, room.as_str()))
+            .collect();
+        if !channels.is_empty()
+            && let Err(err) = sink.subscribe(&channels).await
+        {
+            return Ended::lost(err, false);
+        }
+        self.connected.store(true, Ordering::Release);
+        if !channels.is_empty() {
+            // Rooms were watched while we were not subscribed: what was
+            // published meanwhile is in the store. Subscribed first, then
+            // resync, so nothing can fall in between.
+            tracing::info!(
+                rooms = channels.len(),
+                "redis pub/sub connected; resynchronising"
+            );
+            let _ = self.inbound.send(Inbound::Resync).await;
+        }
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ended::Stopped,
+                request = self.requests.recv() => {
+                    let Some(request) = request else { return Ended::Stopped };
+                    let result = match request {
+                        Watch::Start(room, confirmed) => {
+                            let result = if self.watched.insert(room.clone()) {
+                                sink.subscribe(channel(&self.prefix, room.as_str())).await
+                            } else {
+                                Ok(())
+                            };
+                            if result.is_ok() && let Some(confirmed) = confirmed {
+                                let _ = confirmed.send(());
+                            }
+                            result
+                        }
+                        Watch::Stop(room) if self.watched.remove(&room) => {
+                            sink.unsubscribe(channel(&self.prefix, room.as_str())).await
+                        }
+                        Watch::Stop(_) => Ok(()),
+                    };
+                    if let Err(err) = result {
+                        return Ended::lost(err, true);
+                    }
+                }
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return Ended::lost(anyhow::anyhow!("connection closed"), true);
+                    };
+                    self.forward(message.get_payload_bytes()).await;
+                }
+            }
+        }
+    }
+
+    async fn forward(&self, payload: &[u8]) {
+        let envelope: InEnvelope = match serde_json::from_slice(payload) {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                tracing::warn!(error = %err, "undecodable bus event dropped");
+                return;
+            }
+        };
+        if envelope.origin == self.instance_id {
+            return; // delivered locally before it was published
+        }
+        // Waiting here (rather than dropping) pushes back on Redis; a
+        // connection that falls too far behind is cut by Redis and then
+        // recovered by the resync.
+        let _ = self.inbound.send(Inbound::Event(envelope.event)).await;
+    }
+}
+
+enum Ended {
+    Stopped,
+    /// The connection failed; `was_connected` if it had been up (so the
+    /// next one is a reconnection that must resynchronise).
+    Lost {
+        error: anyhow::Error,
+        was_connected: bool,
+    },
+}
+
+impl Ended {
+    fn lost(error: impl Into<anyhow::Error>, was_connected: bool) -> Self {
+        Self::Lost {
+            error: error.into(),
+            was_connected,
+        }
+    }
+}

@@ -1,0 +1,1960 @@
+//! A Redis cache in front of another [`Store`], shared by every pod.
+//!
+//! The database behind it stays the source of truth. Every answer this store
+//! gives is one the inner store could have given: a cache miss, an entry
+//! that cannot be proven current, or any Redis error or timeout only makes a
+//! call slower (it falls through to the inner store), never wrong and never
+//! an error. Redis calls are bounded by [`REDIS_TIMEOUT`]; each fallback
+//! increments `chat_cache_errors_total` (labels `op`, `reason`), and
+//! `chat_cache_lookups_total` (labels `kind`, `result`) shows the hit rate.
+//!
+//! What is cached (keys under the configured prefix):
+//!
+//! | key | type | holds | TTL |
+//! |---|---|---|---|
+//! | `c:room:{room}` | string | the room as JSON (only rooms that exist) | [`ROOM_TTL`] |
+//! | `c:members:{room}` | set | member ids plus [`COMPLETE`] | [`MEMBERS_TTL`] |
+//! | `c:members-token:{room}` | string | the set's generation token | [`TOKEN_TTL`] |
+//! | `c:recent:{room}` | sorted set | the newest messages as JSON, scored by seq | [`RECENT_TTL`] |
+//! | `c:recent-token:{room}` | string | the sorted set's generation token | [`TOKEN_TTL`] |
+//!
+//! Rooms are never renamed or deleted in this service, so a cached room
+//! cannot go stale. A missing room is not cached: another pod may create it
+//! a moment later.
+//!
+//! Membership is filled from the inner store on a miss and deleted, on every
+//! pod at once since they share Redis, after each write that changes it.
+//! A fill races with writes: pod A reads the members, pod B removes one and
+//! deletes the set, then A writes the set it read before B's write. To stop
+//! that, every fill carries the generation token it saw *before* reading the
+//! database, and a Lua script writes the set only if the token is
+//! unchanged; invalidation replaces the token and deletes the set in one
+//! `MULTI`. Any write committed after A's database read is invalidated after
+//! A read the token, so A's fill is refused.
+//!
+//! History: `c:recent:{room}` holds at most `recent` messages. A page is
+//! served from it only when the cached run is provably the page: the seqs are
+//! consecutive (the store has no gaps, so a hole means the cache missed a
+//! write), start where the page starts, and either fill the limit or end
+//! where the page ends. Where that end depends on the room's newest seq, it
+//! is read from the inner store (`last_seq`, one primary-key lookup) rather
+//! than from a cached high-water mark, which could be as stale as the set
+//! itself. Entries are only ever written from committed messages, and a
+//! tombstone always wins over the live message of the same seq, whatever
+//! order the writes reach Redis in.
+
+use std::{
+    borrow::Cow,
+    future::Future,
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use deadpool_redis::{Connection, Pool};
+use redis::{RedisResult, Script};
+use serde::{Deserialize, Serialize};
+
+use super::{Appended, Member, NewMessage, Page, Store, from_millis, to_millis};
+use crate::{
+    domain::{ClientId, Message, Room, RoomId, RoomKind, User, UserId},
+    error::ChatError,
+};
+
+/// Longest wait for one Redis call, connection included. A cache slower
+/// than this costs more than the database read it saves.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(200);
+/// Rooms never change; the TTL only bounds memory.
+pub const ROOM_TTL: Duration = Duration::from_secs(3600);
+/// Bounds how long a membership set can stay stale if an invalidation is
+/// lost (Redis unreachable from the writer and every retry failing): a
+/// removed member may keep access at most this long in that case.
+pub const MEMBERS_TTL: Duration = Duration::from_secs(60);
+/// Set when the sorted set is created and never extended, so that it is
+/// rebuilt from the database at least this often whatever a lost write left
+/// in it.
+pub const RECENT_TTL: Duration = Duration::from_secs(600);
+/// Far longer than any fill takes, so a token cannot expire and come back
+/// with the same value between a read and the fill that checks it.
+pub const TOKEN_TTL: Duration = Duration::from_secs(86_400);
+/// The member that marks a membership set as complete: an empty set does
+/// not exist in Redis. `#` is not allowed in user ids.
+pub const COMPLETE: &str = "#complete";
+
+/// After a Redis fault, calls that may be skipped safely are skipped for this
+/// long, so a dead Redis costs one timeout per second rather than one per call.
+const COOL_DOWN: Duration = Duration::from_secs(1);
+/// Redis trouble is logged at most this often (the counter sees all of it).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a lost invalidation or tombstone is retried in the background.
+const REPAIR_FOR: Duration = Duration::from_secs(300);
+
+pub struct CachedStore {
+    inner: Arc<dyn Store>,
+    cache: Arc<Cache>,
+}
+
+impl CachedStore {
+    /// `recent` is how many of each room's newest messages are kept in Redis
+    /// (0 turns the history cache off).
+    pub fn new(inner: Arc<dyn Store>, pool: Pool, prefix: String, recent: usize) -> Self {
+        Self {
+            inner,
+            cache: Arc::new(Cache {
+                pool,
+                prefix,
+                recent,
+                health: Health::new(),
+            }),
+        }
+    }
+
+    /// Answers from the inner store's member list and caches that list,
+    /// unless the set was invalidated since `token` was handed out.
+    async fn member_from_fill(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        token: &str,
+    ) -> Result<bool, ChatError> {
+        let members = self.inner.members(room).await?;
+        let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+        self.cache.fill_members(room, token, &ids).await;
+        Ok(ids.contains(&user.as_str()))
+    }
+
+    /// Serves a page from Redis when the cached run is provably the page;
+    /// otherwise what was learned on the way, for the backfill.
+    async fn history_from_cache(&self, room: &RoomId, span: &Span, limit: u32) -> Lookup {
+        let Some(run) = self.cache.read_recent(room, span, limit).await else {
+            return Lookup::Miss {
+                run: None,
+                last: None,
+            };
+        };
+        let seqs: Vec<u64> = run.messages.iter().map(|m| m.seq).collect();
+        let mut last = None;
+        let proven = match judge(span, &seqs, limit as usize) {
+            Verdict::Complete => true,
+            Verdict::CompleteIfLastAtMost(end) => match self.inner.last_seq(room).await {
+                Ok(newest) => {
+                    last = Some(newest);
+                    newest <= end
+                }
+                // Let the history read itself report what is wrong.
+                Err(_) => false,
+            },
+            Verdict::Incomplete => false,
+        };
+        if proven {
+            Lookup::Hit(run.messages)
+        } else {
+            Lookup::Miss {
+                run: Some(run),
+                last,
+            }
+        }
+    }
+
+    /// Whether a page read from the database belongs in the sorted set:
+    /// only pages near the room's newest messages, which the trim would not
+    /// drop at once (deep scrolling must not churn the cache).
+    fn worth_backfilling(&self, page: Page, messages: &[Message], reference: Option<u64>) -> bool {
+        let Some(newest) = messages.iter().map(|m| m.seq).max() else {
+            return false;
+        };
+        matches!(page, Page::Newest { before: None })
+            || reference.is_some_and(|top| newest + self.cache.recent as u64 > top)
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    async fn migrate(&self) -> Result<(), ChatError> {
+        self.inner.migrate().await
+    }
+
+    /// The database only: Redis health is the bus's concern, and this store
+    /// works without Redis.
+    async fn ping(&self) -> Result<(), ChatError> {
+        self.inner.ping().await
+    }
+
+    async fn room(&self, id: &RoomId) -> Result<Option<Room>, ChatError> {
+        if let Some(room) = self.cache.room(id).await {
+            return Ok(Some(room));
+        }
+        let room = self.inner.room(id).await?;
+        if let Some(room) = &room {
+            self.cache.put_room(room).await;
+        }
+        Ok(room)
+    }
+
+    async fn create_room(&self, room: &Room, members: &[UserId]) -> Result<(), ChatError> {
+        self.inner.create_room(room, members).await?;
+        // An `is_member` on the id before it existed cached an empty set.
+        self.cache.invalidate_members(&room.id).await;
+        self.cache.put_room(room).await;
+        Ok(())
+    }
+
+    async fn ensure_direct_room(
+        &self,
+        room: &Room,
+        a: &UserId,
+        b: &UserId,
+    ) -> Result<(Room, bool), ChatError> {
+        // Called on every connect to a direct room; a cached room exists in
+        // the database, so it was not created now.
+        if let Some(existing) = self.cache.room(&room.id).await {
+            return Ok((existing, false));
+        }
+        let (room, created) = self.inner.ensure_direct_room(room, a, b).await?;
+        if created {
+            self.cache.invalidate_members(&room.id).await;
+        }
+        self.cache.put_room(&room).await;
+        Ok((room, created))
+    }
+
+    async fn rooms_for(&self, user: &UserId) -> Result<Vec<Room>, ChatError> {
+        self.inner.rooms_for(user).await
+    }
+
+    /// Checked on every send to a private or direct room.
+    async fn is_member(&self, room: &RoomId, user: &UserId) -> Result<bool, ChatError> {
+        match self.cache.lookup_member(room, user).await {
+            Some(MemberLookup::Known(answer)) => {
+                count_lookup("members", true);
+                Ok(answer)
+            }
+            Some(MemberLookup::Unknown { token }) => {
+                count_lookup("members", false);
+                self.member_from_fill(room, user, &token).await
+            }
+            None => self.inner.is_member(room, user).await,
+        }
+    }
+
+    async fn members(&self, room: &RoomId) -> Result<Vec<Member>, ChatError> {
+        self.inner.members(room).await
+    }
+
+    async fn add_member(&self, room: &RoomId, user: &UserId) -> Result<(), ChatError> {
+        self.inner.add_member(room, user).await?;
+        self.cache.invalidate_members(room).await;
+        Ok(())
+    }
+
+    async fn remove_member(&self, room: &RoomId, user: &UserId) -> Result<bool, ChatError> {
+        let removed = self.inner.remove_member(room, user).await?;
+        // Even when nothing was removed: a set filled before an earlier
+        // removal whose invalidation was lost is dropped here too.
+        self.cache.invalidate_members(room).await;
+        Ok(removed)
+    }
+
+    async fn remember_user(&self, user: &User) -> Result<(), ChatError> {
+        self.inner.remember_user(user).await
+    }
+
+    /// The per-message path: the database insert, then one Redis script.
+    async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
+        let appended = self.inner.append(message).await?;
+        // A duplicate was cached (or deliberately not) when first stored.
+        if let Appended::Stored(message) = &appended {
+            self.cache.put_recent(message).await;
+        }
+        Ok(appended)
+    }
+
+    /// Always the database: callers rely on it being exact.
+    async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError> {
+        self.inner.last_seq(room).await
+    }
+
+    async fn history(
+        &self,
+        room: &RoomId,
+        page: Page,
+        limit: u32,
+    ) -> Result<Vec<Message>, ChatError> {
+        let span = match plan(page, limit) {
+            Plan::Empty => return Ok(Vec::new()),
+            Plan::Read(span) if self.cache.recent > 0 => span,
+            Plan::Read(_) | Plan::Database => return self.inner.history(room, page, limit).await,
+        };
+        let (run, last) = match self.history_from_cache(room, &span, limit).await {
+            Lookup::Hit(messages) => {
+                count_lookup("history", true);
+                return Ok(messages);
+            }
+            Lookup::Miss { run, last } => (run, last),
+        };
+        count_lookup("history", false);
+        let messages = self.inner.history(room, page, limit).await?;
+        if let Some(run) = run
+            && self.worth_backfilling(page, &messages, last.or(run.top))
+        {
+            self.cache.backfill(room, &run.token, &messages).await;
+        }
+        Ok(messages)
+    }
+
+    async fn delete_message(
+        &self,
+        room: &RoomId,
+        id: &str,
+    ) -> Result<Option<(Message, bool)>, ChatError> {
+        let deleted = self.inner.delete_message(room, id).await?;
+        // Also when it was deleted before: rewriting a tombstone is harmless
+        // and heals a cache that lost the first one.
+        if let Some((tombstone, _)) = &deleted {
+            self.cache.put_tombstone(tombstone).await;
+        }
+        Ok(deleted)
+    }
+
+    async fn message(&self, room: &RoomId, id: &str) -> Result<Option<Message>, ChatError> {
+        self.inner.message(room, id).await
+    }
+}
+
+fn count_lookup(kind: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!("chat_cache_lookups_total", "kind" => kind, "result" => result).increment(1);
+}
+
+/// The Redis side: keys, scripts, timeouts and fault handling. Shared with
+/// the background repairs, hence its own `Arc`.
+struct Cache {
+    pool: Pool,
+    prefix: String,
+    recent: usize,
+    health: Health,
+}
+
+/// Whether a call may be skipped while Redis is known to be failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Skipping it only costs a database read later (reads, fills, adds).
+    Optional,
+    /// Skipping it could leave a stale entry (invalidations, tombstones):
+    /// always tried, and retried in the background when it fails.
+    Required,
+}
+
+enum MemberLookup {
+    Known(bool),
+    /// No complete set: fill it, checking this token.
+    Unknown {
+        token: String,
+    },
+}
+
+/// Messages read from the sorted set for one page.
+struct CachedRun {
+    /// The set's generation token, for a backfill after a fallback.
+    token: String,
+    /// The newest seq in the set, if any.
+    top: Option<u64>,
+    messages: Vec<Message>,
+}
+
+enum Lookup {
+    Hit(Vec<Message>),
+    Miss {
+        run: Option<CachedRun>,
+        /// The room's newest seq, when it was read from the inner store.
+        last: Option<u64>,
+    },
+}
+
+/// A write that must reach Redis eventually.
+enum Repair {
+    Members(RoomId),
+    Tombstone(Message),
+}
+
+impl Cache {
+    fn key(&self, kind: &str, room: &RoomId) -> String {
+        format!("{}c:{kind}:{room}", self.prefix)
+    }
+
+    /// Runs one Redis exchange on a pooled connection within
+    /// [`REDIS_TIMEOUT`]. `None` means it did not happen (or may not have):
+    /// the caller falls back to the inner store.
+    async fn run<T, F, Fut>(&self, op: &'static str, need: Need, exchange: F) -> Option<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if need == Need::Optional && self.health.cooling_down() {
+            metrics::counter!("chat_cache_errors_total", "op" => op, "reason" => "skipped")
+                .increment(1);
+            return None;
+        }
+        let attempt = async {
+            let conn = self.pool.get().await.map_err(anyhow::Error::from)?;
+            exchange(conn).await.map_err(anyhow::Error::from)
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(err)) => {
+                self.fault(op, "error", &err);
+                None
+            }
+            Err(_) => {
+                self.fault(
+                    op,
+                    "timeout",
+                    &anyhow::anyhow!("no answer within {REDIS_TIMEOUT:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn fault(&self, op: &'static str, reason: &'static str, err: &anyhow::Error) {
+        metrics::counter!("chat_cache_errors_total", "op" => op, "reason" => reason).increment(1);
+        self.health.trip();
+        if self.health.may_log() {
+            tracing::warn!(op, error = %format!("{err:#}"), "Redis cache unavailable; using the database");
+        }
+    }
+
+    /// An entry this code did not write (or an older version's): a miss, but
+    /// Redis itself is fine, so the breaker stays closed.
+    fn corrupt(&self, op: &'static str) {
+        metrics::counter!("chat_cache_errors_total", "op" => op, "reason" => "decode").increment(1);
+        if self.health.may_log() {
+            tracing::warn!(op, "undecodable Redis cache entry; using the database");
+        }
+    }
+
+    async fn room(&self, id: &RoomId) -> Option<Room> {
+        let key = self.key("room", id);
+        let raw: Option<String> = self
+            .run("room_get", Need::Optional, |mut conn| async move {
+                redis::cmd("GET").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        let room = raw.as_deref().and_then(decode_room);
+        if raw.is_some() && room.is_none() {
+            self.corrupt("room_get");
+        }
+        count_lookup("room", room.is_some());
+        room
+    }
+
+    async fn put_room(&self, room: &Room) {
+        let key = self.key("room", &room.id);
+        let json = encode_room(room);
+        self.run("room_put", Need::Optional, |mut conn| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(json)
+                .arg("EX")
+                .arg(ROOM_TTL.as_secs())
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await;
+    }
+
+    async fn lookup_member(&self, room: &RoomId, user: &UserId) -> Option<MemberLookup> {
+        // Per send to a private room: two keys and a candidate token are
+        // allocated so that a hit and a miss both take one round trip.
+        let (set, token_key) = (self.key("members", room), self.key("members-token", room));
+        let fresh = new_token();
+        let user = user.as_str().to_owned();
+        let (state, value): (String, String) = self
+            .run("members_get", Need::Optional, |mut conn| async move {
+                let mut call = MEMBER_LOOKUP.prepare_invoke();
+                call.key(set)
+                    .key(token_key)
+                    .arg(COMPLETE)
+                    .arg(user)
+                    .arg(fresh)
+                    .arg(TOKEN_TTL.as_secs());
+                call.invoke_async(&mut conn).await
+            })
+            .await?;
+        Some(if state == "hit" {
+            MemberLookup::Known(value == "1")
+        } else {
+            MemberLookup::Unknown { token: value }
+        })
+    }
+
+    /// Writes a complete membership set read from the database, unless it was
+    /// invalidated since `token` was read. Returns whether it was written.
+    async fn fill_members(&self, room: &RoomId, token: &str, members: &[&str]) -> bool {
+        let (set, token_key) = (self.key("members", room), self.key("members-token", room));
+        let token = token.to_owned();
+        let members: Vec<String> = members.iter().map(|m| (*m).to_owned()).collect();
+        let written: Option<i64> = self
+            .run("members_fill", Need::Optional, |mut conn| async move {
+                let mut call = FILL_MEMBERS.prepare_invoke();
+                call.key(set)
+                    .key(token_key)
+                    .arg(token)
+                    .arg(MEMBERS_TTL.as_secs())
+                    .arg(COMPLETE)
+                    .arg(members);
+                call.invoke_async(&mut conn).await
+            })
+            .await;
+        written == Some(1)
+    }
+
+    /// Drops the room's membership set on every pod, and refuses any fill
+    /// that read the database before the write this follows.
+    async fn invalidate_members(self: &Arc<Self>, room: &RoomId) {
+        if self.try_invalidate_members(room).await.is_none() {
+            self.repair_later(Repair::Members(room.clone()));
+        }
+    }
+
+    async fn try_invalidate_members(&self, room: &RoomId) -> Option<()> {
+        let (set, token_key) = (self.key("members", room), self.key("members-token", room));
+        let fresh = new_token();
+        self.run(
+            "members_invalidate",
+            Need::Required,
+            |mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("SET")
+                    .arg(token_key)
+                    .arg(fresh)
+                    .arg("EX")
+                    .arg(TOKEN_TTL.as_secs())
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(set)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+            },
+        )
+        .await
+    }
+
+    /// Adds a just-stored message to the sorted set. Skippable: a missing
+    /// entry is a hole, and holes make reads fall back.
+    async fn put_recent(&self, message: &Message) {
+        if self.recent == 0 {
+            return;
+        }
+        // Allocates the message's JSON once, on the per-message path.
+        let entries = [Entry::of(message)];
+        self.put(
+            "recent_add",
+            Need::Optional,
+            &message.room_id,
+            &entries,
+            Guard::None,
+        )
+        .await;
+    }
+
+    /// Writes messages read from the database, unless a delete happened
+    /// since `token` was read (its tombstone may have been trimmed or
+    /// expired by now, and must not come back as the live message).
+    async fn backfill(&self, room: &RoomId, token: &str, messages: &[Message]) {
+        let entries: Vec<Entry> = messages.iter().map(Entry::of).collect();
+        self.put(
+            "recent_backfill",
+            Need::Optional,
+            room,
+            &entries,
+            Guard::Expect(token),
+        )
+        .await;
+    }
+
+    /// Replaces a message by its tombstone; required, since a missed
+    /// tombstone would keep serving the deleted body.
+    async fn put_tombstone(self: &Arc<Self>, tombstone: &Message) {
+        if self.recent > 0 && self.try_put_tombstone(tombstone).await.is_none() {
+            self.repair_later(Repair::Tombstone(tombstone.clone()));
+        }
+    }
+
+    async fn try_put_tombstone(&self, tombstone: &Message) -> Option<()> {
+        let entries = [Entry::of(tombstone)];
+        self.put(
+            "recent_tombstone",
+            Need::Required,
+            &tombstone.room_id,
+            &entries,
+            Guard::Bump,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Runs [`PUT_RECENT`]: `Some(true)` written, `Some(false)` refused by
+    /// the token check, `None` not done.
+    async fn put(
+        &self,
+        op: &'static str,
+        need: Need,
+        room: &RoomId,
+        entries: &[Entry],
+        guard: Guard<'_>,
+    ) -> Option<bool> {
+        let (set, token_key) = (self.key("recent", room), self.key("recent-token", room));
+        let (expect, bump) = match guard {
+            Guard::None => (String::new(), String::new()),
+            Guard::Expect(token) => (token.to_owned(), String::new()),
+            Guard::Bump => (String::new(), new_token()),
+        };
+        let mut call = PUT_RECENT.prepare_invoke();
+        call.key(set)
+            .key(token_key)
+            .arg(self.recent)
+            .arg(RECENT_TTL.as_secs())
+            .arg(expect)
+            .arg(bump)
+            .arg(TOKEN_TTL.as_secs());
+        for entry in entries {
+            call.arg(entry.seq)
+                .arg(if entry.tombstone { "1" } else { "0" })
+                .arg(&entry.json);
+        }
+        let written: i64 = self
+            .run(op, need, |mut conn| async move {
+                call.invoke_async(&mut conn).await
+            })
+            .await?;
+        Some(written == 1)
+    }
+
+    async fn read_recent(&self, room: &RoomId, span: &Span, limit: u32) -> Option<CachedRun> {
+        let (set, token_key) = (self.key("recent", room), self.key("recent-token", room));
+        let fresh = new_token();
+        let hi = span
+            .hi
+            .map_or_else(|| "+inf".to_owned(), |hi| hi.to_string());
+        let order = if span.newest_first { "desc" } else { "asc" };
+        let lo = span.lo;
+        let (token, top, items): (String, String, Vec<String>) = self
+            .run("recent_read", Need::Optional, |mut conn| async move {
+                let mut call = READ_RECENT.prepare_invoke();
+                call.key(set)
+                    .key(token_key)
+                    .arg(fresh)
+                    .arg(TOKEN_TTL.as_secs())
+                    .arg(order)
+                    .arg(lo)
+                    .arg(hi)
+                    .arg(limit);
+                call.invoke_async(&mut conn).await
+            })
+            .await?;
+        let messages: Option<Vec<Message>> =
+            items.iter().map(|raw| decode_message(room, raw)).collect();
+        let Some(messages) = messages else {
+            self.corrupt("recent_read");
+            return None;
+        };
+        Some(CachedRun {
+            token,
+            // Scores are seqs, written as integers.
+            top: top.parse::<f64>().ok().map(|score| score as u64),
+            messages,
+        })
+    }
+
+    /// Retries a required write in the background until it lands or
+    /// [`REPAIR_FOR`] has passed; meanwhile [`MEMBERS_TTL`] and
+    /// [`RECENT_TTL`] bound how long the stale entry can be served.
+    fn repair_later(self: &Arc<Self>, repair: Repair) {
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            let give_up = Instant::now() + REPAIR_FOR;
+            let mut wait = Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(wait).await;
+                let done = match &repair {
+                    Repair::Members(room) => cache.try_invalidate_members(room).await,
+                    Repair::Tombstone(tombstone) => cache.try_put_tombstone(tombstone).await,
+                };
+                if done.is_some() {
+                    tracing::info!("a Redis cache write failed earlier and has now been repaired");
+                    return;
+                }
+                if Instant::now() >= give_up {
+                    tracing::error!(
+                        "gave up repairing the Redis cache; stale entries expire with their TTL"
+                    );
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+}
+
+/// What a write to the sorted set checks or changes in its token.
+#[derive(Clone, Copy)]
+enum Guard<'a> {
+    None,
+    /// Refuse the write if the token changed since this value was read.
+    Expect(&'a str),
+    /// Change the token: refuses backfills read before this write.
+    Bump,
+}
+
+/// A fresh generation token: unique, so that a token that was replaced can
+/// never match again.
+fn new_token() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Breaker and log throttle, as milliseconds since `epoch` in atomics: no
+/// lock on the per-message path.
+struct Health {
+    epoch: Instant,
+    skip_until: AtomicU64,
+    /// When the next log line is allowed.
+    log_after: AtomicU64,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            skip_until: AtomicU64::new(0),
+            log_after: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn cooling_down(&self) -> bool {
+        self.now() < self.skip_until.load(Ordering::Relaxed)
+    }
+
+    fn trip(&self) {
+        let until = self.now() + COOL_DOWN.as_millis() as u64;
+        self.skip_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn may_log(&self) -> bool {
+        let now = self.now();
+        let allowed = self.log_after.load(Ordering::Relaxed);
+        now >= allowed
+            && self
+                .log_after
+                .compare_exchange(
+                    allowed,
+                    now + LOG_EVERY.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+/// How a page maps onto seqs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// The page is empty whatever the room holds.
+    Empty,
+    /// Cursors the SQL stores bind as `i64` in their own way: leave these
+    /// rare values to them so the answers stay identical.
+    Database,
+    Read(Span),
+}
+
+/// The seqs a page may hold: `lo..=hi` (no upper bound when `hi` is `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    lo: u64,
+    hi: Option<u64>,
+    newest_first: bool,
+}
+
+fn plan(page: Page, limit: u32) -> Plan {
+    let max = i64::MAX as u64;
+    let (after, before, newest_first) = match page {
+        Page::Newest { before } => (0, before, true),
+        Page::Oldest { after, before } => (after, before, false),
+    };
+    if after >= max || before.is_some_and(|b| b > max) {
+        return Plan::Database;
+    }
+    let lo = after + 1;
+    let hi = before.map(|b| b.saturating_sub(1));
+    if limit == 0 || hi.is_some_and(|hi| hi < lo) {
+        return Plan::Empty;
+    }
+    Plan::Read(Span {
+        lo,
+        hi,
+        newest_first,
+    })
+}
+
+/// What a cached run proves about a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The run is the page.
+    Complete,
+    /// The run is the page if the room has no message above this seq. (The
+    /// room's newest seq is read after the run, so it is never below the
+    /// run's newest: "at most" means "exactly".)
+    CompleteIfLastAtMost(u64),
+    /// The run has a hole, or starts where the page does not.
+    Incomplete,
+}
+
+/// Decides whether `seqs`, the cached run for `span` in page order (at most
+/// `limit` of them), is the page the database would return.
+fn judge(span: &Span, seqs: &[u64], limit: usize) -> Verdict {
+    let consecutive = seqs.windows(2).all(|pair| {
+        let (earlier, later) = if span.newest_first {
+            (pair[1], pair[0])
+        } else {
+            (pair[0], pair[1])
+        };
+        earlier.checked_add(1) == Some(later)
+    });
+    if !consecutive {
+        return Verdict::Incomplete;
+    }
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        // Nothing cached: the page is empty only if the room ends before it.
+        // (Newest first with nothing cached: let the database answer.)
+        return if span.newest_first {
+            Verdict::Incomplete
+        } else {
+            Verdict::CompleteIfLastAtMost(span.lo - 1)
+        };
+    };
+    if span.newest_first {
+        // Down from `first`: it must reach the limit or seq 1 (`lo`).
+        if seqs.len() < limit && last != span.lo {
+            return Verdict::Incomplete;
+        }
+        if Some(first) == span.hi {
+            Verdict::Complete
+        } else {
+            // `first` is below the page's upper bound: it is the newest
+            // message only if the room has none above it.
+            Verdict::CompleteIfLastAtMost(first)
+        }
+    } else {
+        if first != span.lo {
+            return Verdict::Incomplete;
+        }
+        if seqs.len() >= limit || Some(last) == span.hi {
+            Verdict::Complete
+        } else {
+            Verdict::CompleteIfLastAtMost(last)
+        }
+    }
+}
+
+/// One message ready for [`PUT_RECENT`].
+struct Entry {
+    seq: u64,
+    tombstone: bool,
+    json: String,
+}
+
+impl Entry {
+    fn of(message: &Message) -> Self {
+        Self {
+            seq: message.seq,
+            tombstone: message.deleted,
+            json: encode_message(message),
+        }
+    }
+}
+
+/// A message as cached. The room is the key's, so it is not repeated; times
+/// are milliseconds, as stored.
+#[derive(Serialize, Deserialize)]
+struct CachedMessage<'a> {
+    seq: u64,
+    id: Cow<'a, str>,
+    user_id: Cow<'a, str>,
+    user_name: Cow<'a, str>,
+    body: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_id: Option<Cow<'a, str>>,
+    created_at: i64,
+    #[serde(default)]
+    deleted: bool,
+}
+
+fn encode_message(message: &Message) -> String {
+    let cached = CachedMessage {
+        seq: message.seq,
+        id: Cow::Borrowed(&message.id),
+        user_id: Cow::Borrowed(message.user.id.as_str()),
+        user_name: Cow::Borrowed(&message.user.name),
+        body: Cow::Borrowed(&message.body),
+        client_id: message
+            .client_id
+            .as_ref()
+            .map(|c| Cow::Borrowed(c.as_str())),
+        created_at: to_millis(message.created_at),
+        deleted: message.deleted,
+    };
+    // Strings and integers only: serialising cannot fail.
+    serde_json::to_string(&cached).unwrap_or_default()
+}
+
+/// `None` for anything not written by [`encode_message`]: then a miss.
+fn decode_message(room: &RoomId, raw: &str) -> Option<Message> {
+    let cached: CachedMessage<'_> = serde_json::from_str(raw).ok()?;
+    Some(Message {
+        room_id: room.clone(),
+        id: cached.id.into_owned(),
+        seq: cached.seq,
+        user: User {
+            id: UserId::parse(&cached.user_id).ok()?,
+            name: cached.user_name.into_owned(),
+        },
+        body: cached.body.into_owned(),
+        client_id: match cached.client_id {
+            Some(raw) => Some(ClientId::parse(&raw).ok()?),
+            None => None,
+        },
+        created_at: from_millis(cached.created_at),
+        deleted: cached.deleted,
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedRoom {
+    id: String,
+    kind: String,
+    name: String,
+    owner_id: Option<String>,
+    created_at: i64,
+}
+
+fn encode_room(room: &Room) -> String {
+    let cached = CachedRoom {
+        id: room.id.to_string(),
+        kind: room.kind.as_str().to_owned(),
+        name: room.name.clone(),
+        owner_id: room.owner_id.as_ref().map(UserId::to_string),
+        created_at: to_millis(room.created_at),
+    };
+    serde_json::to_string(&cached).unwrap_or_default()
+}
+
+fn decode_room(raw: &str) -> Option<Room> {
+    let cached: CachedRoom = serde_json::from_str(raw).ok()?;
+    Some(Room {
+        id: RoomId::parse(&cached.id).ok()?,
+        kind: RoomKind::parse(&cached.kind)?,
+        name: cached.name,
+        owner_id: match cached.owner_id {
+            Some(owner) => Some(UserId::parse(&owner).ok()?),
+            None => None,
+        },
+        created_at: from_millis(cached.created_at),
+    })
+}
+
+/// Answers `is_member` from a complete set, or hands out the generation
+/// token a fill must present (creating it when missing, so that a token
+/// evicted meanwhile cannot be mistaken for an unchanged one).
+///
+/// KEYS: set, token. ARGV: complete marker, user, fresh token, token TTL.
+static MEMBER_LOOKUP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
+  return {'hit', tostring(redis.call('SISMEMBER', KEYS[1], ARGV[2]))}
+end
+local token = redis.call('GET', KEYS[2])
+if not token then
+  token = ARGV[3]
+  redis.call('SET', KEYS[2], token, 'EX', ARGV[4])
+end
+return {'miss', token}
+",
+    )
+});
+
+/// Replaces the membership set if its token is still the one read before
+/// the database was; members are added in chunks (Lua's `unpack` limit).
+///
+/// KEYS: set, token. ARGV: token, set TTL, then the complete marker and the
+/// members.
+static FILL_MEMBERS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+for i = 3, #ARGV, 1000 do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+",
+    )
+});
+
+/// One page of the sorted set, its newest score and its token (created when
+/// missing, as above).
+///
+/// KEYS: sorted set, token. ARGV: fresh token, token TTL, 'asc' or 'desc',
+/// lowest seq, highest seq (or '+inf'), limit.
+static READ_RECENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local items
+if ARGV[3] == 'asc' then
+  items = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[5], 'LIMIT', 0, ARGV[6])
+else
+  items = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[5], ARGV[4], 'LIMIT', 0, ARGV[6])
+end
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local token = redis.call('GET', KEYS[2])
+if not token then
+  token = ARGV[1]
+  redis.call('SET', KEYS[2], token, 'EX', ARGV[2])
+end
+return {token, top[2] or '', items}
+",
+    )
+});
+
+/// Writes messages into the sorted set, then trims it to the newest `keep`.
+/// A live message never replaces an entry already there for its seq (which
+/// is the same message or its tombstone); a tombstone always replaces it.
+/// So a delete and the add of the message it deletes may reach Redis in
+/// either order. The TTL is set only when the set is created.
+///
+/// KEYS: sorted set, token. ARGV: keep, set TTL, expected token or '', new
+/// token or '', token TTL, then per message: seq, '1' for a tombstone or
+/// '0', JSON.
+static PUT_RECENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then
+  return 0
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+end
+for i = 6, #ARGV, 3 do
+  local seq = ARGV[i]
+  if ARGV[i + 1] == '1' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], seq, seq)
+    redis.call('ZADD', KEYS[1], seq, ARGV[i + 2])
+  elseif redis.call('ZCOUNT', KEYS[1], seq, seq) == 0 then
+    redis.call('ZADD', KEYS[1], seq, ARGV[i + 2])
+  end
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[1]) - 1)
+if redis.call('TTL', KEYS[1]) == -1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+",
+    )
+});
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use redis::AsyncCommands;
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::{domain::RoomKind, store::sqlite::SqliteStore};
+
+    fn redis_url() -> String {
+        std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    fn pool_for(url: &str) -> Pool {
+        deadpool_redis::Config::from_url(url)
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .expect("a Redis pool configuration")
+    }
+
+    /// A fresh database, a live Redis and a key prefix of its own, so tests
+    /// run in parallel.
+    struct World {
+        _dir: TempDir,
+        inner: Arc<dyn Store>,
+        pool: Pool,
+        prefix: String,
+    }
+
+    impl World {
+        async fn new() -> Self {
+            let url = redis_url();
+            let pool = pool_for(&url);
+            let ping = async {
+                let mut conn = pool.get().await.map_err(anyhow::Error::from)?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(anyhow::Error::from)
+            };
+            match tokio::time::timeout(Duration::from_secs(5), ping).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    panic!("these tests need Redis at {url} (set CHAT_TEST_REDIS_URL): {err:#}")
+                }
+                Err(_) => panic!(
+                    "these tests need Redis at {url} (set CHAT_TEST_REDIS_URL): no answer in 5 s"
+                ),
+            }
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let db = format!("sqlite://{}", dir.path().join("chat.db").display());
+            let inner = SqliteStore::connect(&db).await.expect("a SQLite store");
+            inner.migrate().await.expect("migrations");
+            Self {
+                _dir: dir,
+                inner: Arc::new(inner),
+                pool,
+                prefix: format!("test-cache-{}:", uuid::Uuid::now_v7().simple()),
+            }
+        }
+
+        /// One pod: its own `CachedStore` over the shared database and Redis.
+        fn pod(&self, recent: usize) -> CachedStore {
+            CachedStore::new(
+                Arc::clone(&self.inner),
+                self.pool.clone(),
+                self.prefix.clone(),
+                recent,
+            )
+        }
+
+        async fn redis(&self) -> Connection {
+            self.pool.get().await.expect("a Redis connection")
+        }
+
+        fn key(&self, kind: &str, room: &RoomId) -> String {
+            format!("{}c:{kind}:{room}", self.prefix)
+        }
+
+        /// Drops this test's keys (the TTLs would, later).
+        async fn clean_up(&self) {
+            let mut conn = self.redis().await;
+            let pattern = format!("{}*", self.prefix);
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(500)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SCAN");
+                if !keys.is_empty() {
+                    let _: () = conn.del(keys).await.expect("DEL");
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+    }
+
+    fn user(id: &str) -> User {
+        User {
+            id: UserId::parse(id).unwrap(),
+            name: format!("{id} name"),
+        }
+    }
+
+    fn uid(id: &str) -> UserId {
+        UserId::parse(id).unwrap()
+    }
+
+    fn rid(id: &str) -> RoomId {
+        RoomId::parse(id).unwrap()
+    }
+
+    fn room(id: &str, kind: RoomKind) -> Room {
+        Room {
+            id: rid(id),
+            kind,
+            name: format!("room {id}"),
+            owner_id: Some(uid("alice")),
+            created_at: crate::chat::now_millis(),
+        }
+    }
+
+    fn new_message(room: &RoomId, from: &str, body: &str, client_id: Option<&str>) -> NewMessage {
+        NewMessage {
+            room_id: room.clone(),
+            id: uuid::Uuid::now_v7().to_string(),
+            user: user(from),
+            body: body.to_owned(),
+            client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
+            created_at: crate::chat::now_millis(),
+        }
+    }
+
+    fn stored(appended: Appended) -> Message {
+        match appended {
+            Appended::Stored(message) => message,
+            Appended::Duplicate(message) => panic!("unexpected duplicate {}", message.seq),
+        }
+    }
+
+    /// Creates a public room with `count` messages, every third with a
+    /// client id, through the cached store.
+    async fn room_with_messages(
+        store: &CachedStore,
+        id: &str,
+        count: usize,
+    ) -> (RoomId, Vec<Message>) {
+        let lobby = room(id, RoomKind::Public);
+        store.create_room(&lobby, &[uid("alice")]).await.unwrap();
+        let mut messages = Vec::new();
+        for n in 1..=count {
+            let client_id = (n % 3 == 0).then(|| format!("c{n}"));
+            let new = new_message(
+                &lobby.id,
+                "alice",
+                &format!("message {n}"),
+                client_id.as_deref(),
+            );
+            messages.push(stored(store.append(new).await.unwrap()));
+        }
+        (lobby.id, messages)
+    }
+
+    /// Many pages, including empty ones, cursors at and around the edges of
+    /// the cached window, and limits around its size.
+    fn pages(last: u64) -> Vec<(Page, u32)> {
+        let limits = [1, 2, 5, 19, 20, 21, 50];
+        let below = |n: u64| last.saturating_sub(n);
+        let cursors = [
+            0,
+            1,
+            2,
+            10,
+            last / 2,
+            below(20),
+            below(19),
+            below(2),
+            below(1),
+            last,
+            last + 1,
+            last + 5,
+        ];
+        let mut pages = Vec::new();
+        for limit in limits {
+            pages.push((Page::Newest { before: None }, limit));
+            for &cursor in &cursors {
+                pages.push((
+                    Page::Newest {
+                        before: Some(cursor),
+                    },
+                    limit,
+                ));
+                pages.push((
+                    Page::Oldest {
+                        after: cursor,
+                        before: None,
+                    },
+                    limit,
+                ));
+                for width in [1, 2, 6, 30] {
+                    pages.push((
+                        Page::Oldest {
+                            after: cursor,
+                            before: Some(cursor + width),
+                        },
+                        limit,
+                    ));
+                }
+            }
+        }
+        pages.push((Page::Newest { before: None }, 0));
+        pages.push((
+            Page::Oldest {
+                after: u64::MAX,
+                before: None,
+            },
+            5,
+        ));
+        pages.push((
+            Page::Newest {
+                before: Some(u64::MAX),
+            },
+            5,
+        ));
+        pages
+    }
+
+    async fn assert_pages_match(store: &CachedStore, inner: &dyn Store, room: &RoomId, last: u64) {
+        for (page, limit) in pages(last) {
+            let expected = inner.history(room, page, limit).await.unwrap();
+            let got = store.history(room, page, limit).await.unwrap();
+            assert_eq!(got, expected, "{page:?} limit {limit}");
+        }
+    }
+
+    /// Whether the page would be answered by Redis alone (plus `last_seq`).
+    async fn served_from_redis(store: &CachedStore, room: &RoomId, page: Page, limit: u32) -> bool {
+        let Plan::Read(span) = plan(page, limit) else {
+            panic!("{page:?} is not read from Redis");
+        };
+        matches!(
+            store.history_from_cache(room, &span, limit).await,
+            Lookup::Hit(_)
+        )
+    }
+
+    async fn remove_seqs(world: &World, room: &RoomId, seqs: &[u64]) {
+        let mut conn = world.redis().await;
+        for &seq in seqs {
+            let _: i64 = conn
+                .zrembyscore(world.key("recent", room), seq, seq)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn only_provable_runs_are_trusted() {
+        let oldest = |after: u64, before: Option<u64>| Span {
+            lo: after + 1,
+            hi: before.map(|b| b - 1),
+            newest_first: false,
+        };
+        let newest = |before: Option<u64>| Span {
+            lo: 1,
+            hi: before.map(|b| b - 1),
+            newest_first: true,
+        };
+        // Oldest first: must start right after the cursor, without holes.
+        assert_eq!(judge(&oldest(4, None), &[5, 6, 7], 3), Verdict::Complete);
+        assert_eq!(judge(&oldest(4, None), &[6, 7, 8], 3), Verdict::Incomplete);
+        assert_eq!(judge(&oldest(4, None), &[5, 7, 8], 3), Verdict::Incomplete);
+        assert_eq!(judge(&oldest(4, None), &[5, 5, 6], 3), Verdict::Incomplete);
+        assert_eq!(
+            judge(&oldest(4, Some(8)), &[5, 6, 7], 10),
+            Verdict::Complete
+        );
+        assert_eq!(
+            judge(&oldest(4, Some(9)), &[5, 6, 7], 10),
+            Verdict::CompleteIfLastAtMost(7)
+        );
+        assert_eq!(
+            judge(&oldest(4, None), &[], 10),
+            Verdict::CompleteIfLastAtMost(4)
+        );
+        // Newest first: must reach the limit or seq 1, and end at the top.
+        assert_eq!(judge(&newest(Some(8)), &[7, 6, 5], 3), Verdict::Complete);
+        assert_eq!(
+            judge(&newest(Some(9)), &[7, 6, 5], 3),
+            Verdict::CompleteIfLastAtMost(7)
+        );
+        assert_eq!(
+            judge(&newest(None), &[7, 6, 5], 3),
+            Verdict::CompleteIfLastAtMost(7)
+        );
+        assert_eq!(judge(&newest(None), &[7, 6, 5], 4), Verdict::Incomplete);
+        assert_eq!(
+            judge(&newest(None), &[3, 2, 1], 10),
+            Verdict::CompleteIfLastAtMost(3)
+        );
+        assert_eq!(judge(&newest(None), &[7, 5, 4], 3), Verdict::Incomplete);
+        assert_eq!(judge(&newest(None), &[], 3), Verdict::Incomplete);
+        // Pages that are empty by their cursors, and cursors left to SQL.
+        assert_eq!(plan(Page::Newest { before: Some(1) }, 5), Plan::Empty);
+        assert_eq!(
+            plan(
+                Page::Oldest {
+                    after: 3,
+                    before: Some(4)
+                },
+                5
+            ),
+            Plan::Empty
+        );
+        assert_eq!(plan(Page::Newest { before: None }, 0), Plan::Empty);
+        assert_eq!(
+            plan(
+                Page::Newest {
+                    before: Some(u64::MAX)
+                },
+                5
+            ),
+            Plan::Database
+        );
+        assert_eq!(
+            plan(
+                Page::Oldest {
+                    after: u64::MAX,
+                    before: None
+                },
+                5
+            ),
+            Plan::Database
+        );
+    }
+
+    #[tokio::test]
+    async fn pages_through_the_cache_equal_the_database_pages() {
+        let world = World::new().await;
+        let store = world.pod(20);
+        let (lobby, messages) = room_with_messages(&store, "lobby", 45).await;
+        for seq in [3, 30, 44] {
+            let id = &messages[seq - 1].id;
+            store.delete_message(&lobby, id).await.unwrap();
+        }
+        assert_pages_match(&store, &*world.inner, &lobby, 45).await;
+
+        // The newest window really is answered by Redis…
+        for (page, limit) in [
+            (Page::Newest { before: None }, 5),
+            (Page::Newest { before: None }, 20),
+            (Page::Newest { before: Some(40) }, 10),
+            (
+                Page::Oldest {
+                    after: 40,
+                    before: None,
+                },
+                10,
+            ),
+            (
+                Page::Oldest {
+                    after: 28,
+                    before: Some(35),
+                },
+                50,
+            ),
+            (
+                Page::Oldest {
+                    after: 45,
+                    before: None,
+                },
+                10,
+            ),
+        ] {
+            assert!(
+                served_from_redis(&store, &lobby, page, limit).await,
+                "{page:?} {limit}"
+            );
+        }
+        // …tombstones included…
+        let page = store
+            .history(
+                &lobby,
+                Page::Oldest {
+                    after: 43,
+                    before: None,
+                },
+                1,
+            )
+            .await
+            .unwrap();
+        assert!(page[0].deleted && page[0].body.is_empty());
+        // …and older pages are not.
+        for (page, limit) in [
+            (
+                Page::Oldest {
+                    after: 0,
+                    before: None,
+                },
+                5,
+            ),
+            (Page::Newest { before: None }, 21),
+            (Page::Newest { before: Some(20) }, 3),
+        ] {
+            assert!(
+                !served_from_redis(&store, &lobby, page, limit).await,
+                "{page:?} {limit}"
+            );
+        }
+        world.clean_up().await;
+    }
+
+    #[tokio::test]
+    async fn writes_the_cache_missed_only_make_reads_slower() {
+        let world = World::new().await;
+        let store = world.pod(20);
+        let (lobby, _) = room_with_messages(&store, "lobby", 45).await;
+        let newest = Page::Newest { before: None };
+
+        // Lost adds (a pod whose ZADD timed out): holes in the window.
+        remove_seqs(&world, &lobby, &[30, 45]).await;
+        assert!(!served_from_redis(&store, &lobby, newest, 3).await);
+        assert!(
+            !served_from_redis(
+                &store,
+                &lobby,
+                Page::Oldest {
+                    after: 28,
+                    before: None
+                },
+                5
+            )
+            .await
+        );
+        assert!(
+            served_from_redis(
+                &store,
+                &lobby,
+                Page::Oldest {
+                    after: 30,
+                    before: Some(40)
+                },
+                20
+            )
+            .await
+        );
+        assert_pages_match(&store, &*world.inner, &lobby, 45).await;
+        // Reading the newest page from the database put the holes back.
+        assert!(served_from_redis(&store, &lobby, newest, 20).await);
+
+        // An entry this code cannot read.
+        let mut conn = world.redis().await;
+        remove_seqs(&world, &lobby, &[40]).await;
+        let _: i64 = conn
+            .zadd(world.key("recent", &lobby), "{not json", 40)
+            .await
+            .unwrap();
+        assert!(
+            !served_from_redis(
+                &store,
+                &lobby,
+                Page::Oldest {
+                    after: 35,
+                    before: None
+                },
+                10
+            )
+            .await
+        );
+        assert_pages_match(&store, &*world.inner, &lobby, 45).await;
+
+        // Redis restarted: nothing cached, then a partial set built by appends.
+        let _: i64 = conn.del(world.key("recent", &lobby)).await.unwrap();
+        assert_pages_match(&store, &*world.inner, &lobby, 45).await;
+        let _: i64 = conn.del(world.key("recent", &lobby)).await.unwrap();
+        for n in 0..3 {
+            store
+                .append(new_message(
+                    &lobby,
+                    "bob",
+                    &format!("after restart {n}"),
+                    None,
+                ))
+                .await
+                .unwrap();
+        }
+        assert!(
+            served_from_redis(
+                &store,
+                &lobby,
+                Page::Oldest {
+                    after: 45,
+                    before: None
+                },
+                10
+            )
+            .await
+        );
+        assert!(!served_from_redis(&store, &lobby, newest, 10).await);
+        assert_pages_match(&store, &*world.inner, &lobby, 48).await;
+        assert!(served_from_redis(&store, &lobby, newest, 10).await);
+        world.clean_up().await;
+    }
+
+    #[tokio::test]
+    async fn a_deleted_message_stays_deleted_whatever_order_redis_sees_the_writes() {
+        let world = World::new().await;
+        let store = world.pod(20);
+        let (lobby, messages) = room_with_messages(&store, "lobby", 10).await;
+        let last_page = |seq: u64| Page::Oldest {
+            after: seq - 1,
+            before: Some(seq + 1),
+        };
+
+        // The add of message 9 reaches Redis after its tombstone.
+        let (tombstone, now) = store
+            .delete_message(&lobby, &messages[8].id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(now && tombstone.deleted);
+        store.cache.put_recent(&messages[8]).await;
+        assert!(served_from_redis(&store, &lobby, last_page(9), 1).await);
+        assert_eq!(
+            store.history(&lobby, last_page(9), 1).await.unwrap(),
+            vec![tombstone]
+        );
+
+        // Message 5's add was lost altogether, then it is deleted, then the
+        // lost add turns up late.
+        remove_seqs(&world, &lobby, &[5]).await;
+        let (tombstone, _) = store
+            .delete_message(&lobby, &messages[4].id)
+            .await
+            .unwrap()
+            .unwrap();
+        store.cache.put_recent(&messages[4]).await;
+        assert!(served_from_redis(&store, &lobby, last_page(5), 1).await);
+        assert_eq!(
+            store.history(&lobby, last_page(5), 1).await.unwrap(),
+            vec![tombstone]
+        );
+
+        // A backfill read from the database before a delete, written after
+        // the tombstone was trimmed away, is refused.
+        let span = Span {
+            lo: 1,
+            hi: None,
+            newest_first: true,
+        };
+        let Some(run) = store.cache.read_recent(&lobby, &span, 20).await else {
+            panic!("Redis answers");
+        };
+        let before_delete = world
+            .inner
+            .history(&lobby, Page::Newest { before: None }, 20)
+            .await
+            .unwrap();
+        store.delete_message(&lobby, &messages[1].id).await.unwrap();
+        remove_seqs(&world, &lobby, &[2]).await;
+        store
+            .cache
+            .backfill(&lobby, &run.token, &before_delete)
+            .await;
+        assert!(!served_from_redis(&store, &lobby, last_page(2), 1).await);
+        let page = store.history(&lobby, last_page(2), 1).await.unwrap();
+        assert!(page[0].deleted && page[0].body.is_empty());
+        assert_pages_match(&store, &*world.inner, &lobby, 10).await;
+        world.clean_up().await;
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_not_cached_twice() {
+        let world = World::new().await;
+        let store = world.pod(20);
+        let (lobby, _) = room_with_messages(&store, "lobby", 2).await;
+        let first = store
+            .append(new_message(&lobby, "bob", "once", Some("retry-me")))
+            .await
+            .unwrap();
+        let again = store
+            .append(new_message(&lobby, "bob", "once", Some("retry-me")))
+            .await
+            .unwrap();
+        let (Appended::Stored(first), Appended::Duplicate(again)) = (first, again) else {
+            panic!("expected a stored message, then its duplicate");
+        };
+        assert_eq!(first, again);
+        let mut conn = world.redis().await;
+        let cached: u64 = conn.zcard(world.key("recent", &lobby)).await.unwrap();
+        assert_eq!(cached, 3);
+        assert!(served_from_redis(&store, &lobby, Page::Newest { before: None }, 10).await);
+        assert_pages_match(&store, &*world.inner, &lobby, 3).await;
+        world.clean_up().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_from_two_pods_keep_pages_right() {
+        let world = World::new().await;
+        let pods = [Arc::new(world.pod(30)), Arc::new(world.pod(30))];
+        let (lobby, _) = room_with_messages(&pods[0], "lobby", 5).await;
+        let mut tasks = Vec::new();
+        for (p, pod) in pods.iter().enumerate() {
+            for n in 0..20 {
+                let (pod, lobby) = (Arc::clone(pod), lobby.clone());
+                tasks.push(tokio::spawn(async move {
+                    pod.append(new_message(&lobby, "bob", &format!("pod {p} #{n}"), None))
+                        .await
+                        .unwrap()
+                }));
+            }
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for pod in &pods {
+            assert_pages_match(pod, &*world.inner, &lobby, 45).await;
+        }
+        assert!(served_from_redis(&pods[1], &lobby, Page::Newest { before: None }, 30).await);
+        world.clean_up().await;
+    }
+
+    #[tokio::test]
+    async fn membership_changes_are_seen_at_once_by_every_pod() {
+        let world = World::new().await;
+        let (a, b) = (world.pod(20), world.pod(20));
+        let secret = room("secret", RoomKind::Private);
+
+        // Asked before the room exists: an empty set gets cached…
+        assert!(!a.is_member(&secret.id, &uid("bob")).await.unwrap());
+        // …and creating the room on another pod drops it.
+        b.create_room(&secret, &[uid("alice"), uid("bob")])
+            .await
+            .unwrap();
+        assert!(a.is_member(&secret.id, &uid("bob")).await.unwrap());
+        assert!(a.is_member(&secret.id, &uid("alice")).await.unwrap());
+        assert!(!a.is_member(&secret.id, &uid("carol")).await.unwrap());
+        let mut conn = world.redis().await;
+        let cached: bool = conn
+            .sismember(world.key("members", &secret.id), COMPLETE)
+            .await
+            .unwrap();
+        assert!(cached, "the membership should be answered from Redis now");
+
+        assert!(b.remove_member(&secret.id, &uid("bob")).await.unwrap());
+        assert!(!a.is_member(&secret.id, &uid("bob")).await.unwrap());
+        assert!(a.is_member(&secret.id, &uid("alice")).await.unwrap());
+        b.add_member(&secret.id, &uid("carol")).await.unwrap();
+        assert!(a.is_member(&secret.id, &uid("carol")).await.unwrap());
+        assert!(!a.is_member(&secret.id, &uid("bob")).await.unwrap());
+
+        // Direct rooms: created on one pod, members everywhere at once.
+        let dm = Room {
+            id: RoomId::direct(&uid("alice"), &uid("dave")).unwrap(),
+            kind: RoomKind::Direct,
+            name: "alice & dave".into(),
+            owner_id: None,
+            created_at: crate::chat::now_millis(),
+        };
+        assert!(!a.is_member(&dm.id, &uid("dave")).await.unwrap());
+        let (made, created) = b
+            .ensure_direct_room(&dm, &uid("alice"), &uid("dave"))
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(made, dm);
+        assert!(a.is_member(&dm.id, &uid("dave")).await.unwrap());
+        assert_eq!(
+            a.ensure_direct_room(&dm, &uid("alice"), &uid("dave"))
+                .await
+                .unwrap(),
+            (dm.clone(), false)
+        );
+        assert_eq!(
+            a.members(&secret.id).await.unwrap(),
+            world.inner.members(&secret.id).await.unwrap()
+        );
+        world.clean_up().await;
+    }
+
+    #[tokio::test]
+    async fn a_fill_read_before_a_removal_cannot_resurrect_the_member() {
+        let world = World::new().await;
+        let (a, b) = (world.pod(20), world.pod(20));
+        let secret = room("secret", RoomKind::Private);
+        b.create_room(&secret, &[uid("alice"), uid("bob")])
+            .await
+            .unwrap();
+
+        // Pod A misses and reads the members: bob is one…
+        let Some(MemberLookup::Unknown { token }) =
+            a.cache.lookup_member(&secret.id, &uid("bob")).await
+        else {
+            panic!("expected a miss");
+        };
+        let read_before: Vec<String> = world
+            .inner
+            .members(&secret.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id.to_string())
+            .collect();
+        assert!(read_before.contains(&"bob".to_owned()));
+        // …pod B removes bob, then A writes what it read.
+        b.remove_member(&secret.id, &uid("bob")).await.unwrap();
+        let old: Vec<&str> = read_before.iter().map(String::as_str).collect();
+        assert!(!a.cache.fill_members(&secret.id, &token, &old).await);
+        assert!(!a.is_member(&secret.id, &uid("bob")).await.unwrap());
+        assert!(!b.is_member(&secret.id, &uid("bob")).await.unwrap());
+
+        // A fill with nothing in between is accepted.
+        b.add_member(&secret.id, &uid("bob")).await.unwrap();
+        let Some(MemberLookup::Unknown { token }) =
+            a.cache.lookup_member(&secret.id, &uid("bob")).await
+        else {
+            panic!("expected a miss");
+        };
+        assert!(
+            a.cache
+                .fill_members(&secret.id, &token, &["alice", "bob"])
+                .await
+        );
+        assert!(matches!(
+            a.cache.lookup_member(&secret.id, &uid("bob")).await,
+            Some(MemberLookup::Known(true))
+        ));
+        world.clean_up().await;
+    }
+
+    #[tokio::test]
+    async fn rooms_are_cached_but_missing_rooms_are_not() {
+        let world = World::new().await;
+        let (a, b) = (world.pod(20), world.pod(20));
+        let later = room("later", RoomKind::Public);
+        assert_eq!(a.room(&later.id).await.unwrap(), None);
+        b.create_room(&later, &[uid("alice")]).await.unwrap();
+        assert_eq!(a.room(&later.id).await.unwrap(), Some(later.clone()));
+        assert_eq!(a.cache.room(&later.id).await, Some(later.clone()));
+        let global = RoomId::global();
+        assert_eq!(
+            a.room(&global).await.unwrap(),
+            world.inner.room(&global).await.unwrap()
+        );
+        assert!(a.cache.room(&global).await.is_some());
+        world.clean_up().await;
+    }
+
+    /// A Redis that accepts connections and never answers (a hung server, a
+    /// black-holed route): every call is cut at [`REDIS_TIMEOUT`], and the
+    /// calls that may be skipped are skipped while it keeps failing.
+    #[tokio::test]
+    async fn a_silent_redis_is_given_up_on_quickly() {
+        let world = World::new().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let store = CachedStore::new(
+            Arc::clone(&world.inner),
+            pool_for(&format!("redis://{address}")),
+            world.prefix.clone(),
+            20,
+        );
+        let slowest = std::sync::Mutex::new(Duration::ZERO);
+        let timed = async |call: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>| {
+            let started = Instant::now();
+            call.await;
+            let took = started.elapsed();
+            let mut slowest = slowest.lock().unwrap();
+            *slowest = (*slowest).max(took);
+        };
+        let started = Instant::now();
+        let secret = room("secret", RoomKind::Private);
+        timed(Box::pin(async {
+            store
+                .create_room(&secret, &[uid("alice"), uid("bob")])
+                .await
+                .unwrap();
+        }))
+        .await;
+        for _ in 0..20 {
+            timed(Box::pin(async {
+                assert!(store.is_member(&secret.id, &uid("bob")).await.unwrap());
+                let new = new_message(&secret.id, "alice", "hello", None);
+                store.append(new).await.unwrap();
+            }))
+            .await;
+        }
+        timed(Box::pin(async {
+            assert!(store.remove_member(&secret.id, &uid("bob")).await.unwrap());
+            assert!(!store.is_member(&secret.id, &uid("bob")).await.unwrap());
+        }))
+        .await;
+        assert_pages_match(&store, &*world.inner, &secret.id, 20).await;
+        let slowest = *slowest.lock().unwrap();
+        assert!(
+            slowest < Duration::from_secs(1),
+            "slowest call took {slowest:?}"
+        );
+        // Without skipping, every call above would wait out its timeout.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        silent.abort();
+    }
+
+    #[tokio::test]
+    async fn a_dead_redis_costs_time_not_correctness() {
+        let world = World::new().await;
+        let store = CachedStore::new(
+            Arc::clone(&world.inner),
+            pool_for("redis://127.0.0.1:1"),
+            world.prefix.clone(),
+            20,
+        );
+        let started = Instant::now();
+        let secret = room("secret", RoomKind::Private);
+        store
+            .create_room(&secret, &[uid("alice"), uid("bob")])
+            .await
+            .unwrap();
+        assert_eq!(store.room(&secret.id).await.unwrap(), Some(secret.clone()));
+        assert!(store.is_member(&secret.id, &uid("bob")).await.unwrap());
+        assert!(store.remove_member(&secret.id, &uid("bob")).await.unwrap());
+        assert!(!store.is_member(&secret.id, &uid("bob")).await.unwrap());
+        store.add_member(&secret.id, &uid("carol")).await.unwrap();
+        assert!(store.is_member(&secret.id, &uid("carol")).await.unwrap());
+        let mut ids = Vec::new();
+        for n in 0..25 {
+            let new = new_message(
+                &secret.id,
+                "alice",
+                &format!("m{n}"),
+                Some(&format!("c{n}")),
+            );
+            ids.push(stored(store.append(new).await.unwrap()).id);
+        }
+        let again = new_message(&secret.id, "alice", "m0", Some("c0"));
+        assert!(matches!(
+            store.append(again).await.unwrap(),
+            Appended::Duplicate(_)
+        ));
+        assert!(
+            store
+                .delete_message(&secret.id, &ids[3])
+                .await
+                .unwrap()
+                .unwrap()
+                .1
+        );
+        assert_eq!(store.last_seq(&secret.id).await.unwrap(), 25);
+        assert_pages_match(&store, &*world.inner, &secret.id, 25).await;
+        let dm = Room {
+            id: RoomId::direct(&uid("alice"), &uid("dave")).unwrap(),
+            kind: RoomKind::Direct,
+            name: "alice & dave".into(),
+            owner_id: None,
+            created_at: crate::chat::now_millis(),
+        };
+        assert!(
+            store
+                .ensure_direct_room(&dm, &uid("alice"), &uid("dave"))
+                .await
+                .unwrap()
+                .1
+        );
+        assert!(store.ping().await.is_ok());
+        // Hundreds of calls above: a timeout each would take a minute.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+}
