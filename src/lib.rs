@@ -30,4 +30,6 @@ pub mod presence;
 pub mod protocol;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod ws;

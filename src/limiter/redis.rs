@@ -179,38 +179,9 @@ impl Limiter for RedisLimiter {
 mod tests {
     use std::sync::Arc;
 
-    use deadpool_redis::{Config, Runtime};
-
     use super::*;
 
-    fn redis_url() -> String {
-        std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
-
-    fn pool_at(url: &str) -> Pool {
-        Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
-            .expect("a Redis pool configuration")
-    }
-
-    /// A pool on the test Redis, checked: a missing Redis fails the test.
-    async fn test_pool() -> Pool {
-        let url = redis_url();
-        let pool = pool_at(&url);
-        let mut conn = pool.get().await.unwrap_or_else(|err| {
-            panic!("these tests need Redis at {url} (set CHAT_TEST_REDIS_URL): {err}")
-        });
-        let pong: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_else(|err| panic!("Redis at {url} does not answer PING: {err}"));
-        assert_eq!(pong, "PONG");
-        pool
-    }
-
-    fn test_prefix() -> String {
-        format!("test:{}:", uuid::Uuid::now_v7().simple())
-    }
+    use crate::testing::{key_prefix as test_prefix, pool_at, redis_pool as test_pool};
 
     fn limit(limit: u32, window_ms: u64) -> Limit {
         Limit {

@@ -1084,15 +1084,7 @@ mod tests {
     use super::*;
     use crate::{domain::RoomKind, store::sqlite::SqliteStore};
 
-    fn redis_url() -> String {
-        std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
-
-    fn pool_for(url: &str) -> Pool {
-        deadpool_redis::Config::from_url(url)
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .expect("a Redis pool configuration")
-    }
+    use crate::testing::{pool_at as pool_for, redis_pool};
 
     /// A fresh database, a live Redis and a key prefix of its own, so tests
     /// run in parallel.
@@ -1105,24 +1097,7 @@ mod tests {
 
     impl World {
         async fn new() -> Self {
-            let url = redis_url();
-            let pool = pool_for(&url);
-            let ping = async {
-                let mut conn = pool.get().await.map_err(anyhow::Error::from)?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map_err(anyhow::Error::from)
-            };
-            match tokio::time::timeout(Duration::from_secs(5), ping).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
-                    panic!("these tests need Redis at {url} (set CHAT_TEST_REDIS_URL): {err:#}")
-                }
-                Err(_) => panic!(
-                    "these tests need Redis at {url} (set CHAT_TEST_REDIS_URL): no answer in 5 s"
-                ),
-            }
+            let pool = redis_pool().await;
             let dir = tempfile::tempdir().expect("a temp dir");
             let db = format!("sqlite://{}", dir.path().join("chat.db").display());
             let inner = SqliteStore::connect(&db).await.expect("a SQLite store");
