@@ -29,7 +29,7 @@ use crate::{
     hub::Hub,
     limiter::{Limiter, memory::MemoryLimiter, redis::RedisLimiter},
     presence::{Presence, memory::MemoryPresence, redis::RedisPresence},
-    store::{self, Store, cached::CachedStore},
+    store::{self, Store, cached::CachedStore, metered::MeteredStore},
     ws,
 };
 
@@ -92,11 +92,15 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(crate::telemetry::LATENCY_BUCKETS)
+                .expect("latency buckets are valid")
+                .build_recorder();
             let handle = recorder.handle();
             // Another recorder may be installed already (e.g. by a test
             // harness); ours then only renders what it saw.
             let _ = metrics::set_global_recorder(recorder);
+            crate::telemetry::describe_metrics();
             handle
         })
         .clone()
@@ -123,7 +127,9 @@ impl Backends {
         instance_id: &str,
         background: &CancellationToken,
     ) -> anyhow::Result<Self> {
-        let store = store::connect(config.database_url.expose()).await?;
+        let store: Arc<dyn Store> = Arc::new(MeteredStore::new(
+            store::connect(config.database_url.expose()).await?,
+        ));
         let Some(redis_url) = &config.redis_url else {
             return Ok(Self {
                 store,
@@ -286,7 +292,12 @@ impl Application {
 async fn pump_inbound(hub: Arc<Hub>, mut inbound: mpsc::Receiver<Inbound>) {
     while let Some(item) = inbound.recv().await {
         match item {
-            Inbound::Event(event) => hub.dispatch(event),
+            Inbound::Event { event, traceparent } => {
+                // The fan-out here continues the sender's trace.
+                let span = tracing::info_span!("hub.fan_out", remote = true);
+                crate::telemetry::adopt_traceparent(&span, traceparent.as_deref());
+                span.in_scope(|| hub.dispatch(*event));
+            }
             Inbound::Resync => {
                 let hub = Arc::clone(&hub);
                 tokio::spawn(async move { hub.catch_up().await });
@@ -363,5 +374,6 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
             })),
         )
         .nest("/docs", viewer)
+        .around(api::observe)
         .data(state)
 }

@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::{
-    bus::{Bus, Event, WireUser},
+    bus::{Bus, Event, WireMessage, WireUser},
     config::ServeConfig,
     domain::{
         Caller, ClientId, IdShape, Message, MessageBody, Role, Room, RoomId, RoomKind, User,
@@ -52,6 +53,27 @@ impl Limits {
             },
         }
     }
+}
+
+/// Which edge a send came through (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Ws,
+    Rest,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ws => "ws",
+            Self::Rest => "rest",
+        }
+    }
+}
+
+/// Wall-clock microseconds since the epoch (comparable across pods).
+pub fn unix_micros() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
 }
 
 /// What a send did.
@@ -155,22 +177,61 @@ impl Chat {
 
     /// Sends a message to a room the caller already opened: validates, rate
     /// limits, stores (idempotently), announces. The whole per-message path
-    /// of both edges goes through here.
+    /// of both edges goes through here; it runs in the caller's `chat.send`
+    /// span, with a child span per step.
     pub async fn send(
         &self,
         caller: &Caller,
         room: &Room,
         body: &str,
         client_id: Option<ClientId>,
+        transport: Transport,
     ) -> Result<Sent, ChatError> {
-        let body = MessageBody::parse(body, self.max_message_chars)?;
-        // Access can be revoked while a socket is open: check it per send.
-        self.check_access(caller, room).await?;
-        enforce(
-            &*self.limiter,
-            &format!("send:{}", caller.id()),
-            self.limits.send,
-        )
+        let received = std::time::Instant::now();
+        let received_at_us = unix_micros();
+        let result = self
+            .send_steps(caller, room, body, client_id, received_at_us)
+            .await;
+        let transport = transport.as_str();
+        match &result {
+            Ok(sent) if sent.duplicate => {
+                metrics::counter!("chat_messages_duplicate_total", "transport" => transport)
+                    .increment(1);
+            }
+            Ok(_) => metrics::counter!("chat_messages_accepted_total", "transport" => transport)
+                .increment(1),
+            Err(err) => {
+                let reason = err.code().as_str();
+                metrics::counter!("chat_messages_refused_total", "transport" => transport, "reason" => reason)
+                    .increment(1);
+            }
+        }
+        metrics::histogram!("chat_send_ack_seconds", "transport" => transport)
+            .record(received.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn send_steps(
+        &self,
+        caller: &Caller,
+        room: &Room,
+        body: &str,
+        client_id: Option<ClientId>,
+        received_at_us: i64,
+    ) -> Result<Sent, ChatError> {
+        let body = tracing::info_span!("chat.validate")
+            .in_scope(|| MessageBody::parse(body, self.max_message_chars))?;
+        async {
+            // Access can be revoked while a socket is open: check it per send.
+            self.check_access(caller, room).await?;
+            enforce(
+                &*self.limiter,
+                &format!("send:{}", caller.id()),
+                self.limits.send,
+            )
+            .await
+        }
+        .instrument(tracing::info_span!("chat.rate_limit"))
         .await?;
         let new = NewMessage {
             room_id: room.id.clone(),
@@ -180,9 +241,16 @@ impl Chat {
             client_id,
             created_at: now_millis(),
         };
-        match self.store.append(new).await? {
+        let appended = self
+            .store
+            .append(new)
+            .instrument(tracing::info_span!("chat.store"))
+            .await?;
+        match appended {
             Appended::Stored(message) => {
-                self.announce(Event::from_message(&message)).await;
+                let mut wire = WireMessage::from(&message);
+                wire.received_at_us = Some(received_at_us);
+                self.announce(Event::Message(wire)).await;
                 Ok(Sent {
                     message,
                     duplicate: false,
@@ -200,8 +268,14 @@ impl Chat {
     /// instance's connections have it, and other instances recover messages
     /// from the store.
     pub async fn announce(&self, event: Event) {
-        self.hub.dispatch(event.clone());
-        if let Err(err) = self.bus.publish(&event).await {
+        tracing::info_span!("hub.fan_out").in_scope(|| self.hub.dispatch(event.clone()));
+        let published = self
+            .bus
+            .publish(&event)
+            .instrument(tracing::info_span!("chat.publish"))
+            .await;
+        if let Err(err) = published {
+            metrics::counter!("chat_bus_publish_errors_total").increment(1);
             tracing::warn!(error = %err, "could not publish an event to the bus");
         }
     }

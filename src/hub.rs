@@ -316,7 +316,12 @@ impl Hub {
             } else if seq == state.delivered + 1 {
                 let message = entry.remove();
                 state.delivered = seq;
-                Self::broadcast(state, &ServerFrame::for_message(&message), None);
+                let recipients = Self::broadcast(state, &ServerFrame::for_message(&message), None);
+                metrics::counter!("chat_deliveries_total").increment(recipients);
+                if let Some(received) = message.received_at_us {
+                    let latency = (crate::chat::unix_micros() - received).max(0) as f64 / 1e6;
+                    metrics::histogram!("chat_send_delivery_seconds").record(latency);
+                }
             } else {
                 break;
             }
@@ -352,7 +357,10 @@ impl Hub {
                     };
                     let mut state = room.state.lock().expect("room lock");
                     for message in &messages {
-                        if message.seq > state.delivered {
+                        if message.seq > state.delivered
+                            && !state.pending.contains_key(&message.seq)
+                        {
+                            metrics::counter!("chat_gap_fills_total").increment(1);
                             state
                                 .pending
                                 .insert(message.seq, WireMessage::from(message));
@@ -376,10 +384,12 @@ impl Hub {
 
     /// Sends one frame to every connection of the room (but the skipped
     /// user's), serialised once. Full queues close their connection (4008).
-    fn broadcast(state: &mut RoomState, frame: &ServerFrame<'_>, skip_user: Option<&str>) {
+    /// Returns how many connections got it.
+    fn broadcast(state: &mut RoomState, frame: &ServerFrame<'_>, skip_user: Option<&str>) -> u64 {
         if state.connections.is_empty() {
-            return;
+            return 0;
         }
+        let mut recipients = 0;
         // The one allocation of the fan-out: every queue shares these bytes.
         let bytes = Utf8Bytes::from(frame.to_json());
         state.connections.retain(|conn| {
@@ -387,7 +397,10 @@ impl Hub {
                 return true;
             }
             match conn.outbound.try_send(bytes.clone()) {
-                Ok(()) => true,
+                Ok(()) => {
+                    recipients += 1;
+                    true
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     conn.closer.close(CloseReason::TooSlow);
                     false
@@ -395,6 +408,7 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+        recipients
     }
 
     /// Checks every watched room against the store and fills what is
@@ -422,6 +436,7 @@ impl Hub {
                 };
                 match self.store.history(&room_id, page, GAP_FILL_BATCH).await {
                     Ok(messages) if !messages.is_empty() => {
+                        metrics::counter!("chat_gap_fills_total").increment(messages.len() as u64);
                         for message in &messages {
                             self.ingest(&room, room_id.clone(), WireMessage::from(message));
                         }

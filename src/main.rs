@@ -21,12 +21,12 @@ async fn main() -> anyhow::Result<()> {
     let config = cli.serve;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            telemetry::init(config.log_format);
+            let _telemetry = telemetry::init(config.log_format);
             let app = Application::build(config).await?;
             app.run(shutdown_signal()).await?;
         }
         Command::Migrate => {
-            telemetry::init(config.log_format);
+            let _telemetry = telemetry::init(config.log_format);
             let store = store::connect(config.database_url.expose()).await?;
             store.migrate().await?;
             tracing::info!("migrations applied");

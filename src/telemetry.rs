@@ -1,20 +1,284 @@
-//! Logs: human-readable by default, JSON with `LOG_FORMAT=json`, filtered by
-//! `RUST_LOG` (default `info`). Nothing logged carries a token or a message
-//! body: request logs name the route, never the query string.
+//! Logs, traces and metrics.
+//!
+//! - **Logs**: `tracing-subscriber`, human-readable by default, JSON with
+//!   `LOG_FORMAT=json`, filtered by `RUST_LOG` (default `info`). Lines logged
+//!   inside a traced operation carry its `trace_id` (a field of the root
+//!   span, shown with the span). Nothing logged carries a token or a message
+//!   body: request logs name routes, never query strings.
+//! - **Traces**: `tracing` spans bridged to OpenTelemetry. Trace ids always
+//!   exist (they correlate logs and travel between pods); spans are exported
+//!   over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. The export runs on its own
+//!   thread from a bounded queue, so a slow or absent collector costs dropped
+//!   spans, never chat latency. The standard `OTEL_*` variables apply
+//!   (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
+//!   `OTEL_TRACES_SAMPLER_ARG`, …), and W3C `traceparent` is the propagation
+//!   format, on HTTP requests and inside bus envelopes.
+//! - **Metrics**: the [`METRICS`] table is every metric the service exports
+//!   (`/metrics`, Prometheus text format); label values are always from small
+//!   fixed sets — never user ids, room ids or tokens.
 
+use std::collections::HashMap;
+
+use opentelemetry::{
+    global,
+    propagation::TextMapPropagator,
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogFormat;
 
-pub fn init(format: LogFormat) {
+/// Keeps the tracer provider; dropping it flushes pending spans.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|var| std::env::var(var).is_ok_and(|v| !v.is_empty()))
+}
+
+/// Installs logging and tracing for the process (once; later calls keep
+/// the first setup).
+pub fn init(format: LogFormat) -> Telemetry {
+    let mut builder = SdkTracerProvider::builder();
+    if otlp_configured() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(err) => eprintln!("OTLP exporter not started: {err}"),
+        }
+    }
+    let provider = builder.build();
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    global::set_tracer_provider(provider.clone());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("chat-service"));
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match format {
         LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_current_span(true))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_span_list(true),
+            )
             .try_init(),
     };
-    // Already initialised (tests build several applications): keep the first.
-    let _ = result;
+    let _ = result; // already initialised: keep the first
+    describe_metrics();
+    Telemetry { provider }
+}
+
+/// Records the span's OpenTelemetry trace id in its `trace_id` field, so
+/// that every log line inside it shows the id to look up.
+pub fn record_trace_id(span: &tracing::Span) {
+    let context = span.context();
+    let trace_id = context.span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+}
+
+/// The current span's context as a W3C `traceparent`, for carrying across
+/// the bus.
+pub fn current_traceparent() -> Option<String> {
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of the remote span a `traceparent` names.
+pub fn adopt_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Kind of a metric, as Prometheus shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric: name, kind, labels, meaning. The docs and the dashboard
+/// test are checked against this table.
+pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
+    (
+        "chat_connections",
+        MetricKind::Gauge,
+        "",
+        "WebSocket connections open on this pod",
+    ),
+    (
+        "chat_connections_total",
+        MetricKind::Counter,
+        "",
+        "WebSocket connections accepted (after the upgrade)",
+    ),
+    (
+        "chat_connections_refused_total",
+        MetricKind::Counter,
+        "reason",
+        "WebSocket connection attempts refused before the upgrade, by error code",
+    ),
+    (
+        "chat_messages_accepted_total",
+        MetricKind::Counter,
+        "transport",
+        "Sends stored (new, not idempotent repeats), by transport: ws or rest",
+    ),
+    (
+        "chat_messages_duplicate_total",
+        MetricKind::Counter,
+        "transport",
+        "Sends answered with the original message (idempotent repeats)",
+    ),
+    (
+        "chat_messages_refused_total",
+        MetricKind::Counter,
+        "transport, reason",
+        "Sends refused, by error code (bad_request, invalid_message, message_too_long, rate_limited, forbidden, unavailable, …)",
+    ),
+    (
+        "chat_deliveries_total",
+        MetricKind::Counter,
+        "",
+        "Message frames queued to connections on this pod (one per recipient)",
+    ),
+    (
+        "chat_send_ack_seconds",
+        MetricKind::Histogram,
+        "transport",
+        "From receiving a send to answering it (ack or REST response)",
+    ),
+    (
+        "chat_send_delivery_seconds",
+        MetricKind::Histogram,
+        "",
+        "From receiving a send (on any pod) to queueing it for a recipient on this pod",
+    ),
+    (
+        "chat_rate_limited_total",
+        MetricKind::Counter,
+        "kind",
+        "Requests refused by a rate limit: send, connect or rest",
+    ),
+    (
+        "chat_slow_consumer_closes_total",
+        MetricKind::Counter,
+        "",
+        "Connections closed with 4008 (outbound queue full or write timeout)",
+    ),
+    (
+        "chat_connection_closes_total",
+        MetricKind::Counter,
+        "code",
+        "Connections closed by the server, by close code",
+    ),
+    (
+        "chat_bus_reconnects_total",
+        MetricKind::Counter,
+        "",
+        "Reconnections of the Redis Pub/Sub subscriber",
+    ),
+    (
+        "chat_bus_publish_errors_total",
+        MetricKind::Counter,
+        "",
+        "Events that could not be published to the bus (recovered from the database)",
+    ),
+    (
+        "chat_gap_fills_total",
+        MetricKind::Counter,
+        "",
+        "Messages delivered from the database because their bus event was late or lost",
+    ),
+    (
+        "chat_db_query_seconds",
+        MetricKind::Histogram,
+        "op",
+        "Duration of store operations, by operation",
+    ),
+    (
+        "chat_db_errors_total",
+        MetricKind::Counter,
+        "op",
+        "Store operations that failed, by operation",
+    ),
+    (
+        "chat_http_request_duration_seconds",
+        MetricKind::Histogram,
+        "route, method, status",
+        "HTTP requests, by route (operation id or fixed path), method and status",
+    ),
+    (
+        "chat_limiter_fallback_total",
+        MetricKind::Counter,
+        "",
+        "Rate-limit checks answered by the per-pod fallback because Redis failed",
+    ),
+    (
+        "chat_cache_lookups_total",
+        MetricKind::Counter,
+        "kind, result",
+        "Redis cache lookups (room, members, history) by result (hit, miss)",
+    ),
+    (
+        "chat_cache_errors_total",
+        MetricKind::Counter,
+        "op, reason",
+        "Redis cache operations that failed or were skipped",
+    ),
+];
+
+/// Histogram buckets: 50 µs to 10 s, so that both in-memory fan-out and
+/// a stalled database resolve.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Registers every metric's help text, and makes the unlabelled counters and
+/// gauges visible at zero from the start.
+pub fn describe_metrics() {
+    for (name, kind, labels, help) in METRICS {
+        match kind {
+            MetricKind::Counter => {
+                metrics::describe_counter!(*name, *help);
+                if labels.is_empty() {
+                    metrics::counter!(*name).increment(0);
+                }
+            }
+            MetricKind::Gauge => {
+                metrics::describe_gauge!(*name, *help);
+                metrics::gauge!(*name).increment(0.0);
+            }
+            MetricKind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
 }

@@ -101,6 +101,16 @@ pub fn error_response(err: &ChatError) -> Response {
 
 /// Gives errors raised outside the operations the contract's shape.
 pub async fn into_response(err: poem::Error) -> Response {
+    // Keep the operation id for the request metrics (see `observe`).
+    let operation = err.data::<poem_openapi::OperationId>().copied();
+    let mut response = shape(err);
+    if let Some(operation) = operation {
+        response.set_data(operation);
+    }
+    response
+}
+
+fn shape(err: poem::Error) -> Response {
     // Our own ApiError responses already have the right shape.
     if err.is_from_response() {
         return err.into_response();

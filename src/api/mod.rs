@@ -16,6 +16,7 @@ use poem_openapi::{
     param::{Path, Query},
     payload::Json,
 };
+use tracing::Instrument;
 
 use self::{
     error::ApiError,
@@ -26,7 +27,7 @@ use self::{
 };
 use crate::{
     app::AppState,
-    chat::NewRoom,
+    chat::{NewRoom, Transport},
     domain::{Caller, ClientId, RoomId},
     error::ChatError,
     store::Page,
@@ -329,7 +330,10 @@ impl RestApi {
         state.chat.store.remember_user(&caller.user).await?;
         let sent = state
             .chat
-            .send(&caller, &room, &body.0.body, client_id)
+            .send(&caller, &room, &body.0.body, client_id, Transport::Rest)
+            .instrument(
+                tracing::info_span!("chat.send", transport = "rest", chat.room_id = %room.id),
+            )
             .await?;
         let message = Json(ApiMessage::from(&sent.message));
         Ok(if sent.duplicate {
@@ -470,5 +474,105 @@ pub async fn limit_body(mut req: poem::Request, max: usize) -> poem::Result<poem
             req.set_body(body);
             Ok(req)
         }
+    }
+}
+
+/// Every HTTP request (REST, probes, WebSocket upgrades): a `http.request`
+/// span that continues an incoming `traceparent`, and the request duration
+/// by route. Routes are operation ids or fixed paths, never raw paths (which
+/// hold room and user ids); query strings are never recorded (they may hold
+/// a token).
+pub async fn observe<E: poem::Endpoint>(
+    next: E,
+    req: poem::Request,
+) -> poem::Result<poem::Response> {
+    use poem::IntoResponse;
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let fixed_route = fixed_route(req.uri().path());
+    let span = tracing::info_span!(
+        "http.request",
+        http.method = %method,
+        http.route = tracing::field::Empty,
+        http.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    crate::telemetry::adopt_traceparent(&span, traceparent);
+    crate::telemetry::record_trace_id(&span);
+    let response = next
+        .call(req)
+        .instrument(span.clone())
+        .await
+        .map(IntoResponse::into_response);
+    let (status, route) = match &response {
+        Ok(resp) => (
+            resp.status(),
+            resp.data::<poem_openapi::OperationId>().map(|op| op.0),
+        ),
+        Err(err) => (
+            err.status(),
+            err.data::<poem_openapi::OperationId>().map(|op| op.0),
+        ),
+    };
+    let route = route.unwrap_or(fixed_route);
+    span.record("http.route", route);
+    span.record("http.status_code", status.as_u16());
+    metrics::histogram!(
+        "chat_http_request_duration_seconds",
+        "route" => route,
+        "method" => method_label(&method),
+        "status" => status_label(status.as_u16()),
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Routes outside the OpenAPI operations, by their fixed paths.
+fn fixed_route(path: &str) -> &'static str {
+    match path {
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/openapi.yaml" | "/openapi.json" => "/openapi",
+        p if p.starts_with("/ws/chat/") => "/ws/chat/{room_id}",
+        p if p.starts_with("/docs") => "/docs",
+        p if p.starts_with("/api/v1") => "/api/v1 (unmatched)",
+        _ => "other",
+    }
+}
+
+fn method_label(method: &poem::http::Method) -> &'static str {
+    match *method {
+        poem::http::Method::GET => "GET",
+        poem::http::Method::POST => "POST",
+        poem::http::Method::PUT => "PUT",
+        poem::http::Method::DELETE => "DELETE",
+        _ => "other",
+    }
+}
+
+/// Status codes as labels: the few the service answers, the rest grouped.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        101 => "101",
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        s if s < 400 => "2xx/3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
     }
 }

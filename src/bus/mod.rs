@@ -88,6 +88,10 @@ pub struct WireMessage {
     pub created_at: i64,
     #[serde(default)]
     pub deleted: bool,
+    /// When the server received the send (µs since the epoch), for the
+    /// send-to-delivery latency; absent when read back from the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at_us: Option<i64>,
 }
 
 impl From<&Message> for WireMessage {
@@ -101,6 +105,7 @@ impl From<&Message> for WireMessage {
             client_id: m.client_id.as_ref().map(|c| c.as_str().to_owned()),
             created_at: crate::store::to_millis(m.created_at),
             deleted: m.deleted,
+            received_at_us: None,
         }
     }
 }
@@ -133,8 +138,12 @@ impl Event {
 /// What a bus hands to the hub.
 #[derive(Debug)]
 pub enum Inbound {
-    /// An event from another instance.
-    Event(Event),
+    /// An event from another instance, with the W3C `traceparent` of the
+    /// operation that made it (so its fan-out joins the sender's trace).
+    Event {
+        event: Box<Event>,
+        traceparent: Option<String>,
+    },
     /// Events may have been lost (the bus reconnected): compare every
     /// watched room with the store and deliver what is missing.
     Resync,

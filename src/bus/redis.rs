@@ -45,12 +45,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 struct OutEnvelope<'a> {
     origin: &'a str,
     event: &'a Event,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct InEnvelope {
     origin: String,
     event: Event,
+    #[serde(default)]
+    traceparent: Option<String>,
 }
 
 enum Watch {
@@ -111,6 +115,7 @@ impl Bus for RedisBus {
         let payload = serde_json::to_vec(&OutEnvelope {
             origin: &self.instance_id,
             event,
+            traceparent: crate::telemetry::current_traceparent(),
         })
         .map_err(|err| ChatError::Internal(err.into()))?;
         let channel = channel(&self.prefix, event.room_id());
@@ -294,7 +299,11 @@ impl Subscriber {
         // Waiting here (rather than dropping) pushes back on Redis; a
         // connection that falls too far behind is cut by Redis and then
         // recovered by the resync.
-        let _ = self.inbound.send(Inbound::Event(envelope.event)).await;
+        let inbound = Inbound::Event {
+            event: Box::new(envelope.event),
+            traceparent: envelope.traceparent,
+        };
+        let _ = self.inbound.send(inbound).await;
     }
 }
 

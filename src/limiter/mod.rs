@@ -38,6 +38,18 @@ pub trait Limiter: Send + Sync + 'static {
 pub async fn enforce(limiter: &dyn Limiter, key: &str, limit: Limit) -> Result<(), ChatError> {
     match limiter.hit(key, limit).await? {
         Decision::Allowed => Ok(()),
-        Decision::Refused { retry_after } => Err(ChatError::RateLimited { retry_after }),
+        Decision::Refused { retry_after } => {
+            // The key's first segment names the limit; only fixed values
+            // become labels.
+            let kind = match key.split(':').next() {
+                Some("send") => "send",
+                Some("conn") => "connect",
+                Some("rest") => "rest",
+                Some("typing") => "typing",
+                _ => "other",
+            };
+            metrics::counter!("chat_rate_limited_total", "kind" => kind).increment(1);
+            Err(ChatError::RateLimited { retry_after })
+        }
     }
 }

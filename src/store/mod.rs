@@ -4,7 +4,8 @@
 //! (embedded default, one file) and [`postgres`] (cluster mode), chosen from
 //! the `DATABASE_URL` scheme by [`connect`]. In cluster mode [`cached`]
 //! wraps the store with a Redis cache of rooms, memberships and each room's
-//! newest messages, shared by every pod (it gives the same guarantees).
+//! newest messages, shared by every pod (it gives the same guarantees), and
+//! [`metered`] times every operation for the metrics.
 //!
 //! Guarantees every implementation gives:
 //! - `append` allocates the room's next `seq` and stores the message in one
@@ -17,6 +18,7 @@
 //!   is left behind.
 
 pub mod cached;
+pub mod metered;
 pub mod postgres;
 pub mod sqlite;
 

@@ -44,7 +44,11 @@ pub async fn upgrade(
 ) -> Response {
     match prepare(req, &room_id, state).await {
         Ok(response) => response,
-        Err(err) => error_response(&err),
+        Err(err) => {
+            let reason = err.code().as_str();
+            metrics::counter!("chat_connections_refused_total", "reason" => reason).increment(1);
+            error_response(&err)
+        }
     }
 }
 
@@ -107,7 +111,17 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
         .write_buffer_size(0)
         .max_write_buffer_size(state.config.max_frame_bytes.max(64 * 1024) * 4);
     let session_state = state.clone();
-    state.sessions.spawn(async move {
+    // The connection's whole life is one span, a trace of its own.
+    let span = tracing::info_span!(
+        parent: None,
+        "ws.connection",
+        chat.room_id = %room.id,
+        chat.room_kind = room.kind.as_str(),
+        enduser.id = %caller.id(),
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::record_trace_id(&span);
+    let session = async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {
@@ -117,7 +131,10 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
         };
         let socket = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
         session::run(session_state, socket, caller, room, since).await;
-    });
+    };
+    state
+        .sessions
+        .spawn(tracing::Instrument::instrument(session, span));
     Ok(response.body(Body::empty()))
 }
 

@@ -27,10 +27,12 @@ use tokio_tungstenite::{
         protocol::{CloseFrame, frame::coding::CloseCode},
     },
 };
+use tracing::Instrument;
 
 use crate::{
     app::AppState,
     bus::WireUser,
+    chat::Transport,
     domain::{Caller, Room},
     error::ChatError,
     hub::{Closer, Connection},
@@ -39,6 +41,21 @@ use crate::{
 };
 
 type Socket = WebSocketStream<Upgraded>;
+
+/// A close code as a metrics label (a fixed set).
+fn close_label(code: u16) -> &'static str {
+    match code {
+        close::POLICY => "1008",
+        close::TOO_BIG => "1009",
+        close::RESTART => "1012",
+        close::TRY_AGAIN => "1013",
+        close::TOKEN_EXPIRED => "4001",
+        4003 => "4003",
+        close::TOO_SLOW => "4008",
+        close::ABUSE => "4029",
+        _ => "other",
+    }
+}
 
 /// Close codes of the contract.
 mod close {
@@ -67,6 +84,7 @@ pub async fn run(state: AppState, socket: Socket, caller: Caller, room: Room, si
     });
     let user = caller.user.clone();
     metrics::gauge!("chat_connections").increment(1.0);
+    metrics::counter!("chat_connections_total").increment(1);
 
     // Presence first, so the connection does not receive its own `join`.
     // A presence failure (Redis down) costs the `join` event, not the
@@ -103,6 +121,10 @@ pub async fn run(state: AppState, socket: Socket, caller: Caller, room: Room, si
     state.chat.disconnected(&room.id, &user, &key).await;
     metrics::gauge!("chat_connections").decrement(1.0);
     if let End::Close(code, reason) = end {
+        if code == close::TOO_SLOW {
+            metrics::counter!("chat_slow_consumer_closes_total").increment(1);
+        }
+        metrics::counter!("chat_connection_closes_total", "code" => close_label(code)).increment(1);
         close_socket(&mut socket, code, reason).await;
     }
 }
@@ -280,12 +302,24 @@ impl Session {
         match frame {
             ClientFrame::Message { body, client_id } => {
                 let echo = client_id.as_ref().map(|c| c.as_str().to_owned());
-                match self
+                // Each send is a trace of its own (a connection may live for
+                // hours), linked to the connection's span.
+                let span = tracing::info_span!(
+                    parent: None,
+                    "chat.send",
+                    transport = "ws",
+                    chat.room_id = %self.room.id,
+                    trace_id = tracing::field::Empty,
+                );
+                span.follows_from(tracing::Span::current());
+                crate::telemetry::record_trace_id(&span);
+                let sent = self
                     .state
                     .chat
-                    .send(&self.caller, &self.room, &body, client_id)
-                    .await
-                {
+                    .send(&self.caller, &self.room, &body, client_id, Transport::Ws)
+                    .instrument(span)
+                    .await;
+                match sent {
                     Ok(sent) => {
                         let m = &sent.message;
                         let ack = ServerFrame::Ack {
