@@ -366,12 +366,34 @@ impl Drop for TestApp {
     }
 }
 
+/// A service process that is killed when the test ends, even by a panic.
+pub struct Service(pub std::process::Child);
+
+impl std::ops::Deref for Service {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Service {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Runs the real binary (`serve`, JSON logs) in `dir` with extra
 /// environment, and returns it with the address it listens on.
-pub async fn spawn_service(
-    dir: &std::path::Path,
-    env: &[(&str, &str)],
-) -> (std::process::Child, String) {
+pub async fn spawn_service(dir: &std::path::Path, env: &[(&str, &str)]) -> (Service, String) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-service"))
         .env_clear()
@@ -385,6 +407,7 @@ pub async fn spawn_service(
         .spawn()
         .expect("the service starts");
     let stdout = child.stdout.take().expect("stdout");
+    let child = Service(child);
     let addr = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
         for line in lines.by_ref() {

@@ -9,6 +9,7 @@ mod faults;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod observability;
 mod rest;
 mod resume;
 mod servers;
