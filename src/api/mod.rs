@@ -36,6 +36,31 @@ use crate::{
 pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_PAGE: u32 = 200;
 
+fn default_page() -> u32 {
+    DEFAULT_PAGE
+}
+
+// Examples of parameters, shown by the viewer and used by generators.
+fn example_room_id() -> String {
+    "lobby-1".into()
+}
+
+fn example_user_id() -> String {
+    "2".into()
+}
+
+fn example_message_id() -> String {
+    types::EXAMPLE_MESSAGE_ID.into()
+}
+
+fn example_before_seq() -> Option<u64> {
+    Some(42)
+}
+
+fn example_after_seq() -> Option<u64> {
+    Some(0)
+}
+
 /// A JWT issued by the Core service, as `Authorization: Bearer <jwt>`.
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer", bearer_format = "JWT")]
@@ -49,6 +74,13 @@ enum Tag {
     Messages,
     /// Who is connected now.
     Presence,
+}
+
+#[derive(ApiResponse)]
+enum Found<T: poem_openapi::types::ToJSON + Send + Sync> {
+    /// The requested data.
+    #[oai(status = 200)]
+    Ok(Json<T>),
 }
 
 #[derive(ApiResponse)]
@@ -107,12 +139,12 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-    ) -> Result<Json<RoomList>, ApiError> {
+    ) -> Result<Found<RoomList>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let rooms = state.chat.rooms_for(&caller).await?;
-        Ok(Json(RoomList {
+        Ok(Found::Ok(Json(RoomList {
             rooms: rooms.iter().map(ApiRoom::from).collect(),
-        }))
+        })))
     }
 
     /// Create a public or private room
@@ -138,10 +170,15 @@ impl RestApi {
             .create_room(
                 &caller,
                 NewRoom {
-                    id: body.id,
-                    name: body.name,
+                    id: body.id.map(|id| id.0),
+                    name: body.name.0,
                     private: body.kind == NewRoomKind::Private,
-                    members: body.members.unwrap_or_default(),
+                    members: body
+                        .members
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|member| member.0)
+                        .collect(),
                 },
             )
             .await?;
@@ -159,15 +196,23 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id, `[A-Za-z0-9_.:-]{1,128}`.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-    ) -> Result<Json<ApiRoom>, ApiError> {
+    ) -> Result<Found<ApiRoom>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let room = state
             .chat
             .open_room(&caller, &self::room_id(&room_id)?, false)
             .await?;
-        Ok(Json(ApiRoom::from(&room)))
+        Ok(Found::Ok(Json(ApiRoom::from(&room))))
     }
 
     /// List a room's members
@@ -181,15 +226,23 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-    ) -> Result<Json<MemberList>, ApiError> {
+    ) -> Result<Found<MemberList>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let members = state
             .chat
             .members(&caller, &self::room_id(&room_id)?)
             .await?;
-        Ok(Json(MemberList {
+        Ok(Found::Ok(Json(MemberList {
             members: members
                 .into_iter()
                 .map(|m| ApiUser {
@@ -197,7 +250,7 @@ impl RestApi {
                     name: m.name,
                 })
                 .collect(),
-        }))
+        })))
     }
 
     /// Add a member
@@ -214,9 +267,25 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// User id.
+        /// User id (a token's `sub`).
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_user_id"
+        )]
         user_id: Path<String>,
     ) -> Result<NoContent, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -241,9 +310,25 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// User id.
+        /// User id (a token's `sub`).
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_user_id"
+        )]
         user_id: Path<String>,
     ) -> Result<NoContent, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -270,30 +355,44 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// Only messages with a smaller `seq`.
+        /// Exclusive upper cursor: only messages with a smaller `seq`.
+        #[oai(validator(minimum(value = "0")), example = "example_before_seq")]
         before_seq: Query<Option<u64>>,
-        /// Only messages with a larger `seq` (oldest first).
+        /// Exclusive lower cursor: only messages with a larger `seq`, oldest
+        /// first (`0` reads from the start).
+        #[oai(validator(minimum(value = "0")), example = "example_after_seq")]
         after_seq: Query<Option<u64>>,
-        /// Page size.
-        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
-        limit: Query<Option<u32>>,
-    ) -> Result<Json<MessagePage>, ApiError> {
+        /// Page size, 1 to 200.
+        #[oai(
+            validator(minimum(value = "1"), maximum(value = "200")),
+            default = "default_page"
+        )]
+        limit: Query<u32>,
+    ) -> Result<Found<MessagePage>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let page = match (after_seq.0, before_seq.0) {
             (Some(after), before) => Page::Oldest { after, before },
             (None, before) => Page::Newest { before },
         };
-        let limit = limit.0.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+        let limit = limit.0.clamp(1, MAX_PAGE);
         let (messages, has_more) = state
             .chat
             .history(&caller, &self::room_id(&room_id)?, page, limit)
             .await?;
-        Ok(Json(MessagePage {
+        Ok(Found::Ok(Json(MessagePage {
             messages: messages.iter().map(ApiMessage::from).collect(),
             has_more,
-        }))
+        })))
     }
 
     /// Send a message
@@ -311,7 +410,15 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
         body: Json<SendMessage>,
     ) -> Result<CreatedOrExisting<ApiMessage>, ApiError> {
@@ -319,8 +426,8 @@ impl RestApi {
         let client_id = body
             .0
             .client_id
-            .as_deref()
-            .map(ClientId::parse)
+            .as_ref()
+            .map(|id| ClientId::parse(&id.0))
             .transpose()?;
         let room = state
             .chat
@@ -329,7 +436,7 @@ impl RestApi {
         state.chat.store.remember_user(&caller.user).await?;
         let sent = state
             .chat
-            .send(&caller, &room, &body.0.body, client_id)
+            .send(&caller, &room, &body.0.body.0, client_id)
             .await?;
         let message = Json(ApiMessage::from(&sent.message));
         Ok(if sent.duplicate {
@@ -354,9 +461,18 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// Message id.
+        /// Message id, as returned when it was sent (opaque).
+        #[oai(example = "example_message_id")]
         message_id: Path<String>,
     ) -> Result<NoContent, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -381,15 +497,23 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-    ) -> Result<Json<UserList>, ApiError> {
+    ) -> Result<Found<UserList>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let users = state
             .chat
             .presence(&caller, &self::room_id(&room_id)?)
             .await?;
-        Ok(Json(UserList {
+        Ok(Found::Ok(Json(UserList {
             users: users
                 .into_iter()
                 .map(|u| ApiUser {
@@ -397,7 +521,7 @@ impl RestApi {
                     name: Some(u.name),
                 })
                 .collect(),
-        }))
+        })))
     }
 
     /// Open a direct room
@@ -414,7 +538,15 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// The other user's id.
+        /// The other user's id; it may not contain `:`.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_user_id"
+        )]
         user_id: Path<String>,
     ) -> Result<CreatedOrExisting<ApiRoom>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -433,9 +565,10 @@ pub fn service() -> OpenApiService<RestApi, ()> {
     OpenApiService::new(RestApi, "Clash of Code chat", env!("CARGO_PKG_VERSION"))
         .description(
             "REST API of the chat service. Real-time events use the WebSocket at \
-             `/ws/chat/{room_id}` (see the protocol reference). Every route takes a JWT \
-             from the Core service as `Authorization: Bearer <jwt>`. Errors are \
-             `{\"code\", \"message\"}`.",
+             `/ws/chat/{room_id}`, described by the AsyncAPI document served at \
+             `/asyncapi.yaml`. Every route takes a JWT from the Core service as \
+             `Authorization: Bearer <jwt>`. Errors are `{\"code\", \"message\"}` \
+             with a fixed set of codes; a 429 carries `Retry-After` in seconds.",
         )
         .server("/api/v1")
 }
