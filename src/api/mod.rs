@@ -563,6 +563,7 @@ impl RestApi {
 /// The OpenAPI service: operations plus document metadata.
 pub fn service() -> OpenApiService<RestApi, ()> {
     OpenApiService::new(RestApi, "Clash of Code chat", env!("CARGO_PKG_VERSION"))
+        .license(poem_openapi::LicenseObject::new(env!("CARGO_PKG_LICENSE")))
         .description(
             "REST API of the chat service. Real-time events use the WebSocket at \
              `/ws/chat/{room_id}`, described by the AsyncAPI document served at \
@@ -571,6 +572,61 @@ pub fn service() -> OpenApiService<RestApi, ()> {
              with a fixed set of codes; a 429 carries `Retry-After` in seconds.",
         )
         .server("/api/v1")
+}
+
+/// The OpenAPI document as YAML: what `openapi.yaml` holds and
+/// `/openapi.yaml` serves.
+///
+/// poem-openapi writes YAML 1.2, where `2026-11-27T13:00:00.123Z` is a plain
+/// string. YAML 1.1 readers (PyYAML, SnakeYAML, and so many SDK generators)
+/// read the same unquoted text as a timestamp, so every `date-time` example
+/// would stop being a string for them: such values are quoted.
+pub fn spec_yaml(service: &OpenApiService<RestApi, ()>) -> String {
+    quote_timestamps(&service.spec_yaml())
+}
+
+fn quote_timestamps(yaml: &str) -> String {
+    let mut out = String::with_capacity(yaml.len() + 256);
+    for line in yaml.split_inclusive('\n') {
+        let (text, end) = match line.strip_suffix('\n') {
+            Some(text) => (text, "\n"),
+            None => (line, ""),
+        };
+        // The value of `key: value` or of a list item `- value`.
+        let start = text.rfind(": ").map(|at| at + 2).or_else(|| {
+            let item = text.trim_start();
+            item.starts_with("- ").then(|| text.len() - item.len() + 2)
+        });
+        match start {
+            Some(at) if looks_like_yaml11_timestamp(&text[at..]) => {
+                out.push_str(&text[..at]);
+                out.push('\'');
+                out.push_str(&text[at..]);
+                out.push('\'');
+            }
+            _ => out.push_str(text),
+        }
+        out.push_str(end);
+    }
+    out
+}
+
+/// `YYYY-MM-DD`, optionally followed by a time: what YAML 1.1 resolves to a
+/// timestamp (in the shapes this document can contain).
+fn looks_like_yaml11_timestamp(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let digits = |range: std::ops::Range<usize>| bytes[range].iter().all(u8::is_ascii_digit);
+    bytes.len() >= 10
+        && digits(0..4)
+        && bytes[4] == b'-'
+        && digits(5..7)
+        && bytes[7] == b'-'
+        && digits(8..10)
+        && (bytes.len() == 10
+            || (matches!(bytes[10], b'T' | b't')
+                && bytes[11..]
+                    .iter()
+                    .all(|b| b.is_ascii_digit() || matches!(b, b':' | b'.' | b'Z' | b'+' | b'-'))))
 }
 
 impl From<ChatError> for poem::Error {
@@ -603,5 +659,26 @@ pub async fn limit_body(mut req: poem::Request, max: usize) -> poem::Result<poem
             req.set_body(body);
             Ok(req)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_quoted_for_yaml_1_1_readers() {
+        let yaml = "a:\n  example: 2026-11-27T13:00:00.123Z\n  list:\n  - 2026-11-27\n  - created_at: 2026-11-27T13:00:00Z\n  text: 'at 2026'\n  n: 2026\n  id: 2026-11-27-x\n";
+        assert_eq!(
+            quote_timestamps(yaml),
+            "a:\n  example: '2026-11-27T13:00:00.123Z'\n  list:\n  - '2026-11-27'\n  - created_at: '2026-11-27T13:00:00Z'\n  text: 'at 2026'\n  n: 2026\n  id: 2026-11-27-x\n"
+        );
+    }
+
+    #[test]
+    fn the_document_has_no_unquoted_timestamps() {
+        let yaml = spec_yaml(&service());
+        assert!(yaml.contains("example: '2026-11-27T13:00:00.123Z'"));
+        assert!(!yaml.contains(": 2026-"));
     }
 }

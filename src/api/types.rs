@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use poem_openapi::{
     Enum, Object,
-    registry::{MetaSchema, MetaSchemaRef},
+    registry::{MetaSchema, MetaSchemaRef, Registry},
     types::{Example, ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
 };
 use serde_json::Value;
@@ -119,6 +119,76 @@ impl From<&str> for JsonString {
     }
 }
 
+/// A field that is always present and may be `null`: required and nullable
+/// in the schema. (An `Option` field is optional instead, which makes
+/// generated SDKs expect it to be missing as well as null.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nullable<T>(pub Option<T>);
+
+impl<T: Type> Type for Nullable<T> {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = T::RawValueType;
+    type RawElementValueType = T::RawElementValueType;
+
+    fn name() -> Cow<'static, str> {
+        format!("nullable_{}", T::name()).into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        match T::schema_ref() {
+            MetaSchemaRef::Inline(schema) => MetaSchemaRef::Inline(Box::new(MetaSchema {
+                nullable: true,
+                ..*schema
+            })),
+            // OpenAPI 3.0 cannot mark a reference nullable; no field needs it.
+            reference => reference,
+        }
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        self.0.as_ref().and_then(Type::as_raw_value)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        match &self.0 {
+            Some(value) => value.raw_element_iter(),
+            None => Box::new(std::iter::empty()),
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl<T: ParseFromJSON> ParseFromJSON for Nullable<T> {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value {
+            None | Some(Value::Null) => Ok(Self(None)),
+            value => T::parse_from_json(value)
+                .map(|inner| Self(Some(inner)))
+                .map_err(ParseError::propagate),
+        }
+    }
+}
+
+impl<T: ToJSON> ToJSON for Nullable<T> {
+    fn to_json(&self) -> Option<Value> {
+        Some(
+            self.0
+                .as_ref()
+                .and_then(ToJSON::to_json)
+                .unwrap_or(Value::Null),
+        )
+    }
+}
+
 /// The kind of a room: `global` (the one room everybody is in), `public`,
 /// `private` (members only) or `direct` (two users).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -164,15 +234,12 @@ pub struct ApiRoom {
     /// Display name.
     pub name: String,
     /// The creator's user id; `null` for the global and direct rooms.
-    #[oai(
-        nullable,
-        validator(
-            pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
-            min_length = 1,
-            max_length = 128
-        )
-    )]
-    pub owner_id: Option<String>,
+    #[oai(validator(
+        pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    ))]
+    pub owner_id: Nullable<String>,
     pub created_at: Timestamp,
 }
 
@@ -182,7 +249,7 @@ impl Example for ApiRoom {
             id: "lobby-1".into(),
             kind: ApiRoomKind::Public,
             name: "Clash lobby #1".into(),
-            owner_id: Some("1".into()),
+            owner_id: Nullable(Some("1".into())),
             created_at: Timestamp(EXAMPLE_TIME),
         }
     }
@@ -194,7 +261,7 @@ impl From<&Room> for ApiRoom {
             id: room.id.to_string(),
             kind: room.kind.into(),
             name: room.name.clone(),
-            owner_id: room.owner_id.as_ref().map(ToString::to_string),
+            owner_id: Nullable(room.owner_id.as_ref().map(ToString::to_string)),
             created_at: Timestamp(room.created_at),
         }
     }
@@ -215,7 +282,7 @@ impl Example for RoomList {
                     id: "global".into(),
                     kind: ApiRoomKind::Global,
                     name: "Global".into(),
-                    owner_id: None,
+                    owner_id: Nullable(None),
                     created_at: Timestamp(EXAMPLE_TIME),
                 },
                 ApiRoom::example(),
