@@ -339,10 +339,15 @@ async fn maintain(state: AppState) {
     }
 }
 
+/// The WebSocket protocol as an AsyncAPI 3 document. Unlike `openapi.yaml`
+/// it is written by hand (nothing in the code describes the frames
+/// declaratively); `tests/sdk` validates it and checks live frames against it.
+const ASYNCAPI_YAML: &str = include_str!("../asyncapi.yaml");
+
 /// Every route the service serves.
 pub fn routes(state: AppState) -> impl poem::Endpoint {
     let rest = api::service();
-    let spec_yaml = rest.spec_yaml();
+    let spec_yaml = api::spec_yaml(&rest);
     let spec_json = rest.spec();
     let viewer = rest.scalar();
     let max_body = state.config.max_body_bytes;
@@ -363,6 +368,14 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
                 poem::Response::builder()
                     .content_type("application/yaml")
                     .body(spec_yaml.clone())
+            })),
+        )
+        .at(
+            "/asyncapi.yaml",
+            get(poem::endpoint::make_sync(|_| {
+                poem::Response::builder()
+                    .content_type("application/yaml")
+                    .body(ASYNCAPI_YAML)
             })),
         )
         .at(

@@ -98,6 +98,8 @@ pub struct NewRoom {
 pub const MAX_ROOM_NAME_CHARS: usize = 100;
 /// Most members a room can be created with.
 pub const MAX_INITIAL_MEMBERS: usize = 1000;
+/// Longer than any message id the service makes (a UUID is 36 bytes).
+const MAX_MESSAGE_ID_BYTES: usize = 128;
 
 pub struct Chat {
     pub store: Arc<dyn Store>,
@@ -466,11 +468,17 @@ impl Chat {
                 .ok_or_else(ChatError::room_not_found)?,
             Err(other) => return Err(other),
         };
+        let no_such_message = || ChatError::NotFound("no such message".into());
+        // Ids are opaque to clients but always short and printable here; a
+        // NUL byte would not even reach PostgreSQL (it refuses it in text).
+        if message_id.len() > MAX_MESSAGE_ID_BYTES || message_id.contains(char::is_control) {
+            return Err(no_such_message());
+        }
         let message = self
             .store
             .message(&room.id, message_id)
             .await?
-            .ok_or_else(|| ChatError::NotFound("no such message".into()))?;
+            .ok_or_else(no_such_message)?;
         if message.user.id != *caller.id() && !moderator {
             return Err(ChatError::Forbidden(
                 "only the author or a moderator may delete a message".into(),

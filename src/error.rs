@@ -15,7 +15,13 @@
 
 use std::time::Duration;
 
-/// The contract's error codes (also the `code` enum of the OpenAPI document).
+/// What went wrong, as one of the contract's fixed codes (the same over REST
+/// and the WebSocket): `bad_request` (malformed or invalid input), `message_too_long`,
+/// `invalid_message` (empty body, or a forbidden control character),
+/// `unauthorized` (missing, invalid or expired token), `forbidden`,
+/// `not_found`, `conflict` (an id is taken), `payload_too_large`,
+/// `rate_limited` (retry later), `unavailable` (a backend is down: nothing
+/// happened, retry) and `internal`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, poem_openapi::Enum)]
 #[oai(rename_all = "snake_case")]
 pub enum ErrorCode {

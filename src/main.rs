@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
             let token = keys.mint(&args.sub, args.name.as_deref(), &args.roles, args.ttl)?;
             println!("{token}");
         }
-        Command::Openapi => print!("{}", api::service().spec_yaml()),
+        Command::Openapi => print!("{}", api::spec_yaml(&api::service())),
     }
     Ok(())
 }

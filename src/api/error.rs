@@ -7,16 +7,28 @@
 //! unknown routes) and gives it the same shape.
 
 use poem::{IntoResponse, Response, http::StatusCode};
-use poem_openapi::{ApiResponse, Object, payload::Json};
+use poem_openapi::{ApiResponse, Object, payload::Json, types::Example};
 
 use crate::error::{ChatError, ErrorCode};
 
 /// An error: a stable machine-readable code and a human-readable message.
 #[derive(Debug, Clone, Object)]
-#[oai(rename = "Error")]
+#[oai(rename = "Error", example)]
 pub struct ErrorBody {
+    // No doc comment on fields of a named schema type: poem-openapi would
+    // wrap the reference in an `allOf` to attach it.
     pub code: ErrorCode,
+    /// What went wrong, for people; its wording may change.
     pub message: String,
+}
+
+impl Example for ErrorBody {
+    fn example() -> Self {
+        Self {
+            code: ErrorCode::NotFound,
+            message: "no such room".into(),
+        }
+    }
 }
 
 #[derive(Debug, ApiResponse)]
@@ -41,7 +53,12 @@ pub enum ApiError {
     PayloadTooLarge(Json<ErrorBody>),
     /// Rate limited; retry after the given number of seconds.
     #[oai(status = 429)]
-    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    RateLimited(
+        Json<ErrorBody>,
+        /// Seconds to wait before retrying (at least 1).
+        #[oai(header = "Retry-After")]
+        u64,
+    ),
     /// Unexpected server error.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),

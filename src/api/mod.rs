@@ -37,6 +37,31 @@ use crate::{
 pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_PAGE: u32 = 200;
 
+fn default_page() -> u32 {
+    DEFAULT_PAGE
+}
+
+// Examples of parameters, shown by the viewer and used by generators.
+fn example_room_id() -> String {
+    "lobby-1".into()
+}
+
+fn example_user_id() -> String {
+    "2".into()
+}
+
+fn example_message_id() -> String {
+    types::EXAMPLE_MESSAGE_ID.into()
+}
+
+fn example_before_seq() -> Option<u64> {
+    Some(42)
+}
+
+fn example_after_seq() -> Option<u64> {
+    Some(0)
+}
+
 /// A JWT issued by the Core service, as `Authorization: Bearer <jwt>`.
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer", bearer_format = "JWT")]
@@ -50,6 +75,13 @@ enum Tag {
     Messages,
     /// Who is connected now.
     Presence,
+}
+
+#[derive(ApiResponse)]
+enum Found<T: poem_openapi::types::ToJSON + Send + Sync> {
+    /// The requested data.
+    #[oai(status = 200)]
+    Ok(Json<T>),
 }
 
 #[derive(ApiResponse)]
@@ -108,12 +140,12 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-    ) -> Result<Json<RoomList>, ApiError> {
+    ) -> Result<Found<RoomList>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let rooms = state.chat.rooms_for(&caller).await?;
-        Ok(Json(RoomList {
+        Ok(Found::Ok(Json(RoomList {
             rooms: rooms.iter().map(ApiRoom::from).collect(),
-        }))
+        })))
     }
 
     /// Create a public or private room
@@ -139,10 +171,15 @@ impl RestApi {
             .create_room(
                 &caller,
                 NewRoom {
-                    id: body.id,
-                    name: body.name,
+                    id: body.id.map(|id| id.0),
+                    name: body.name.0,
                     private: body.kind == NewRoomKind::Private,
-                    members: body.members.unwrap_or_default(),
+                    members: body
+                        .members
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|member| member.0)
+                        .collect(),
                 },
             )
             .await?;
@@ -160,15 +197,23 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id, `[A-Za-z0-9_.:-]{1,128}`.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-    ) -> Result<Json<ApiRoom>, ApiError> {
+    ) -> Result<Found<ApiRoom>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let room = state
             .chat
             .open_room(&caller, &self::room_id(&room_id)?, false)
             .await?;
-        Ok(Json(ApiRoom::from(&room)))
+        Ok(Found::Ok(Json(ApiRoom::from(&room))))
     }
 
     /// List a room's members
@@ -182,15 +227,23 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-    ) -> Result<Json<MemberList>, ApiError> {
+    ) -> Result<Found<MemberList>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let members = state
             .chat
             .members(&caller, &self::room_id(&room_id)?)
             .await?;
-        Ok(Json(MemberList {
+        Ok(Found::Ok(Json(MemberList {
             members: members
                 .into_iter()
                 .map(|m| ApiUser {
@@ -198,7 +251,7 @@ impl RestApi {
                     name: m.name,
                 })
                 .collect(),
-        }))
+        })))
     }
 
     /// Add a member
@@ -215,9 +268,25 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// User id.
+        /// User id (a token's `sub`).
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_user_id"
+        )]
         user_id: Path<String>,
     ) -> Result<NoContent, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -242,9 +311,25 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// User id.
+        /// User id (a token's `sub`).
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_user_id"
+        )]
         user_id: Path<String>,
     ) -> Result<NoContent, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -271,30 +356,44 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// Only messages with a smaller `seq`.
+        /// Exclusive upper cursor: only messages with a smaller `seq`.
+        #[oai(validator(minimum(value = "0")), example = "example_before_seq")]
         before_seq: Query<Option<u64>>,
-        /// Only messages with a larger `seq` (oldest first).
+        /// Exclusive lower cursor: only messages with a larger `seq`, oldest
+        /// first (`0` reads from the start).
+        #[oai(validator(minimum(value = "0")), example = "example_after_seq")]
         after_seq: Query<Option<u64>>,
-        /// Page size.
-        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
-        limit: Query<Option<u32>>,
-    ) -> Result<Json<MessagePage>, ApiError> {
+        /// Page size, 1 to 200.
+        #[oai(
+            validator(minimum(value = "1"), maximum(value = "200")),
+            default = "default_page"
+        )]
+        limit: Query<u32>,
+    ) -> Result<Found<MessagePage>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let page = match (after_seq.0, before_seq.0) {
             (Some(after), before) => Page::Oldest { after, before },
             (None, before) => Page::Newest { before },
         };
-        let limit = limit.0.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+        let limit = limit.0.clamp(1, MAX_PAGE);
         let (messages, has_more) = state
             .chat
             .history(&caller, &self::room_id(&room_id)?, page, limit)
             .await?;
-        Ok(Json(MessagePage {
+        Ok(Found::Ok(Json(MessagePage {
             messages: messages.iter().map(ApiMessage::from).collect(),
             has_more,
-        }))
+        })))
     }
 
     /// Send a message
@@ -312,7 +411,15 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
         body: Json<SendMessage>,
     ) -> Result<CreatedOrExisting<ApiMessage>, ApiError> {
@@ -320,8 +427,8 @@ impl RestApi {
         let client_id = body
             .0
             .client_id
-            .as_deref()
-            .map(ClientId::parse)
+            .as_ref()
+            .map(|id| ClientId::parse(&id.0))
             .transpose()?;
         let room = state
             .chat
@@ -330,7 +437,7 @@ impl RestApi {
         state.chat.store.remember_user(&caller.user).await?;
         let sent = state
             .chat
-            .send(&caller, &room, &body.0.body, client_id, Transport::Rest)
+            .send(&caller, &room, &body.0.body.0, client_id, Transport::Rest)
             .instrument(
                 tracing::info_span!("chat.send", transport = "rest", chat.room_id = %room.id),
             )
@@ -358,9 +465,18 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-        /// Message id.
+        /// Message id, as returned when it was sent (opaque).
+        #[oai(example = "example_message_id")]
         message_id: Path<String>,
     ) -> Result<NoContent, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -385,15 +501,23 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// Room id.
+        /// Room id: `global`, `dm:<a>:<b>` or a created room's id.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_room_id"
+        )]
         room_id: Path<String>,
-    ) -> Result<Json<UserList>, ApiError> {
+    ) -> Result<Found<UserList>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
         let users = state
             .chat
             .presence(&caller, &self::room_id(&room_id)?)
             .await?;
-        Ok(Json(UserList {
+        Ok(Found::Ok(Json(UserList {
             users: users
                 .into_iter()
                 .map(|u| ApiUser {
@@ -401,7 +525,7 @@ impl RestApi {
                     name: Some(u.name),
                 })
                 .collect(),
-        }))
+        })))
     }
 
     /// Open a direct room
@@ -418,7 +542,15 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// The other user's id.
+        /// The other user's id; it may not contain `:`.
+        #[oai(
+            validator(
+                pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+                min_length = 1,
+                max_length = 128
+            ),
+            example = "example_user_id"
+        )]
         user_id: Path<String>,
     ) -> Result<CreatedOrExisting<ApiRoom>, ApiError> {
         let caller = caller(&state, &auth, true).await?;
@@ -435,13 +567,70 @@ impl RestApi {
 /// The OpenAPI service: operations plus document metadata.
 pub fn service() -> OpenApiService<RestApi, ()> {
     OpenApiService::new(RestApi, "Clash of Code chat", env!("CARGO_PKG_VERSION"))
+        .license(poem_openapi::LicenseObject::new(env!("CARGO_PKG_LICENSE")))
         .description(
             "REST API of the chat service. Real-time events use the WebSocket at \
-             `/ws/chat/{room_id}` (see the protocol reference). Every route takes a JWT \
-             from the Core service as `Authorization: Bearer <jwt>`. Errors are \
-             `{\"code\", \"message\"}`.",
+             `/ws/chat/{room_id}`, described by the AsyncAPI document served at \
+             `/asyncapi.yaml`. Every route takes a JWT from the Core service as \
+             `Authorization: Bearer <jwt>`. Errors are `{\"code\", \"message\"}` \
+             with a fixed set of codes; a 429 carries `Retry-After` in seconds.",
         )
         .server("/api/v1")
+}
+
+/// The OpenAPI document as YAML: what `openapi.yaml` holds and
+/// `/openapi.yaml` serves.
+///
+/// poem-openapi writes YAML 1.2, where `2026-11-27T13:00:00.123Z` is a plain
+/// string. YAML 1.1 readers (PyYAML, SnakeYAML, and so many SDK generators)
+/// read the same unquoted text as a timestamp, so every `date-time` example
+/// would stop being a string for them: such values are quoted.
+pub fn spec_yaml(service: &OpenApiService<RestApi, ()>) -> String {
+    quote_timestamps(&service.spec_yaml())
+}
+
+fn quote_timestamps(yaml: &str) -> String {
+    let mut out = String::with_capacity(yaml.len() + 256);
+    for line in yaml.split_inclusive('\n') {
+        let (text, end) = match line.strip_suffix('\n') {
+            Some(text) => (text, "\n"),
+            None => (line, ""),
+        };
+        // The value of `key: value` or of a list item `- value`.
+        let start = text.rfind(": ").map(|at| at + 2).or_else(|| {
+            let item = text.trim_start();
+            item.starts_with("- ").then(|| text.len() - item.len() + 2)
+        });
+        match start {
+            Some(at) if looks_like_yaml11_timestamp(&text[at..]) => {
+                out.push_str(&text[..at]);
+                out.push('\'');
+                out.push_str(&text[at..]);
+                out.push('\'');
+            }
+            _ => out.push_str(text),
+        }
+        out.push_str(end);
+    }
+    out
+}
+
+/// `YYYY-MM-DD`, optionally followed by a time: what YAML 1.1 resolves to a
+/// timestamp (in the shapes this document can contain).
+fn looks_like_yaml11_timestamp(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let digits = |range: std::ops::Range<usize>| bytes[range].iter().all(u8::is_ascii_digit);
+    bytes.len() >= 10
+        && digits(0..4)
+        && bytes[4] == b'-'
+        && digits(5..7)
+        && bytes[7] == b'-'
+        && digits(8..10)
+        && (bytes.len() == 10
+            || (matches!(bytes[10], b'T' | b't')
+                && bytes[11..]
+                    .iter()
+                    .all(|b| b.is_ascii_digit() || matches!(b, b':' | b'.' | b'Z' | b'+' | b'-'))))
 }
 
 impl From<ChatError> for poem::Error {
@@ -574,5 +763,26 @@ fn status_label(status: u16) -> &'static str {
         s if s < 400 => "2xx/3xx",
         s if s < 500 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_quoted_for_yaml_1_1_readers() {
+        let yaml = "a:\n  example: 2026-11-27T13:00:00.123Z\n  list:\n  - 2026-11-27\n  - created_at: 2026-11-27T13:00:00Z\n  text: 'at 2026'\n  n: 2026\n  id: 2026-11-27-x\n";
+        assert_eq!(
+            quote_timestamps(yaml),
+            "a:\n  example: '2026-11-27T13:00:00.123Z'\n  list:\n  - '2026-11-27'\n  - created_at: '2026-11-27T13:00:00Z'\n  text: 'at 2026'\n  n: 2026\n  id: 2026-11-27-x\n"
+        );
+    }
+
+    #[test]
+    fn the_document_has_no_unquoted_timestamps() {
+        let yaml = spec_yaml(&service());
+        assert!(yaml.contains("example: '2026-11-27T13:00:00.123Z'"));
+        assert!(!yaml.contains(": 2026-"));
     }
 }

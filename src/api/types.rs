@@ -1,20 +1,30 @@
 //! REST bodies, as they appear in the OpenAPI document. Each has an explicit
-//! schema name so that generated SDKs get readable types.
+//! schema name and an example, so that generated SDKs get readable types and
+//! the viewer shows realistic payloads.
+//!
+//! Request fields use [`JsonString`] rather than `String`: poem-openapi's
+//! `String` also accepts JSON numbers and booleans (`5` becomes `"5"`),
+//! which the contract treats as a mistyped field (`bad_request`).
 
 use std::borrow::Cow;
 
 use poem_openapi::{
     Enum, Object,
-    registry::{MetaSchema, MetaSchemaRef},
-    types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
+    registry::{MetaSchema, MetaSchemaRef, Registry},
+    types::{Example, ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
 };
 use serde_json::Value;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::datetime};
 
 use crate::{
     domain::{Message, Room, RoomKind},
     protocol::format_time,
 };
+
+/// The time used in every example.
+const EXAMPLE_TIME: OffsetDateTime = datetime!(2026-11-27 13:00:00.123 UTC);
+/// A message id as the service makes them (opaque to clients).
+pub const EXAMPLE_MESSAGE_ID: &str = "019ac5a1-7b3e-7c41-9d2f-4e8a6b1c0d2e";
 
 /// A time: RFC 3339, UTC, with milliseconds (`2026-11-27T13:00:00.123Z`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +41,7 @@ impl Type for Timestamp {
 
     fn schema_ref() -> MetaSchemaRef {
         MetaSchemaRef::Inline(Box::new(MetaSchema {
-            example: Some(Value::String("2026-11-27T13:00:00.123Z".into())),
+            example: Some(Value::String(format_time(EXAMPLE_TIME))),
             ..MetaSchema::new_with_format("string", "date-time")
         }))
     }
@@ -60,9 +70,129 @@ impl ToJSON for Timestamp {
     }
 }
 
-/// The kind of a room.
+/// A string field of a request body that accepts JSON strings only. Its
+/// schema is a plain `string`, and length and pattern validators apply to it
+/// as to a `String`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JsonString(pub String);
+
+impl Type for JsonString {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = String;
+    type RawElementValueType = String;
+
+    fn name() -> Cow<'static, str> {
+        "string".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        String::schema_ref()
+    }
+
+    fn as_raw_value(&self) -> Option<&String> {
+        Some(&self.0)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a String> + 'a> {
+        Box::new(std::iter::once(&self.0))
+    }
+}
+
+impl ParseFromJSON for JsonString {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::String(text) => Ok(Self(text)),
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl ToJSON for JsonString {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::String(self.0.clone()))
+    }
+}
+
+impl From<&str> for JsonString {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+/// A field that is always present and may be `null`: required and nullable
+/// in the schema. (An `Option` field is optional instead, which makes
+/// generated SDKs expect it to be missing as well as null.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nullable<T>(pub Option<T>);
+
+impl<T: Type> Type for Nullable<T> {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = T::RawValueType;
+    type RawElementValueType = T::RawElementValueType;
+
+    fn name() -> Cow<'static, str> {
+        format!("nullable_{}", T::name()).into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        match T::schema_ref() {
+            MetaSchemaRef::Inline(schema) => MetaSchemaRef::Inline(Box::new(MetaSchema {
+                nullable: true,
+                ..*schema
+            })),
+            // OpenAPI 3.0 cannot mark a reference nullable; no field needs it.
+            reference => reference,
+        }
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        self.0.as_ref().and_then(Type::as_raw_value)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        match &self.0 {
+            Some(value) => value.raw_element_iter(),
+            None => Box::new(std::iter::empty()),
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl<T: ParseFromJSON> ParseFromJSON for Nullable<T> {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value {
+            None | Some(Value::Null) => Ok(Self(None)),
+            value => T::parse_from_json(value)
+                .map(|inner| Self(Some(inner)))
+                .map_err(ParseError::propagate),
+        }
+    }
+}
+
+impl<T: ToJSON> ToJSON for Nullable<T> {
+    fn to_json(&self) -> Option<Value> {
+        Some(
+            self.0
+                .as_ref()
+                .and_then(ToJSON::to_json)
+                .unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// The kind of a room: `global` (the one room everybody is in), `public`,
+/// `private` (members only) or `direct` (two users).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "RoomKind", rename_all = "lowercase")]
 pub enum ApiRoomKind {
     Global,
     Public,
@@ -91,16 +221,38 @@ pub enum NewRoomKind {
 
 /// A room.
 #[derive(Debug, Clone, Object)]
-#[oai(rename = "Room")]
+#[oai(rename = "Room", example)]
 pub struct ApiRoom {
     /// `global`, `dm:<a>:<b>`, or the id given or generated at creation.
-    #[oai(validator(pattern = r"^[A-Za-z0-9_.:-]{1,128}$"))]
+    #[oai(validator(
+        pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    ))]
     pub id: String,
     pub kind: ApiRoomKind,
+    /// Display name.
     pub name: String,
-    /// The creator; absent for the global and direct rooms.
-    pub owner_id: Option<String>,
+    /// The creator's user id; `null` for the global and direct rooms.
+    #[oai(validator(
+        pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    ))]
+    pub owner_id: Nullable<String>,
     pub created_at: Timestamp,
+}
+
+impl Example for ApiRoom {
+    fn example() -> Self {
+        Self {
+            id: "lobby-1".into(),
+            kind: ApiRoomKind::Public,
+            name: "Clash lobby #1".into(),
+            owner_id: Nullable(Some("1".into())),
+            created_at: Timestamp(EXAMPLE_TIME),
+        }
+    }
 }
 
 impl From<&Room> for ApiRoom {
@@ -109,7 +261,7 @@ impl From<&Room> for ApiRoom {
             id: room.id.to_string(),
             kind: room.kind.into(),
             name: room.name.clone(),
-            owner_id: room.owner_id.as_ref().map(ToString::to_string),
+            owner_id: Nullable(room.owner_id.as_ref().map(ToString::to_string)),
             created_at: Timestamp(room.created_at),
         }
     }
@@ -117,42 +269,112 @@ impl From<&Room> for ApiRoom {
 
 /// Rooms.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct RoomList {
     pub rooms: Vec<ApiRoom>,
 }
 
+impl Example for RoomList {
+    fn example() -> Self {
+        Self {
+            rooms: vec![
+                ApiRoom {
+                    id: "global".into(),
+                    kind: ApiRoomKind::Global,
+                    name: "Global".into(),
+                    owner_id: Nullable(None),
+                    created_at: Timestamp(EXAMPLE_TIME),
+                },
+                ApiRoom::example(),
+            ],
+        }
+    }
+}
+
 /// A user. `name` is absent for a member the service has never seen.
 #[derive(Debug, Clone, Object)]
-#[oai(rename = "User")]
+#[oai(rename = "User", example)]
 pub struct ApiUser {
+    /// User id (the token's `sub`).
+    #[oai(validator(
+        pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    ))]
     pub id: String,
+    /// Display name (the token's `name`), at most 64 characters.
     #[oai(skip_serializing_if_is_none)]
     pub name: Option<String>,
 }
 
+impl ApiUser {
+    fn named(id: &str, name: &str) -> Self {
+        Self {
+            id: id.into(),
+            name: Some(name.into()),
+        }
+    }
+}
+
+impl Example for ApiUser {
+    fn example() -> Self {
+        Self::named("1", "alice")
+    }
+}
+
 /// Members of a room.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct MemberList {
     pub members: Vec<ApiUser>,
 }
 
+impl Example for MemberList {
+    fn example() -> Self {
+        Self {
+            members: vec![
+                ApiUser::named("1", "alice"),
+                ApiUser {
+                    id: "2".into(),
+                    name: None,
+                },
+            ],
+        }
+    }
+}
+
 /// Users.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct UserList {
     pub users: Vec<ApiUser>,
 }
 
+impl Example for UserList {
+    fn example() -> Self {
+        Self {
+            users: vec![ApiUser::named("1", "alice"), ApiUser::named("2", "bob")],
+        }
+    }
+}
+
 /// A stored message, or the tombstone of a deleted one.
 #[derive(Debug, Clone, Object)]
-#[oai(rename = "Message")]
+#[oai(rename = "Message", example)]
 pub struct ApiMessage {
+    #[oai(validator(
+        pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    ))]
     pub room_id: String,
-    /// Opaque message id.
+    /// Opaque message id: compare it, never parse it.
     pub id: String,
     /// Position in the room: 1, 2, 3, … with no gaps.
+    #[oai(validator(minimum(value = "1")))]
     pub seq: u64,
     pub user: ApiUser,
-    /// Empty for a tombstone.
+    /// The normalised body; empty for a tombstone.
     pub body: String,
     /// The idempotency key it was sent with, if any.
     #[oai(skip_serializing_if_is_none)]
@@ -161,6 +383,30 @@ pub struct ApiMessage {
     /// Present (true) only for a deleted message.
     #[oai(skip_serializing_if_is_none)]
     pub deleted: Option<bool>,
+}
+
+impl ApiMessage {
+    fn example_with(seq: u64, body: &str) -> Self {
+        Self {
+            room_id: "lobby-1".into(),
+            id: EXAMPLE_MESSAGE_ID.into(),
+            seq,
+            user: ApiUser::named("1", "alice"),
+            body: body.into(),
+            client_id: None,
+            created_at: Timestamp(EXAMPLE_TIME),
+            deleted: None,
+        }
+    }
+}
+
+impl Example for ApiMessage {
+    fn example() -> Self {
+        Self {
+            client_id: Some("b7c1".into()),
+            ..Self::example_with(42, "gl hf")
+        }
+    }
 }
 
 impl From<&Message> for ApiMessage {
@@ -183,35 +429,92 @@ impl From<&Message> for ApiMessage {
 
 /// A page of history.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct MessagePage {
+    /// Newest first, or oldest first when paging with `after_seq`.
     pub messages: Vec<ApiMessage>,
     /// More messages exist beyond this page, in the same direction.
     pub has_more: bool,
 }
 
+impl Example for MessagePage {
+    fn example() -> Self {
+        let tombstone = ApiMessage {
+            id: "019ac5a1-7b3e-7c41-9d2f-4e8a6b1c0d2d".into(),
+            deleted: Some(true),
+            ..ApiMessage::example_with(41, "")
+        };
+        Self {
+            messages: vec![ApiMessage::example(), tombstone],
+            has_more: true,
+        }
+    }
+}
+
 /// A room to create.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct CreateRoom {
-    /// Optional id; generated when absent. `global` and ids starting with
-    /// `dm:` are reserved.
-    #[oai(validator(pattern = r"^[A-Za-z0-9_.:-]{1,128}$"))]
-    pub id: Option<String>,
-    /// Display name, 1..=100 characters.
+    /// Optional id; generated when absent (or `null`). `global` is taken
+    /// and ids starting with `dm:` are reserved for direct rooms.
+    #[oai(
+        nullable,
+        validator(
+            pattern = r"^[A-Za-z0-9_.:-]{1,128}$",
+            min_length = 1,
+            max_length = 128
+        )
+    )]
+    pub id: Option<JsonString>,
+    /// Display name, 1 to 100 characters (control characters are removed).
     #[oai(validator(min_length = 1, max_length = 100))]
-    pub name: String,
+    pub name: JsonString,
     pub kind: NewRoomKind,
-    /// Initial members besides the creator (private rooms: who may enter).
-    #[oai(validator(max_items = 1000))]
-    pub members: Option<Vec<String>>,
+    /// Initial members besides the creator (private rooms: who may enter),
+    /// as user ids.
+    #[oai(
+        nullable,
+        validator(
+            max_items = 1000,
+            pattern = r"^[A-Za-z0-9_.:@-]{1,128}$",
+            min_length = 1,
+            max_length = 128
+        )
+    )]
+    pub members: Option<Vec<JsonString>>,
+}
+
+impl Example for CreateRoom {
+    fn example() -> Self {
+        Self {
+            id: Some("lobby-1".into()),
+            name: "Clash lobby #1".into(),
+            kind: NewRoomKind::Private,
+            members: Some(vec!["2".into(), "3".into()]),
+        }
+    }
 }
 
 /// A message to send.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct SendMessage {
-    /// Trimmed, `\r\n` → `\n`; then 1..=2000 characters (configurable) with
-    /// no control character but `\n` and `\t`.
-    pub body: String,
-    /// Idempotency key, 1..=64 characters: a repeat returns the original.
-    #[oai(validator(min_length = 1, max_length = 64))]
-    pub client_id: Option<String>,
+    /// Trimmed, and `\r\n` becomes `\n`; what remains must be 1 to 2000
+    /// characters (configurable; `invalid_message` when empty,
+    /// `message_too_long` when over) with no control character but `\n` and
+    /// `\t` (`invalid_message`).
+    pub body: JsonString,
+    /// Idempotency key, 1 to 64 characters without control characters: a
+    /// repeat returns the original message. Absent or `null`: no key.
+    #[oai(nullable, validator(min_length = 1, max_length = 64))]
+    pub client_id: Option<JsonString>,
+}
+
+impl Example for SendMessage {
+    fn example() -> Self {
+        Self {
+            body: "gl hf".into(),
+            client_id: Some("b7c1".into()),
+        }
+    }
 }

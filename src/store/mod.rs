@@ -144,6 +144,13 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// A `seq` cursor as SQL compares it. Columns are `BIGINT`, so a cursor past
+/// `i64::MAX` means "no bound" below and "nothing" above; casting it would
+/// wrap to a negative number and turn the page upside down.
+pub(crate) fn seq_bound(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
 /// Milliseconds since the epoch, the storage form of every time.
 pub(crate) fn to_millis(at: OffsetDateTime) -> i64 {
     (at.unix_timestamp_nanos() / 1_000_000) as i64

@@ -14,7 +14,7 @@ use sqlx::{
 };
 use time::OffsetDateTime;
 
-use super::{Appended, Member, NewMessage, Page, Store, rows, to_millis};
+use super::{Appended, Member, NewMessage, Page, Store, rows, seq_bound, to_millis};
 use crate::{
     domain::{Message, Room, RoomId, User, UserId},
     error::ChatError,
@@ -275,14 +275,14 @@ impl Store for PostgresStore {
             )
             .bind(room.as_str())
             .bind(0i64)
-            .bind(before.map_or(i64::MAX, |b| b as i64)),
+            .bind(before.map_or(i64::MAX, seq_bound)),
             Page::Oldest { after, before } => sqlx::query(
                 "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
                  FROM messages WHERE room_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq ASC LIMIT $4",
             )
             .bind(room.as_str())
-            .bind(after as i64)
-            .bind(before.map_or(i64::MAX, |b| b as i64)),
+            .bind(seq_bound(after))
+            .bind(before.map_or(i64::MAX, seq_bound)),
         };
         query
             .bind(i64::from(limit))

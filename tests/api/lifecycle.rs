@@ -31,6 +31,30 @@ async fn the_served_openapi_document_is_the_committed_one() {
 }
 
 #[tokio::test]
+async fn the_asyncapi_document_is_served_as_committed() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .get(app.url("/asyncapi.yaml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/yaml");
+    let served = response.text().await.unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/asyncapi.yaml")).unwrap();
+    assert!(served == committed);
+    // The two documents describe one release.
+    let version = format!("\n  version: {}\n", env!("CARGO_PKG_VERSION"));
+    assert!(committed.starts_with("asyncapi: 3.0.0\n"));
+    assert!(
+        committed.contains(&version),
+        "asyncapi.yaml names another version"
+    );
+}
+
+#[tokio::test]
 async fn shutdown_turns_readiness_off_and_closes_sockets_with_1012() {
     let mut app = TestApp::spawn().await;
     let (mut client, _) = app.join("global", &app.token("alice")).await;

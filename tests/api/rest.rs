@@ -245,3 +245,121 @@ async fn presence_lists_connected_users_once_each() {
         json!({"users": [{"id": "alice", "name": "user alice"}, {"id": "bob", "name": "user bob"}]})
     );
 }
+
+#[tokio::test]
+async fn request_fields_must_have_their_json_types() {
+    let app = TestApp::spawn().await;
+    let alice = app.token("alice");
+    // poem-openapi alone would read `5` as "5" and `false` as "false".
+    for (path, body) in [
+        ("/api/v1/rooms/global/messages", json!({"body": 5})),
+        (
+            "/api/v1/rooms/global/messages",
+            json!({"body": "x", "client_id": 7}),
+        ),
+        ("/api/v1/rooms", json!({"name": true, "kind": "public"})),
+        (
+            "/api/v1/rooms",
+            json!({"id": 12, "name": "x", "kind": "public"}),
+        ),
+        (
+            "/api/v1/rooms",
+            json!({"name": "x", "kind": "public", "members": [false]}),
+        ),
+    ] {
+        let (status, error) = app.post(&alice, path, body.clone()).await;
+        assert_eq!(
+            (status, error["code"].as_str().unwrap_or("")),
+            (400, "bad_request"),
+            "{body}: {error}"
+        );
+    }
+    let (_, page) = app.get(&alice, "/api/v1/rooms/global/messages").await;
+    assert_eq!(page["messages"], json!([]), "nothing was stored");
+}
+
+#[tokio::test]
+async fn optional_request_fields_may_be_null() {
+    let app = TestApp::spawn().await;
+    let alice = app.token("alice");
+    let (status, room) = app
+        .post(
+            &alice,
+            "/api/v1/rooms",
+            json!({"id": null, "name": "x", "kind": "private", "members": null}),
+        )
+        .await;
+    assert_eq!(status, 201, "{room}");
+    let (status, message) = app
+        .post(
+            &alice,
+            "/api/v1/rooms/global/messages",
+            json!({"body": "hi", "client_id": null}),
+        )
+        .await;
+    assert_eq!(status, 201, "{message}");
+    assert!(message.get("client_id").is_none(), "{message}");
+}
+
+#[tokio::test]
+async fn cursors_beyond_any_seq_are_bounds_not_errors() {
+    let app = TestApp::spawn().await;
+    let alice = app.token("alice");
+    let base = "/api/v1/rooms/global/messages";
+    app.post(&alice, base, json!({"body": "one"})).await;
+    let huge = u64::MAX;
+    let (status, page) = app.get(&alice, &format!("{base}?before_seq={huge}")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
+    let (status, page) = app.get(&alice, &format!("{base}?after_seq={huge}")).await;
+    assert_eq!(
+        (status, page["messages"].clone()),
+        (200, json!([])),
+        "{page}"
+    );
+    let (status, page) = app
+        .get(&alice, &format!("{base}?after_seq=0&before_seq={huge}"))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
+}
+
+#[tokio::test]
+async fn malformed_path_ids_are_bad_requests_and_odd_message_ids_not_found() {
+    let app = TestApp::spawn().await;
+    let alice = app.token("alice");
+    let long_room = "r".repeat(129);
+    for path in [
+        format!("/api/v1/rooms/{long_room}"),
+        "/api/v1/rooms/%C3%A9t%C3%A9/presence".to_owned(),
+        "/api/v1/rooms/global/members/not%20a%20user".to_owned(),
+    ] {
+        let (status, error) = if path.contains("/members/") {
+            app.put(&alice, &path).await
+        } else {
+            app.get(&alice, &path).await
+        };
+        assert_eq!(
+            (status, error["code"].as_str().unwrap_or("")),
+            (400, "bad_request"),
+            "{path}: {error}"
+        );
+    }
+    let (status, error) = app.post(&alice, "/api/v1/dm/a%20b", json!({})).await;
+    assert_eq!(
+        (status, error["code"].as_str().unwrap_or("")),
+        (400, "bad_request")
+    );
+    // Such ids cannot exist; PostgreSQL would refuse the NUL byte outright.
+    let long_id = "m".repeat(200);
+    for id in ["a%00b", "%0A", long_id.as_str()] {
+        let (status, error) = app
+            .delete(&alice, &format!("/api/v1/rooms/global/messages/{id}"))
+            .await;
+        assert_eq!(
+            (status, error["code"].as_str().unwrap_or("")),
+            (404, "not_found"),
+            "{id}: {error}"
+        );
+    }
+}
