@@ -4,6 +4,7 @@ mod helpers;
 
 mod access;
 mod auth;
+mod bench;
 mod cluster;
 mod faults;
 mod lifecycle;

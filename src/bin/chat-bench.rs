@@ -1,0 +1,699 @@
+//! `chat-bench`: the project's load generator.
+//!
+//! It drives one or more running instances (connections are spread
+//! round-robin over `--url`s, so fan-out crosses pods through Redis), mints
+//! its own tokens with `JWT_SECRET`, and prints one JSON line per run on
+//! stdout and a readable summary on stderr. Scenarios:
+//!
+//! - `idle`: open N connections, hold them, report how many stayed open and
+//!   the servers' RSS per connection (`--pid`).
+//! - `fanout`: rooms × members, senders at a fixed total rate; reports sent,
+//!   acked, delivered vs expected (loss), deliveries/s and latency
+//!   percentiles; `--find-max` raises the rate until loss or p99 crosses the
+//!   bound.
+//! - `ingest`: WebSocket and REST sends as fast as acks come back.
+//!
+//! The generator keeps its own cost low: one runtime, bodies that carry only
+//! the send time, frames parsed into borrowed fields, and latency histograms
+//! sharded to avoid lock contention. It reports its own CPU use so a reader
+//! can tell who was saturated. The server must run with limits raised for
+//! load (see docs/benchmarks.md).
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chat_service::{
+    auth::JwtKeys,
+    config::{Secret, ServeConfig},
+};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Parser)]
+#[command(name = "chat-bench", about = "Load generator for the chat service")]
+struct Args {
+    /// Base URLs of the instances (comma-separated); connections are spread
+    /// round-robin over them.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8001")]
+    url: Vec<String>,
+    /// The service's JWT secret (tokens are minted locally).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Open connections and hold them.
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Connections per room (rooms are created for the run); 0 puts them
+        /// all in `global`, where every arrival is announced to everyone.
+        #[arg(long, default_value_t = 50)]
+        room_size: usize,
+        /// Server PIDs whose RSS to measure (repeatable).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+    },
+    /// Rooms × members, senders at a fixed total rate.
+    Fanout {
+        #[arg(long, default_value_t = 20)]
+        rooms: usize,
+        #[arg(long, default_value_t = 50)]
+        members: usize,
+        /// Sending connections (spread over the rooms; not counted as members).
+        #[arg(long, default_value_t = 20)]
+        senders: usize,
+        /// Messages per second, all senders together.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Raise the rate by 1.5× per step until loss or p99 crosses the bound.
+        #[arg(long)]
+        find_max: bool,
+        /// p99 bound for --find-max, in milliseconds.
+        #[arg(long, default_value_t = 50.0)]
+        max_p99_ms: f64,
+    },
+    /// Sends as fast as acks come back, over WebSocket and REST.
+    Ingest {
+        /// WebSocket connections, each in its own room.
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
+        /// Sends in flight per connection.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// REST workers (each one request at a time).
+        #[arg(long, default_value_t = 4)]
+        rest_workers: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+}
+
+/// The fields of a server frame the generator reads; the rest is skipped.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(default)]
+    body: Option<&'a str>,
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The generator's own CPU time (user + system), from /proc.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Latency histograms in shards, so recording is nearly contention-free.
+struct Latencies {
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Latencies {
+    fn new() -> Self {
+        let shards = (0..16)
+            .map(|_| {
+                Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"))
+            })
+            .collect();
+        Self { shards }
+    }
+
+    fn record(&self, shard: usize, micros: u64) {
+        let mut h = self.shards[shard % self.shards.len()]
+            .lock()
+            .expect("histogram lock");
+        let _ = h.record(micros.clamp(1, 60_000_000));
+    }
+
+    fn merged(&self) -> Histogram<u64> {
+        let mut all = Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        for shard in &self.shards {
+            let _ = all.add(&*shard.lock().expect("histogram lock"));
+        }
+        all
+    }
+
+    fn reset(&self) {
+        for shard in &self.shards {
+            shard.lock().expect("histogram lock").reset();
+        }
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    let ms = |v: u64| v as f64 / 1000.0;
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(h.value_at_quantile(0.5)),
+        "p90_ms": ms(h.value_at_quantile(0.9)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "p999_ms": ms(h.value_at_quantile(0.999)),
+        "max_ms": ms(h.max()),
+    })
+}
+
+struct Bench {
+    urls: Vec<String>,
+    keys: JwtKeys,
+    http: reqwest::Client,
+    run_id: String,
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Bench {
+    fn token(&self, user: &str, roles: &[String]) -> anyhow::Result<String> {
+        self.keys
+            .mint(user, None, roles, Duration::from_secs(24 * 3600))
+    }
+
+    fn url(&self, n: usize) -> &str {
+        &self.urls[n % self.urls.len()]
+    }
+
+    async fn connect(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Socket> {
+        let base = self.url(n).replacen("http", "ws", 1);
+        let url = format!("{base}/ws/chat/{room}?token={}", self.token(user, &[])?);
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+        // The first frame is `ready`.
+        match socket.next().await {
+            Some(Ok(Message::Text(_))) => Ok(socket),
+            other => anyhow::bail!("no ready frame: {other:?}"),
+        }
+    }
+
+    async fn create_room(&self, id: &str) -> anyhow::Result<()> {
+        let token = self.token("bench-admin", &["admin".to_owned()])?;
+        let response = self
+            .http
+            .post(format!("{}/api/v1/rooms", self.url(0)))
+            .bearer_auth(token)
+            .json(&json!({"id": id, "name": id, "kind": "public"}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "creating room {id}: {}",
+            response.status()
+        );
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = ServeConfig::for_tests("sqlite::memory:", &args.jwt_secret);
+    let bench = Arc::new(Bench {
+        urls: args
+            .url
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .collect(),
+        keys: JwtKeys::new(&Secret::new(args.jwt_secret.clone()), &config),
+        http: reqwest::Client::new(),
+        run_id: format!("{:x}", unix_micros()),
+    });
+    let cpu_before = own_cpu_seconds();
+    let started = Instant::now();
+    let mut report = match args.scenario {
+        Scenario::Idle {
+            connections,
+            hold,
+            room_size,
+            pids,
+        } => idle(&bench, connections, hold, room_size, &pids).await?,
+        Scenario::Fanout {
+            rooms,
+            members,
+            senders,
+            rate,
+            duration,
+            find_max,
+            max_p99_ms,
+        } => {
+            fanout(
+                &bench, rooms, members, senders, rate, duration, find_max, max_p99_ms,
+            )
+            .await?
+        }
+        Scenario::Ingest {
+            connections,
+            window,
+            rest_workers,
+            duration,
+        } => ingest(&bench, connections, window, rest_workers, duration).await?,
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = own_cpu_seconds() - cpu_before;
+    report["urls"] = json!(bench.urls);
+    report["generator"] = json!({
+        "processes": 1,
+        "cpu_seconds": cpu,
+        "cpu_percent_of_one_core": 100.0 * cpu / wall,
+        "wall_seconds": wall,
+    });
+    println!("{report}");
+    eprintln!("{}", summary(&report));
+    Ok(())
+}
+
+fn summary(report: &serde_json::Value) -> String {
+    let mut lines = vec![format!("scenario {}", report["scenario"])];
+    if let Some(object) = report.as_object() {
+        for (key, value) in object {
+            if key != "scenario" {
+                lines.push(format!("  {key}: {value}"));
+            }
+        }
+    }
+    lines.join("\n")
+}
+
+async fn idle(
+    bench: &Arc<Bench>,
+    connections: usize,
+    hold: Duration,
+    room_size: usize,
+    pids: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    let room_of = |n: usize| match room_size {
+        0 => "global".to_owned(),
+        size => format!("idle-{}-{}", bench.run_id, n / size),
+    };
+    if room_size > 0 {
+        for r in 0..connections.div_ceil(room_size) {
+            bench.create_room(&room_of(r * room_size)).await?;
+        }
+    }
+    let before: Vec<Option<u64>> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let (stop, stopped) = watch::channel(false);
+    let open = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let mut failed = 0;
+    for n in 0..connections {
+        match bench
+            .connect(n, &room_of(n), &format!("idle-{}-{n}", bench.run_id))
+            .await
+        {
+            Ok(mut socket) => {
+                let open = Arc::clone(&open);
+                let mut stopped = stopped.clone();
+                open.fetch_add(1, Ordering::Relaxed);
+                tasks.push(tokio::spawn(async move {
+                    // Reading answers pings; leaving early means closed.
+                    loop {
+                        tokio::select! {
+                            _ = stopped.changed() => return,
+                            frame = socket.next() => match frame {
+                                Some(Ok(_)) => {}
+                                _ => {
+                                    open.fetch_sub(1, Ordering::Relaxed);
+                                    return;
+                                }
+                            },
+                        }
+                    }
+                }));
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    tokio::time::sleep(hold).await;
+    let after: Vec<Option<u64>> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let still_open = open.load(Ordering::Relaxed);
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let per_connection: Vec<serde_json::Value> = before
+        .iter()
+        .zip(&after)
+        .zip(pids)
+        .map(|((b, a), pid)| {
+            let delta = a.zip(*b).map(|(a, b)| a.saturating_sub(b));
+            json!({
+                "pid": pid,
+                "rss_before_kib": b,
+                "rss_after_kib": a,
+                "rss_per_connection_kib": delta.map(|d| d as f64 * pids.len() as f64 / still_open.max(1) as f64),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "scenario": "idle",
+        "connections": connections,
+        "room_size": room_size,
+        "failed_to_connect": failed,
+        "open_after_hold": still_open,
+        "hold_seconds": hold.as_secs_f64(),
+        "servers": per_connection,
+    }))
+}
+
+/// Shared counters of a fan-out run.
+#[derive(Default)]
+struct Counts {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    refused: AtomicU64,
+    delivered: AtomicU64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fanout(
+    bench: &Arc<Bench>,
+    rooms: usize,
+    members: usize,
+    senders: usize,
+    rate: f64,
+    duration: Duration,
+    find_max: bool,
+    max_p99_ms: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let room_ids: Vec<String> = (0..rooms)
+        .map(|r| format!("bench-{}-{r}", bench.run_id))
+        .collect();
+    for room in &room_ids {
+        bench.create_room(room).await?;
+    }
+    let counts = Arc::new(Counts::default());
+    let delivery = Arc::new(Latencies::new());
+    let ack = Arc::new(Latencies::new());
+    // Phase numbers are carried in bodies so that stragglers of a previous
+    // phase are not counted in the next.
+    let phase = Arc::new(AtomicU64::new(0));
+    let (stop, stopped) = watch::channel(false);
+    let mut receivers = Vec::new();
+    let mut n = 0;
+    for room in &room_ids {
+        for m in 0..members {
+            let mut socket = bench
+                .connect(n, room, &format!("m-{}-{n}", bench.run_id))
+                .await?;
+            n += 1;
+            let (counts, delivery, phase, mut stopped) = (
+                Arc::clone(&counts),
+                Arc::clone(&delivery),
+                Arc::clone(&phase),
+                stopped.clone(),
+            );
+            receivers.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stopped.changed() => return,
+                        frame = socket.next() => {
+                            let Some(Ok(Message::Text(text))) = frame else {
+                                if matches!(frame, None | Some(Err(_))) { return; }
+                                continue;
+                            };
+                            let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
+                            if frame.kind != "message" { continue; }
+                            let Some((t, p)) = frame.body.and_then(|b| b.strip_prefix("t:")).and_then(|b| b.split_once(':')) else { continue };
+                            if p.parse::<u64>().ok() != Some(phase.load(Ordering::Relaxed)) { continue; }
+                            if let Ok(t) = t.parse::<u64>() {
+                                delivery.record(m, unix_micros().saturating_sub(t));
+                                counts.delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    let mut sender_sockets = Vec::new();
+    for s in 0..senders.max(1) {
+        let room = &room_ids[s % rooms];
+        sender_sockets.push(
+            bench
+                .connect(n, room, &format!("s-{}-{s}", bench.run_id))
+                .await?,
+        );
+        n += 1;
+    }
+
+    let mut phases = Vec::new();
+    let mut current = rate;
+    let mut best: Option<f64> = None;
+    let mut sockets = sender_sockets;
+    loop {
+        counts.sent.store(0, Ordering::Relaxed);
+        counts.acked.store(0, Ordering::Relaxed);
+        counts.refused.store(0, Ordering::Relaxed);
+        counts.delivered.store(0, Ordering::Relaxed);
+        delivery.reset();
+        ack.reset();
+        let this_phase = phase.fetch_add(1, Ordering::Relaxed) + 1;
+        let started = Instant::now();
+        let per_sender = current / sockets.len() as f64;
+        let mut tasks = Vec::new();
+        for (i, mut socket) in sockets.into_iter().enumerate() {
+            let (counts, ack) = (Arc::clone(&counts), Arc::clone(&ack));
+            tasks.push(tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender.max(0.001)));
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let end = Instant::now() + duration;
+                // Acks still missing this long after the end are given up on.
+                let give_up = end + Duration::from_secs(5);
+                let mut in_flight = std::collections::VecDeque::new();
+                loop {
+                    if Instant::now() >= end && in_flight.is_empty() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = ticker.tick(), if Instant::now() < end => {
+                            let now = unix_micros();
+                            let frame = format!(r#"{{"type":"message","body":"t:{now}:{this_phase}"}}"#);
+                            if socket.send(Message::text(frame)).await.is_err() { break; }
+                            counts.sent.fetch_add(1, Ordering::Relaxed);
+                            in_flight.push_back(now);
+                        }
+                        frame = socket.next() => {
+                            let Some(Ok(Message::Text(text))) = frame else {
+                                if matches!(frame, None | Some(Err(_))) { break; }
+                                continue;
+                            };
+                            let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
+                            match frame.kind {
+                                "ack" => {
+                                    counts.acked.fetch_add(1, Ordering::Relaxed);
+                                    if let Some(t) = in_flight.pop_front() { ack.record(i, unix_micros().saturating_sub(t)); }
+                                }
+                                "error" => {
+                                    counts.refused.fetch_add(1, Ordering::Relaxed);
+                                    in_flight.pop_front();
+                                }
+                                _ => {}
+                            }
+                        }
+                        () = tokio::time::sleep_until(give_up.into()) => break,
+                    }
+                }
+                socket
+            }));
+        }
+        let mut back = Vec::new();
+        for task in tasks {
+            back.push(task.await?);
+        }
+        sockets = back;
+        // Let the last deliveries arrive.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let acked = counts.acked.load(Ordering::Relaxed);
+        let delivered = counts.delivered.load(Ordering::Relaxed);
+        let expected = acked * members as u64;
+        let latency = delivery.merged();
+        let p99_ms = latency.value_at_quantile(0.99) as f64 / 1000.0;
+        let loss = expected.saturating_sub(delivered);
+        let result = json!({
+            "target_rate": current,
+            "sent": counts.sent.load(Ordering::Relaxed),
+            "acked": acked,
+            "refused": counts.refused.load(Ordering::Relaxed),
+            "delivered": delivered,
+            "expected": expected,
+            "loss": loss,
+            "deliveries_per_second": delivered as f64 / duration.as_secs_f64(),
+            "elapsed_seconds": elapsed,
+            "send_to_delivery": percentiles(&latency),
+            "send_to_ack": percentiles(&ack.merged()),
+        });
+        let passed =
+            loss == 0 && p99_ms <= max_p99_ms && counts.refused.load(Ordering::Relaxed) == 0;
+        eprintln!("rate {current:.0}/s: delivered {delivered}/{expected}, p99 {p99_ms:.2} ms");
+        phases.push(result);
+        if !find_max || !passed {
+            break;
+        }
+        best = Some(current);
+        current *= 1.5;
+    }
+    let _ = stop.send(true);
+    for receiver in receivers {
+        let _ = receiver.await;
+    }
+    let mut report = json!({
+        "scenario": "fanout",
+        "rooms": rooms,
+        "members": members,
+        "senders": senders,
+        "duration_seconds": duration.as_secs_f64(),
+        "result": phases.first().cloned(),
+    });
+    if find_max {
+        report["steps"] = json!(phases);
+        report["max_sustained_rate"] = json!(best);
+        report["max_p99_ms"] = json!(max_p99_ms);
+    }
+    Ok(report)
+}
+
+async fn ingest(
+    bench: &Arc<Bench>,
+    connections: usize,
+    window: usize,
+    rest_workers: usize,
+    duration: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let ws_acked = Arc::new(AtomicU64::new(0));
+    let rest_acked = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let room = format!("ingest-{}-{c}", bench.run_id);
+        bench.create_room(&room).await?;
+        let mut socket = bench
+            .connect(c, &room, &format!("w-{}-{c}", bench.run_id))
+            .await?;
+        let (acked, refused) = (Arc::clone(&ws_acked), Arc::clone(&refused));
+        tasks.push(tokio::spawn(async move {
+            let mut in_flight = 0;
+            loop {
+                while in_flight < window && Instant::now() < end {
+                    if socket
+                        .send(Message::text(r#"{"type":"message","body":"ingest"}"#))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    in_flight += 1;
+                }
+                if in_flight == 0 {
+                    return;
+                }
+                match socket.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
+                            continue;
+                        };
+                        match frame.kind {
+                            "ack" => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                in_flight -= 1;
+                            }
+                            "error" => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                in_flight -= 1;
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => return,
+                }
+            }
+        }));
+    }
+    for w in 0..rest_workers {
+        let room = format!("ingest-{}-rest-{w}", bench.run_id);
+        bench.create_room(&room).await?;
+        let url = format!("{}/api/v1/rooms/{room}/messages", bench.url(w));
+        let token = bench.token(&format!("r-{}-{w}", bench.run_id), &[])?;
+        let (http, acked, refused) = (
+            bench.http.clone(),
+            Arc::clone(&rest_acked),
+            Arc::clone(&refused),
+        );
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                match http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"body": "ingest"}))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => acked.fetch_add(1, Ordering::Relaxed),
+                    _ => refused.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let started = Instant::now();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(duration.as_secs_f64());
+    let (ws, rest) = (
+        ws_acked.load(Ordering::Relaxed),
+        rest_acked.load(Ordering::Relaxed),
+    );
+    Ok(json!({
+        "scenario": "ingest",
+        "connections": connections,
+        "window": window,
+        "rest_workers": rest_workers,
+        "duration_seconds": duration.as_secs_f64(),
+        "ws_acked": ws,
+        "rest_acked": rest,
+        "refused": refused.load(Ordering::Relaxed),
+        "acked_per_second": (ws + rest) as f64 / elapsed,
+    }))
+}

@@ -1,0 +1,96 @@
+//! The benchmark tool works: each scenario once, at a tiny size, against
+//! the real binary. No timing is asserted (speed is measured, not tested).
+
+use crate::helpers::{SECRET, spawn_service};
+
+/// Limits raised as docs/benchmarks.md says to run the server for load.
+const LOAD_LIMITS: [(&str, &str); 4] = [
+    ("SEND_RATE_LIMIT", "100000000"),
+    ("CONNECT_RATE_LIMIT", "100000000"),
+    ("REST_RATE_LIMIT", "100000000"),
+    ("FRAME_FLOOD_LIMIT", "100000000"),
+];
+
+async fn bench(addr: &str, args: &[&str]) -> serde_json::Value {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"));
+    command
+        .env("JWT_SECRET", SECRET)
+        .arg("--url")
+        .arg(format!("http://{addr}"))
+        .args(args);
+    let output = command.output().await.expect("chat-bench runs");
+    assert!(
+        output.status.success(),
+        "chat-bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "one JSON line per run: {stdout}");
+    serde_json::from_str(stdout.trim()).expect("a JSON report")
+}
+
+#[tokio::test]
+async fn every_scenario_runs_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = spawn_service(dir.path(), &LOAD_LIMITS).await;
+    let pid = server.id().to_string();
+
+    let idle = bench(
+        &addr,
+        &[
+            "idle",
+            "--connections",
+            "20",
+            "--hold",
+            "300ms",
+            "--pid",
+            &pid,
+        ],
+    )
+    .await;
+    assert_eq!(idle["open_after_hold"], 20);
+    assert!(idle["servers"][0]["rss_after_kib"].as_u64().unwrap() > 0);
+
+    let fanout = bench(
+        &addr,
+        &[
+            "fanout",
+            "--rooms",
+            "2",
+            "--members",
+            "3",
+            "--senders",
+            "2",
+            "--rate",
+            "40",
+            "--duration",
+            "500ms",
+        ],
+    )
+    .await;
+    let result = &fanout["result"];
+    assert!(result["acked"].as_u64().unwrap() > 0, "{fanout}");
+    assert_eq!(result["loss"], 0, "{fanout}");
+    assert_eq!(result["delivered"], result["expected"]);
+    assert!(result["send_to_delivery"]["p99_ms"].as_f64().is_some());
+    assert!(fanout["generator"]["cpu_seconds"].as_f64().is_some());
+
+    let ingest = bench(
+        &addr,
+        &[
+            "ingest",
+            "--connections",
+            "2",
+            "--rest-workers",
+            "1",
+            "--duration",
+            "500ms",
+        ],
+    )
+    .await;
+    assert!(
+        ingest["ws_acked"].as_u64().unwrap() > 0 && ingest["rest_acked"].as_u64().unwrap() > 0,
+        "{ingest}"
+    );
+    assert_eq!(ingest["refused"], 0);
+}
