@@ -1,0 +1,308 @@
+"""Offline checks of the Helm chart (run by deploy/check.sh).
+
+For each value set (defaults, every deploy/examples/*.yaml, and a few
+variants) it:
+  * validates the merged values against values.schema.json (Helm's own
+    check, and again with jsonschema);
+  * runs `helm lint --strict` and renders the chart with real Helm (the
+    helm-python-sdk binding of Helm v4's Go SDK), as install and as upgrade;
+  * validates every built-in object with kubernetes-validate (strict: unknown
+    fields are errors) and every custom resource against the openAPIV3Schema
+    of its CRD in ../shared/crds, with unknown fields rejected;
+  * checks that every environment variable the chart sets is one the binary
+    reads (src/config.rs), that probes hit routes the service serves on the
+    port it listens on, and that the pod outlives its connection drain.
+Then it checks that wrong values are rejected. Exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import re
+import sys
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "chat-service"
+CRDS = ROOT.parent / "shared" / "crds"
+KUBE_VERSION = "1.33.0"
+
+# Secrets a values file must bring when the chart makes the Secret itself.
+SECRETS = {
+    "secrets": {
+        "jwtSecret": "test-secret",
+        "databaseUrl": "postgres://chat:pw@postgres:5432/chat",
+        "redisUrl": "redis://redis:6379",
+    }
+}
+
+failures: list[str] = []
+
+
+def fail(what: str) -> None:
+    failures.append(what)
+    print(f"FAIL {what}")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --- custom resource schemas -------------------------------------------------
+
+
+def strict_schema(node):
+    """A CRD's structural schema with unknown fields rejected, as the API
+    server's pruning would drop them (we want them reported instead)."""
+    if isinstance(node, dict):
+        node = {k: strict_schema(v) for k, v in node.items()}
+        if (
+            node.get("type") == "object"
+            and "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+        if node.get("x-kubernetes-int-or-string"):
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        return node
+    if isinstance(node, list):
+        return [strict_schema(v) for v in node]
+    return node
+
+
+def load_crds() -> dict[tuple[str, str], dict]:
+    schemas = {}
+    for path in CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            if version.get("served"):
+                schema = strict_schema(version["schema"]["openAPIV3Schema"])
+                # metadata is checked by the API server, not the CRD schema.
+                schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+                schema["properties"]["apiVersion"] = {"type": "string"}
+                schema["properties"]["kind"] = {"type": "string"}
+                schemas[(f"{group}/{version['name']}", kind)] = schema
+    return schemas
+
+
+# --- what the binary reads -----------------------------------------------------
+
+
+def binary_env_vars() -> set[str]:
+    config = (ROOT / "src" / "config.rs").read_text()
+    names = set(re.findall(r'env = "([A-Z0-9_]+)"', config))
+    names |= {f"{name}_FILE" for _, name in re.findall(r'\("([a-z_]+)", "([A-Z_]+)"\)', config)}
+    # Read by telemetry (tracing-subscriber's filter, the OpenTelemetry SDK).
+    telemetry = (ROOT / "src" / "telemetry.rs").read_text() if (ROOT / "src" / "telemetry.rs").exists() else ""
+    names.add("RUST_LOG")
+    names |= {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
+              "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in telemetry or "OTEL_EXPORTER_OTLP_ENDPOINT" in (ROOT / "README.md").read_text()
+    return names
+
+
+# Variables the chart sets only for Kubernetes' $(VAR) expansion in other
+# variables' values; the binary never reads them.
+EXPANSION_ONLY = {"POD_NAME", "CNPG_APP_USER", "CNPG_APP_PASSWORD"}
+
+
+def served_routes() -> set[str]:
+    app = (ROOT / "src" / "app.rs").read_text()
+    return set(re.findall(r'\.at\("([^"]+)"', app))
+
+
+def default_port() -> int:
+    config = (ROOT / "src" / "config.rs").read_text()
+    return int(re.search(r'default_value = "0\.0\.0\.0:(\d+)"', config).group(1))
+
+
+# --- checks of one value set ---------------------------------------------------
+
+
+def check_objects(label: str, objects: list[dict], crds: dict, env_ok: set[str], values: dict) -> None:
+    routes, port = served_routes(), default_port()
+    for obj in objects:
+        kind, api = obj["kind"], obj["apiVersion"]
+        where = f"{label}: {kind}/{obj['metadata'].get('name')}"
+        if "/" in api and "." in api.split("/")[0] and (api, kind) not in crds and not api.startswith(
+            ("apps/", "batch/", "policy/", "networking.k8s.io/", "autoscaling/")
+        ):
+            fail(f"{where}: no CRD for {api} {kind} in {CRDS}")
+            continue
+        if (api, kind) in crds:
+            errors = sorted(jsonschema.Draft7Validator(crds[(api, kind)]).iter_errors(obj), key=str)
+            for err in errors[:5]:
+                fail(f"{where}: {'.'.join(map(str, err.absolute_path))}: {err.message}")
+        else:
+            try:
+                kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                fail(f"{where}: {'.'.join(map(str, err.path))}: {err.message}")
+            except kubernetes_validate.utils.SchemaNotFoundError as err:
+                fail(f"{where}: {err}")
+        pod = obj.get("spec", {}).get("template", {}).get("spec") if kind in ("Deployment", "Job") else None
+        if kind == "Pod":
+            pod = obj["spec"]
+        if not pod:
+            continue
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            sc = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+            if not (sc.get("runAsNonRoot") and sc.get("readOnlyRootFilesystem")
+                    and sc.get("allowPrivilegeEscalation") is False
+                    and sc.get("capabilities", {}).get("drop") == ["ALL"]
+                    and sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"):
+                fail(f"{where}/{container['name']}: not a restricted security context: {sc}")
+            if not container.get("resources", {}).get("limits", {}).get("memory"):
+                fail(f"{where}/{container['name']}: no memory limit")
+            if container["image"] != pod["containers"][0]["image"] and container["name"] != "roundtrip":
+                continue
+            if container["name"] == "roundtrip":
+                continue
+            for env in container.get("env", []):
+                if env["name"] not in env_ok | EXPANSION_ONLY:
+                    fail(f"{where}/{container['name']}: sets {env['name']}, which the binary does not read")
+        if kind == "Deployment":
+            c = pod["containers"][0]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+                got = c[probe]["httpGet"]
+                if got["path"] != path or got["path"] not in routes:
+                    fail(f"{where}: {probe} path {got['path']} is not the served {path}")
+                ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+                if ports.get(got["port"], got["port"]) != port or not env.get("LISTEN_ADDR", "").endswith(f":{port}"):
+                    fail(f"{where}: {probe} port {got['port']} is not the listen port {port}")
+            grace = int(env["SHUTDOWN_GRACE"].rstrip("s"))
+            pre = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            if pod["terminationGracePeriodSeconds"] <= pre + grace:
+                fail(f"{where}: terminationGracePeriodSeconds does not cover preStop {pre}s + SHUTDOWN_GRACE {grace}s")
+            if env.get("TRUST_FORWARDED_FOR") != "true" and values["ingress"]["enabled"]:
+                fail(f"{where}: behind an ingress TRUST_FORWARDED_FOR should be true")
+            if not pod.get("topologySpreadConstraints") and values["topologySpread"]["enabled"]:
+                fail(f"{where}: no topology spread")
+
+
+def render_set(chart, label: str, overrides: dict, crds: dict, env_ok: set[str], schema: dict) -> list[dict]:
+    merged = chart.merge_values(overrides)
+    try:
+        chart.validate_schema(merged)
+    except helm.HelmError as err:
+        fail(f"{label}: values rejected by the schema: {err}")
+        return []
+    for err in jsonschema.Draft7Validator(schema).iter_errors(merged):
+        fail(f"{label}: values: {'.'.join(map(str, err.absolute_path))}: {err.message}")
+    report = helm.lint(str(CHART), overrides, strict=True, namespace="chat", kube_version=f"v{KUBE_VERSION}")
+    for msg in report.get("messages", []):
+        if msg.get("severity", 0) >= 2:
+            fail(f"{label}: helm lint --strict: {msg.get('path')}: {msg.get('error')}")
+    for err in report.get("errors", []) or []:
+        fail(f"{label}: helm lint: {err}")
+    objects = []
+    for mode in ({"is_install": True}, {"is_upgrade": True}):
+        rendered = chart.render(overrides, name="chat", namespace="chat", revision=2 if mode.get("is_upgrade") else 1, **mode)
+        objects = []
+        for path, text in sorted(rendered.items()):
+            if path.endswith("NOTES.txt"):
+                if mode.get("is_install") and "helm test" not in text:
+                    fail(f"{label}: NOTES.txt does not mention helm test")
+                continue
+            for doc in yaml.safe_load_all(text):
+                if doc:
+                    objects.append(doc)
+        check_objects(f"{label} ({'install' if 'is_install' in mode else 'upgrade'})", objects, crds, env_ok, merged)
+    kinds = sorted(f"{o['kind']}" for o in objects)
+    print(f"ok   {label}: {len(objects)} objects: {', '.join(kinds)}")
+    return objects
+
+
+def expect_objects(label: str, objects: list[dict], must: set[str], must_not: set[str] = frozenset()) -> None:
+    kinds = {o["kind"] for o in objects}
+    if missing := must - kinds:
+        fail(f"{label}: expected {sorted(missing)} among the rendered kinds")
+    if extra := kinds & set(must_not):
+        fail(f"{label}: did not expect {sorted(extra)}")
+
+
+def main() -> int:
+    chart = helm.Chart.load(str(CHART))
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    crds, env_ok = load_crds(), binary_env_vars()
+    print(f"Helm {helm.helm_sdk_version()} (helm-python-sdk); {len(crds)} CRD versions; Kubernetes {KUBE_VERSION} schemas")
+
+    sets = {"defaults (+ required secrets)": SECRETS}
+    for path in sorted((ROOT / "deploy" / "examples").glob("*.yaml")):
+        sets[f"example {path.name}"] = yaml.safe_load(path.read_text())
+    sets["secrets as files"] = deep_merge(SECRETS, {"secrets": {"mountAsFiles": True}})
+    sets["KEDA instead of HPA, CNPG without pooler, standalone Redis"] = deep_merge(
+        {"secrets": {"jwtSecret": "s"}},
+        {"autoscaling": {"enabled": False}, "keda": {"enabled": True},
+         "postgresql": {"cnpg": {"enabled": True}}, "redis": {"operator": {"enabled": True}}},
+    )
+    rendered = {label: render_set(chart, label, values, crds, env_ok, schema) for label, values in sets.items()}
+
+    expect_objects("defaults", rendered["defaults (+ required secrets)"],
+                   {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceAccount",
+                    "NetworkPolicy", "Secret", "Job", "Pod", "ConfigMap"}, {"ScaledObject", "Cluster"})
+    full = rendered["example operators.yaml"]
+    expect_objects("operators", full,
+                   {"Cluster", "Pooler", "RedisReplication", "RedisSentinel", "ScaledObject", "ServiceMonitor",
+                    "PrometheusRule", "OpenTelemetryCollector", "Ingress"}, {"HorizontalPodAutoscaler", "Secret"})
+    expect_objects("KEDA", rendered["KEDA instead of HPA, CNPG without pooler, standalone Redis"],
+                   {"ScaledObject", "Cluster", "Redis"}, {"HorizontalPodAutoscaler", "Pooler"})
+    dashboards = [o for o in full if o["kind"] == "ConfigMap" and o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    source = json.loads((ROOT / "deploy" / "grafana" / "chat-service.json").read_text())
+    if len(dashboards) != 1 or json.loads(dashboards[0]["data"]["chat-service.json"]) != source:
+        fail("the dashboard ConfigMap does not carry deploy/grafana/chat-service.json")
+    rules = [o for o in full if o["kind"] == "PrometheusRule"][0]
+    exported = set(re.findall(r"`(chat_[a-z_]+)`", (ROOT / "docs" / "observability.md").read_text()))
+    for group in rules["spec"]["groups"]:
+        for rule in group["rules"]:
+            for name in re.findall(r"\b(chat_[a-z_]+?)(?:_bucket|_count|_sum)?\b", rule["expr"]):
+                if name not in exported:
+                    fail(f"alert {rule['alert']} uses {name}, not in docs/observability.md")
+
+    # Wrong values must be rejected (by the schema, or by the templates).
+    wrong = {
+        "unknown top-level key": {"replicas": 3},
+        "unknown nested key": {"config": {"shutdownGrace": "10s"}},
+        "replicaCount as a string": {"replicaCount": "2"},
+        "log format outside the enum": {"config": {"logFormat": "xml"}},
+        "JWT algorithm outside the enum": {"config": {"jwtAlgorithm": "RS256"}},
+        "duration without a unit": {"config": {"idleTimeout": "60"}},
+        "SQLite URL in cluster mode": {"secrets": {"databaseUrl": "sqlite://chat.db"}},
+        "KEDA and HPA together": {"keda": {"enabled": True}, "autoscaling": {"enabled": True}},
+        "no JWT secret": {"secrets": {"jwtSecret": ""}},
+        "pooler without its cluster": {"postgresql": {"cnpg": {"pooler": {"enabled": True}}}},
+        "Redis mode outside the enum": {"redis": {"operator": {"mode": "cluster"}}},
+        "cache below the resume window": {"config": {"cacheRecentMessages": 100}},
+    }
+    for label, bad in wrong.items():
+        values = deep_merge(SECRETS, bad)
+        try:
+            chart.validate_schema(chart.merge_values(values))
+            chart.render(values, name="chat", namespace="chat", is_install=True)
+        except helm.HelmError:
+            print(f"ok   rejected: {label}")
+        else:
+            fail(f"accepted wrong values: {label}")
+
+    if failures:
+        print(f"\n{len(failures)} failure(s)")
+        return 1
+    print("\nall chart checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
