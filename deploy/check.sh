@@ -13,4 +13,6 @@ if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; th
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r deploy/requirements.txt
   echo "$want" >"$stamp"
 fi
+# The helm test script is also run against the real binary.
+cargo build --quiet --locked --bin chat-service
 exec "$venv/bin/python" deploy/validate.py "$@"

@@ -20,8 +20,12 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import os
 import re
+import socket
+import subprocess
 import sys
+import tempfile
 
 import helm_python as helm
 import jsonschema
@@ -234,6 +238,35 @@ def expect_objects(label: str, objects: list[dict], must: set[str], must_not: se
         fail(f"{label}: did not expect {sorted(extra)}")
 
 
+def roundtrip() -> None:
+    """Runs the `helm test` script against the real binary, the way the test
+    pod does: a token from `chat-service token`, then the WebSocket script."""
+    binary = ROOT / "target" / "debug" / "chat-service"
+    script = CHART / "files" / "ws_roundtrip.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "JWT_SECRET": "roundtrip-secret", "LISTEN_ADDR": f"127.0.0.1:{port}",
+               "DATABASE_URL": f"sqlite://{tmp}/chat.db"}
+        env.pop("REDIS_URL", None)
+        server = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            token = subprocess.run([binary, "token", "--sub", "helm-test", "--name", "helm-test", "--ttl", "5m"],
+                                   env=env, check=True, capture_output=True, text=True).stdout
+            pathlib.Path(tmp, "token").write_text(token)
+            run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=90,
+                                 env={**env, "CHAT_URL": f"ws://127.0.0.1:{port}/ws/chat/global",
+                                      "TOKEN_FILE": f"{tmp}/token"})
+            if run.returncode != 0:
+                fail(f"helm test script against the binary: {run.stdout}{run.stderr}")
+            else:
+                print(f"ok   helm test script against the binary: {run.stdout.strip()}")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 def main() -> int:
     chart = helm.Chart.load(str(CHART))
     schema = json.loads((CHART / "values.schema.json").read_text())
@@ -296,6 +329,8 @@ def main() -> int:
             print(f"ok   rejected: {label}")
         else:
             fail(f"accepted wrong values: {label}")
+
+    roundtrip()
 
     if failures:
         print(f"\n{len(failures)} failure(s)")
