@@ -13,3 +13,4 @@ source scripts/services.sh
 cargo test --locked --all-targets
 CHAT_TEST_BACKEND=cluster cargo test --locked --test api -- --skip cluster:: --skip faults::
 tests/sdk/run.sh
+deploy/check.sh

@@ -6,7 +6,10 @@
 
 use std::{fmt, net::SocketAddr, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{
+    ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum,
+    parser::ValueSource,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "chat-service", version, about = "Clash of Code chat service")]
@@ -16,6 +19,19 @@ pub struct Cli {
     /// Options of `serve`, the default command.
     #[command(flatten)]
     pub serve: ServeConfig,
+}
+
+impl Cli {
+    /// Parses the command line and environment, then fills secrets given as
+    /// files (`JWT_SECRET_FILE`, `DATABASE_URL_FILE`, `REDIS_URL_FILE`) —
+    /// the way Kubernetes and Docker mount secrets.
+    pub fn load() -> anyhow::Result<Self> {
+        let matches = Self::command().get_matches();
+        let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+        cli.serve
+            .fill_secret_files(&matches, |name| std::env::var_os(name))?;
+        Ok(cli)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,14 +256,73 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
 }
 
+/// The secrets that may also be given as a file: (argument id, variable).
+const SECRET_FILE_VARS: [(&str, &str); 3] = [
+    ("jwt_secret", "JWT_SECRET"),
+    ("database_url", "DATABASE_URL"),
+    ("redis_url", "REDIS_URL"),
+];
+
+/// Reads a secret from the file named by `{var}_FILE`. One trailing newline
+/// (as `echo` and most editors leave) is dropped; any other whitespace is
+/// kept, since it may be part of the secret.
+fn read_secret_file(var: &str, path: &std::ffi::OsStr) -> anyhow::Result<Secret> {
+    let mut value = std::fs::read_to_string(path).map_err(|err| {
+        anyhow::anyhow!(
+            "{var}_FILE: cannot read {}: {err}",
+            std::path::Path::new(path).display()
+        )
+    })?;
+    if value.ends_with('\n') {
+        value.pop();
+        if value.ends_with('\r') {
+            value.pop();
+        }
+    }
+    Ok(Secret::new(value))
+}
+
+/// True when the value was given explicitly (flag or plain variable); only
+/// values that were not may come from a `_FILE` variable.
+fn given_explicitly(source: Option<ValueSource>) -> bool {
+    matches!(
+        source,
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
 impl ServeConfig {
+    /// For each secret not given by flag or plain variable, reads the file
+    /// named by its `_FILE` variable (looked up with `lookup`), if set.
+    pub fn fill_secret_files(
+        &mut self,
+        matches: &ArgMatches,
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> anyhow::Result<()> {
+        for (id, var) in SECRET_FILE_VARS {
+            if given_explicitly(matches.value_source(id)) {
+                continue;
+            }
+            let Some(path) = lookup(&format!("{var}_FILE")).filter(|p| !p.is_empty()) else {
+                continue;
+            };
+            let secret = read_secret_file(var, &path)?;
+            match id {
+                "jwt_secret" => self.jwt_secret = Some(secret),
+                "database_url" => self.database_url = secret,
+                _ => self.redis_url = Some(secret),
+            }
+        }
+        Ok(())
+    }
+
     /// The secret, or a clear error naming the variable.
     pub fn require_secret(&self) -> anyhow::Result<&Secret> {
         match &self.jwt_secret {
             Some(secret) if !secret.expose().is_empty() => Ok(secret),
             _ => anyhow::bail!(
-                "JWT_SECRET is not set: set it (environment, .env file or --jwt-secret) to the \
-                 secret the Core service signs tokens with"
+                "JWT_SECRET is not set: set it (environment, JWT_SECRET_FILE, .env file or \
+                 --jwt-secret) to the secret the Core service signs tokens with"
             ),
         }
     }
@@ -262,5 +337,83 @@ impl ServeConfig {
             jwt_secret: Some(Secret::new(secret)),
             ..cli.serve
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str], lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> ServeConfig {
+        let matches = Cli::command().get_matches_from(args);
+        let mut config = Cli::from_arg_matches(&matches).unwrap().serve;
+        config.fill_secret_files(&matches, lookup).unwrap();
+        config
+    }
+
+    #[test]
+    fn secret_files_fill_secrets_not_given_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str, content: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            path.into_os_string()
+        };
+        let jwt = path("jwt", "s3cret \n");
+        let db = path("db", "postgres://u:p@db/chat\r\n");
+        let redis = path("redis", "redis://redis:6379");
+        let lookup = |name: &str| match name {
+            "JWT_SECRET_FILE" => Some(jwt.clone()),
+            "DATABASE_URL_FILE" => Some(db.clone()),
+            "REDIS_URL_FILE" => Some(redis.clone()),
+            _ => None,
+        };
+        // Flags stand in for the plain variables (the test process's
+        // environment is not ours to change): they win over the files.
+        let explicit = config(
+            &[
+                "chat-service",
+                "--jwt-secret",
+                "flag",
+                "--database-url",
+                "sqlite://x.db",
+                "--redis-url",
+                "redis://flag",
+            ],
+            lookup,
+        );
+        assert_eq!(explicit.require_secret().unwrap().expose(), "flag");
+        assert_eq!(explicit.database_url.expose(), "sqlite://x.db");
+        assert_eq!(explicit.redis_url.unwrap().expose(), "redis://flag");
+
+        // Without them the files supply the values, minus one line ending.
+        let matches = Cli::command().get_matches_from(["chat-service"]);
+        let from_files = config(&["chat-service"], lookup);
+        if !given_explicitly(matches.value_source("jwt_secret")) {
+            assert_eq!(from_files.require_secret().unwrap().expose(), "s3cret ");
+        }
+        if !given_explicitly(matches.value_source("database_url")) {
+            assert_eq!(from_files.database_url.expose(), "postgres://u:p@db/chat");
+        }
+        if !given_explicitly(matches.value_source("redis_url")) {
+            assert_eq!(from_files.redis_url.unwrap().expose(), "redis://redis:6379");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_names_its_variable() {
+        let err = read_secret_file("REDIS_URL", std::ffi::OsStr::new("/nonexistent/redis-url"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REDIS_URL_FILE"), "{err}");
+        assert!(err.contains("/nonexistent/redis-url"), "{err}");
+    }
+
+    #[test]
+    fn only_flags_and_plain_variables_win_over_files() {
+        assert!(given_explicitly(Some(ValueSource::CommandLine)));
+        assert!(given_explicitly(Some(ValueSource::EnvVariable)));
+        assert!(!given_explicitly(Some(ValueSource::DefaultValue)));
+        assert!(!given_explicitly(None));
     }
 }

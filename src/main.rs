@@ -7,7 +7,6 @@ use chat_service::{
     config::{Cli, Command},
     store, telemetry,
 };
-use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -17,7 +16,7 @@ async fn main() -> anyhow::Result<()> {
     {
         anyhow::bail!("could not read .env: {err}");
     }
-    let cli = Cli::parse();
+    let cli = Cli::load()?;
     let config = cli.serve;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
