@@ -294,8 +294,13 @@ async fn pump_inbound(hub: Arc<Hub>, mut inbound: mpsc::Receiver<Inbound>) {
         match item {
             Inbound::Event { event, traceparent } => {
                 // The fan-out here continues the sender's trace.
-                let span = tracing::info_span!("hub.fan_out", remote = true);
+                let span = tracing::info_span!(
+                    "hub.fan_out",
+                    remote = true,
+                    trace_id = tracing::field::Empty
+                );
                 crate::telemetry::adopt_traceparent(&span, traceparent.as_deref());
+                crate::telemetry::record_trace_id(&span);
                 span.in_scope(|| hub.dispatch(*event));
             }
             Inbound::Resync => {
