@@ -301,7 +301,7 @@ async fn pump_inbound(hub: Arc<Hub>, mut inbound: mpsc::Receiver<Inbound>) {
                 );
                 crate::telemetry::adopt_traceparent(&span, traceparent.as_deref());
                 crate::telemetry::record_trace_id(&span);
-                span.in_scope(|| hub.dispatch(*event));
+                span.in_scope(|| hub.dispatch(&event));
             }
             Inbound::Resync => {
                 let hub = Arc::clone(&hub);

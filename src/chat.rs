@@ -270,7 +270,7 @@ impl Chat {
     /// instance's connections have it, and other instances recover messages
     /// from the store.
     pub async fn announce(&self, event: Event) {
-        tracing::info_span!("hub.fan_out").in_scope(|| self.hub.dispatch(event.clone()));
+        tracing::info_span!("hub.fan_out").in_scope(|| self.hub.dispatch(&event));
         let published = self
             .bus
             .publish(&event)

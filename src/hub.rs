@@ -231,7 +231,7 @@ impl Hub {
     }
 
     /// Delivers an event to this instance's connections in its room.
-    pub fn dispatch(self: &Arc<Self>, event: Event) {
+    pub fn dispatch(self: &Arc<Self>, event: &Event) {
         // Ids from the bus were valid when sent; parse only to look up.
         let Ok(room_id) = RoomId::parse(event.room_id()) else {
             return;
@@ -251,18 +251,15 @@ impl Hub {
                     conn.closer.close(CloseReason::Revoked);
                 }
             }
-            Event::Deleted {
-                ref room_id,
-                ref id,
-                seq,
-            } => {
-                let frame = ServerFrame::MessageDeleted { room_id, id, seq };
+            Event::Deleted { room_id, id, seq } => {
+                let frame = ServerFrame::MessageDeleted {
+                    room_id,
+                    id,
+                    seq: *seq,
+                };
                 Self::broadcast(&mut room.state.lock().expect("room lock"), &frame, None);
             }
-            Event::Typing {
-                ref room_id,
-                ref user,
-            } => {
+            Event::Typing { room_id, user } => {
                 let frame = ServerFrame::Typing { room_id, user };
                 Self::broadcast(
                     &mut room.state.lock().expect("room lock"),
@@ -270,17 +267,11 @@ impl Hub {
                     Some(&user.id),
                 );
             }
-            Event::Join {
-                ref room_id,
-                ref user,
-            } => {
+            Event::Join { room_id, user } => {
                 let frame = ServerFrame::Join { room_id, user };
                 Self::broadcast(&mut room.state.lock().expect("room lock"), &frame, None);
             }
-            Event::Leave {
-                ref room_id,
-                ref user,
-            } => {
+            Event::Leave { room_id, user } => {
                 let frame = ServerFrame::Leave { room_id, user };
                 Self::broadcast(&mut room.state.lock().expect("room lock"), &frame, None);
             }
@@ -289,14 +280,21 @@ impl Hub {
 
     /// Puts a message into its room's order, delivering whatever became
     /// deliverable, and starts filling the gap if one is left.
-    fn ingest(self: &Arc<Self>, room: &Arc<HubRoom>, room_id: RoomId, message: WireMessage) {
+    /// The message is only copied when it has to wait (out of order, or the
+    /// room is still initialising); the usual next-in-line message goes out
+    /// straight from the caller's borrow.
+    fn ingest(self: &Arc<Self>, room: &Arc<HubRoom>, room_id: RoomId, message: &WireMessage) {
         let mut state = room.state.lock().expect("room lock");
         if state.initialized && message.seq <= state.delivered {
             return; // already delivered (a retry, or our own event echoed)
         }
-        state.pending.insert(message.seq, message);
-        if !state.initialized {
-            return; // init_room drains once it knows where history ends
+        if state.initialized && message.seq == state.delivered + 1 {
+            Self::deliver(&mut state, message);
+        } else {
+            state.pending.insert(message.seq, message.clone());
+            if !state.initialized {
+                return; // init_room drains once it knows where history ends
+            }
         }
         Self::drain(&mut state);
         if !state.pending.is_empty() && !state.filling {
@@ -315,16 +313,21 @@ impl Hub {
                 entry.remove();
             } else if seq == state.delivered + 1 {
                 let message = entry.remove();
-                state.delivered = seq;
-                let recipients = Self::broadcast(state, &ServerFrame::for_message(&message), None);
-                metrics::counter!("chat_deliveries_total").increment(recipients);
-                if let Some(received) = message.received_at_us {
-                    let latency = (crate::chat::unix_micros() - received).max(0) as f64 / 1e6;
-                    metrics::histogram!("chat_send_delivery_seconds").record(latency);
-                }
+                Self::deliver(state, &message);
             } else {
                 break;
             }
+        }
+    }
+
+    /// Hands the next message in seq order to every connection.
+    fn deliver(state: &mut RoomState, message: &WireMessage) {
+        state.delivered = message.seq;
+        let recipients = Self::broadcast(state, &ServerFrame::for_message(message), None);
+        metrics::counter!("chat_deliveries_total").increment(recipients);
+        if let Some(received) = message.received_at_us {
+            let latency = (crate::chat::unix_micros() - received).max(0) as f64 / 1e6;
+            metrics::histogram!("chat_send_delivery_seconds").record(latency);
         }
     }
 
@@ -438,23 +441,12 @@ impl Hub {
                     Ok(messages) if !messages.is_empty() => {
                         metrics::counter!("chat_gap_fills_total").increment(messages.len() as u64);
                         for message in &messages {
-                            self.ingest(&room, room_id.clone(), WireMessage::from(message));
+                            self.ingest(&room, room_id.clone(), &WireMessage::from(message));
                         }
                     }
                     _ => break,
                 }
             }
         }
-    }
-
-    /// Number of rooms with local connections (metrics, tests).
-    pub fn room_count(&self) -> usize {
-        self.rooms.lock().expect("hub lock").len()
-    }
-
-    /// Closes every connection of the user in the room with 4003 (this
-    /// instance only; other instances learn it from the bus).
-    pub fn revoke(self: &Arc<Self>, room: &RoomId, user: &UserId) {
-        self.dispatch(Event::revoked(room, user));
     }
 }

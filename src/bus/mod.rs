@@ -122,11 +122,6 @@ impl Event {
         }
     }
 
-    /// Builds the event that announces a stored message.
-    pub fn from_message(message: &Message) -> Self {
-        Self::Message(WireMessage::from(message))
-    }
-
     pub fn revoked(room: &RoomId, user: &UserId) -> Self {
         Self::Revoked {
             room_id: room.to_string(),
