@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use poem::{
     EndpointExt, IntoEndpoint, Route, Server, get,
     listener::{Acceptor, Listener, TcpListener},
@@ -95,6 +95,11 @@ pub fn metrics_handle() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(crate::telemetry::LATENCY_BUCKETS)
                 .expect("latency buckets are valid")
+                .set_buckets_for_metric(
+                    Matcher::Full("chat_store_batch_size".into()),
+                    crate::telemetry::BATCH_BUCKETS,
+                )
+                .expect("batch buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may be installed already (e.g. by a test

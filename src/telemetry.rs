@@ -231,6 +231,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "Store operations that failed, by operation",
     ),
     (
+        "chat_store_batch_size",
+        MetricKind::Histogram,
+        "",
+        "Messages stored per append transaction (group commit)",
+    ),
+    (
         "chat_http_request_duration_seconds",
         MetricKind::Histogram,
         "route, method, status",
@@ -262,6 +268,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 ];
+
+/// Buckets of `chat_store_batch_size`: 1 to the largest batch (512).
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 /// Registers every metric's help text, and makes the unlabelled counters and
 /// gauges visible at zero from the start.

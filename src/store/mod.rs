@@ -18,6 +18,7 @@
 //!   is left behind.
 
 pub mod cached;
+pub mod group;
 pub mod metered;
 pub mod postgres;
 pub mod sqlite;
@@ -41,6 +42,22 @@ pub struct NewMessage {
     pub body: String,
     pub client_id: Option<ClientId>,
     pub created_at: OffsetDateTime,
+}
+
+impl NewMessage {
+    /// The message as stored with `seq`.
+    pub(crate) fn stored(&self, seq: u64) -> Message {
+        Message {
+            room_id: self.room_id.clone(),
+            id: self.id.clone(),
+            seq,
+            user: self.user.clone(),
+            body: self.body.clone(),
+            client_id: self.client_id.clone(),
+            created_at: self.created_at,
+            deleted: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

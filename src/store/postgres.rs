@@ -5,7 +5,7 @@
 //! room (on any pod) while writers of different rooms proceed in parallel,
 //! and a rollback gives the seq back, so there are never gaps.
 
-use std::time::Duration;
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -14,15 +14,25 @@ use sqlx::{
 };
 use time::OffsetDateTime;
 
-use super::{Appended, Member, NewMessage, Page, Store, rows, seq_bound, to_millis};
+use super::{
+    Appended, Member, NewMessage, Page, Store,
+    group::{AppendBatch, GroupCommit},
+    rows, seq_bound, to_millis,
+};
 use crate::{
-    domain::{Message, Room, RoomId, User, UserId},
+    domain::{ClientId, Message, Room, RoomId, User, UserId},
     error::ChatError,
 };
 
 pub struct PostgresStore {
     pool: PgPool,
+    appends: GroupCommit,
 }
+
+/// Transactions appending at once (each holds a pooled connection while it
+/// commits), and the most messages one of them takes.
+const COMMITTERS: usize = 4;
+const MAX_BATCH: usize = 512;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -37,7 +47,12 @@ impl PostgresStore {
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(url)?;
-        Ok(Self { pool })
+        let appends = GroupCommit::start(
+            Arc::new(Appender { pool: pool.clone() }),
+            COMMITTERS,
+            MAX_BATCH,
+        );
+        Ok(Self { pool, appends })
     }
 
     async fn message_by_seq(&self, room: &RoomId, seq: i64) -> Result<Message, ChatError> {
@@ -199,58 +214,7 @@ impl Store for PostgresStore {
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
-        let mut tx = self.pool.begin().await?;
-        // Taking the room row's lock first serialises appends to this room
-        // across pods; the duplicate check below then sees any retry of the
-        // same client_id that committed before us.
-        let seq: i64 = sqlx::query(
-            "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
-        )
-        .bind(message.room_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(ChatError::room_not_found)?
-        .try_get(0)?;
-        if let Some(client_id) = &message.client_id {
-            let original = sqlx::query(
-                "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
-                 FROM messages WHERE room_id = $1 AND user_id = $2 AND client_id = $3",
-            )
-            .bind(message.room_id.as_str())
-            .bind(message.user.id.as_str())
-            .bind(client_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = original {
-                // Dropping the transaction rolls the seq bump back.
-                return Ok(Appended::Duplicate(rows::message(&row)?));
-            }
-        }
-        sqlx::query(
-            "INSERT INTO messages (room_id, seq, id, user_id, user_name, body, client_id, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(message.room_id.as_str())
-        .bind(seq)
-        .bind(&message.id)
-        .bind(message.user.id.as_str())
-        .bind(&message.user.name)
-        .bind(&message.body)
-        .bind(message.client_id.as_ref().map(|c| c.as_str()))
-        .bind(to_millis(message.created_at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Appended::Stored(Message {
-            room_id: message.room_id,
-            id: message.id,
-            seq: seq as u64,
-            user: message.user,
-            body: message.body,
-            client_id: message.client_id,
-            created_at: message.created_at,
-            deleted: false,
-        }))
+        self.appends.append(message).await
     }
 
     async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError> {
@@ -339,5 +303,144 @@ impl Store for PostgresStore {
         .await?
         .map(|row| rows::message(&row))
         .transpose()
+    }
+}
+
+/// Appends batches for [`GroupCommit`].
+struct Appender {
+    pool: PgPool,
+}
+
+/// A message's idempotency key: room, user, client id.
+type Key = (String, String, String);
+
+fn key(room: &RoomId, user: &UserId, client_id: Option<&ClientId>) -> Option<Key> {
+    Some((
+        room.as_str().to_owned(),
+        user.as_str().to_owned(),
+        client_id?.as_str().to_owned(),
+    ))
+}
+
+fn key_of(message: &NewMessage) -> Option<Key> {
+    key(
+        &message.room_id,
+        &message.user.id,
+        message.client_id.as_ref(),
+    )
+}
+
+#[async_trait]
+impl AppendBatch for Appender {
+    /// Four statements whatever the batch size: lock the rooms, look up
+    /// retries, insert the new messages and advance the rooms' `last_seq`.
+    async fn append_batch(
+        &self,
+        batch: &[NewMessage],
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        let mut rooms: Vec<&str> = batch.iter().map(|m| m.room_id.as_str()).collect();
+        rooms.sort_unstable();
+        rooms.dedup();
+        let mut tx = self.pool.begin().await?;
+        // The room rows' locks serialise appends to a room across committers
+        // and pods. Taken in id order, as every batch does, so two batches
+        // sharing rooms wait for each other instead of deadlocking.
+        let mut last_seq = HashMap::with_capacity(rooms.len());
+        for row in
+            sqlx::query("SELECT id, last_seq FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&rooms)
+                .fetch_all(&mut *tx)
+                .await?
+        {
+            last_seq.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+        }
+        let before = last_seq.clone();
+        // Retries committed before us. This statement starts after the locks
+        // were granted, so it sees every append that held them earlier.
+        let mut originals: HashMap<Key, Message> = HashMap::new();
+        let keys: Vec<Key> = batch.iter().filter_map(key_of).collect();
+        if !keys.is_empty() {
+            let column = |pick: fn(&Key) -> &str| keys.iter().map(pick).collect::<Vec<_>>();
+            let found = sqlx::query(
+                "SELECT m.room_id, m.seq, m.id, m.user_id, m.user_name, m.body, m.client_id, \
+                        m.created_at, m.deleted_at \
+                 FROM messages m \
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(room_id, user_id, client_id) \
+                   ON m.room_id = k.room_id AND m.user_id = k.user_id AND m.client_id = k.client_id",
+            )
+            .bind(column(|k| &k.0))
+            .bind(column(|k| &k.1))
+            .bind(column(|k| &k.2))
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in &found {
+                let original = rows::message(row)?;
+                if let Some(key) = key(
+                    &original.room_id,
+                    &original.user.id,
+                    original.client_id.as_ref(),
+                ) {
+                    originals.insert(key, original);
+                }
+            }
+        }
+        // Seqs in batch order; a repeat within the batch is a duplicate of
+        // its first occurrence.
+        let mut results = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<(&NewMessage, i64)> = Vec::with_capacity(batch.len());
+        for message in batch {
+            let Some(seq) = last_seq.get_mut(message.room_id.as_str()) else {
+                results.push(Err(ChatError::room_not_found()));
+                continue;
+            };
+            let key = key_of(message);
+            if let Some(original) = key.as_ref().and_then(|k| originals.get(k)) {
+                results.push(Ok(Appended::Duplicate(original.clone())));
+                continue;
+            }
+            *seq += 1;
+            let stored = message.stored(*seq as u64);
+            if let Some(key) = key {
+                originals.insert(key, stored.clone());
+            }
+            fresh.push((message, *seq));
+            results.push(Ok(Appended::Stored(stored)));
+        }
+        if !fresh.is_empty() {
+            let advanced: Vec<(&str, i64)> = last_seq
+                .iter()
+                .filter(|(room, seq)| before.get(*room) != Some(seq))
+                .map(|(room, seq)| (room.as_str(), *seq))
+                .collect();
+            sqlx::query(
+                "WITH inserted AS ( \
+                   INSERT INTO messages (room_id, seq, id, user_id, user_name, body, client_id, created_at) \
+                   SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+                                        $6::text[], $7::text[], $8::int8[]) \
+                 ) \
+                 UPDATE rooms SET last_seq = advanced.last_seq \
+                 FROM unnest($9::text[], $10::int8[]) AS advanced(id, last_seq) \
+                 WHERE rooms.id = advanced.id",
+            )
+            .bind(fresh.iter().map(|(m, _)| m.room_id.as_str()).collect::<Vec<_>>())
+            .bind(fresh.iter().map(|(_, seq)| *seq).collect::<Vec<_>>())
+            .bind(fresh.iter().map(|(m, _)| m.id.as_str()).collect::<Vec<_>>())
+            .bind(fresh.iter().map(|(m, _)| m.user.id.as_str()).collect::<Vec<_>>())
+            .bind(fresh.iter().map(|(m, _)| m.user.name.as_str()).collect::<Vec<_>>())
+            .bind(fresh.iter().map(|(m, _)| m.body.as_str()).collect::<Vec<_>>())
+            .bind(
+                fresh
+                    .iter()
+                    .map(|(m, _)| m.client_id.as_ref().map(|c| c.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(fresh.iter().map(|(m, _)| to_millis(m.created_at)).collect::<Vec<_>>())
+            .bind(advanced.iter().map(|(room, _)| *room).collect::<Vec<_>>())
+            .bind(advanced.iter().map(|(_, seq)| *seq).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(results)
     }
 }

@@ -6,7 +6,7 @@
 //! one connection, so they queue in FIFO order inside the process; reads use
 //! their own pool and never wait for writes (WAL).
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -17,7 +17,11 @@ use sqlx::{
 };
 use time::OffsetDateTime;
 
-use super::{Appended, Member, NewMessage, Page, Store, rows, seq_bound, to_millis};
+use super::{
+    Appended, Member, NewMessage, Page, Store,
+    group::{AppendBatch, GroupCommit},
+    rows, seq_bound, to_millis,
+};
 use crate::{
     domain::{Message, Room, RoomId, User, UserId},
     error::ChatError,
@@ -26,7 +30,11 @@ use crate::{
 pub struct SqliteStore {
     reader: SqlitePool,
     writer: SqlitePool,
+    appends: GroupCommit,
 }
+
+/// The most messages one append transaction (one fsync) takes.
+const MAX_BATCH: usize = 512;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -51,7 +59,19 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(Self { reader, writer })
+        // One committer: there is one writer connection anyway.
+        let appends = GroupCommit::start(
+            Arc::new(Appender {
+                writer: writer.clone(),
+            }),
+            1,
+            MAX_BATCH,
+        );
+        Ok(Self {
+            reader,
+            writer,
+            appends,
+        })
     }
 
     async fn message_by_seq(&self, room: &RoomId, seq: i64) -> Result<Message, ChatError> {
@@ -213,55 +233,7 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
-        // One writer connection: the duplicate check, the seq bump and the
-        // insert cannot interleave with another append.
-        let mut tx = self.writer.begin().await?;
-        if let Some(client_id) = &message.client_id {
-            let original = sqlx::query(
-                "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
-                 FROM messages WHERE room_id = ? AND user_id = ? AND client_id = ?",
-            )
-            .bind(message.room_id.as_str())
-            .bind(message.user.id.as_str())
-            .bind(client_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = original {
-                return Ok(Appended::Duplicate(rows::message(&row)?));
-            }
-        }
-        let seq: i64 =
-            sqlx::query("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
-                .bind(message.room_id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(ChatError::room_not_found)?
-                .try_get(0)?;
-        sqlx::query(
-            "INSERT INTO messages (room_id, seq, id, user_id, user_name, body, client_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(message.room_id.as_str())
-        .bind(seq)
-        .bind(&message.id)
-        .bind(message.user.id.as_str())
-        .bind(&message.user.name)
-        .bind(&message.body)
-        .bind(message.client_id.as_ref().map(|c| c.as_str()))
-        .bind(to_millis(message.created_at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Appended::Stored(Message {
-            room_id: message.room_id,
-            id: message.id,
-            seq: seq as u64,
-            user: message.user,
-            body: message.body,
-            client_id: message.client_id,
-            created_at: message.created_at,
-            deleted: false,
-        }))
+        self.appends.append(message).await
     }
 
     async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError> {
@@ -349,5 +321,70 @@ impl Store for SqliteStore {
         .await?
         .map(|row| rows::message(&row))
         .transpose()
+    }
+}
+
+/// Appends batches for [`GroupCommit`]: one transaction, so one fsync for
+/// the whole batch.
+struct Appender {
+    writer: SqlitePool,
+}
+
+#[async_trait]
+impl AppendBatch for Appender {
+    async fn append_batch(
+        &self,
+        batch: &[NewMessage],
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        // One writer connection: nothing interleaves with this transaction,
+        // and its own earlier inserts answer the duplicate checks of later
+        // messages in the batch.
+        let mut tx = self.writer.begin().await?;
+        let mut results = Vec::with_capacity(batch.len());
+        for message in batch {
+            if let Some(client_id) = &message.client_id {
+                let original = sqlx::query(
+                    "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
+                     FROM messages WHERE room_id = ? AND user_id = ? AND client_id = ?",
+                )
+                .bind(message.room_id.as_str())
+                .bind(message.user.id.as_str())
+                .bind(client_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = original {
+                    results.push(Ok(Appended::Duplicate(rows::message(&row)?)));
+                    continue;
+                }
+            }
+            let Some(row) = sqlx::query(
+                "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+            )
+            .bind(message.room_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            else {
+                results.push(Err(ChatError::room_not_found()));
+                continue;
+            };
+            let seq: i64 = row.try_get(0)?;
+            sqlx::query(
+                "INSERT INTO messages (room_id, seq, id, user_id, user_name, body, client_id, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(message.room_id.as_str())
+            .bind(seq)
+            .bind(&message.id)
+            .bind(message.user.id.as_str())
+            .bind(&message.user.name)
+            .bind(&message.body)
+            .bind(message.client_id.as_ref().map(|c| c.as_str()))
+            .bind(to_millis(message.created_at))
+            .execute(&mut *tx)
+            .await?;
+            results.push(Ok(Appended::Stored(message.stored(seq as u64))));
+        }
+        tx.commit().await?;
+        Ok(results)
     }
 }

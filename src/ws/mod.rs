@@ -103,12 +103,16 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     }
 
+    const WRITE_GATHER_BYTES: usize = 16 * 1024;
     let config = WebSocketConfig::default()
         .max_frame_size(Some(state.config.max_frame_bytes))
         .max_message_size(Some(state.config.max_frame_bytes))
         // Small buffers: most frames are tiny, and idle connections are many.
+        // Writes gather up to this much before going to the socket, so a
+        // backlog of small frames leaves in one system call (the session
+        // flushes after each batch).
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_GATHER_BYTES)
         .max_write_buffer_size(state.config.max_frame_bytes.max(64 * 1024) * 4);
     let session_state = state.clone();
     // The connection's whole life is one span, a trace of its own.

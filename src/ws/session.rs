@@ -68,6 +68,9 @@ mod close {
     pub const ABUSE: u16 = 4029;
 }
 
+/// The most queued frames written with one flush.
+const FRAMES_PER_FLUSH: usize = 64;
+
 /// The window of the frame flood limit (`frame_flood_limit` frames per
 /// window, far above what the send limit lets through, so only floods trip it).
 const FRAME_FLOOD_WINDOW: Duration = Duration::from_secs(10);
@@ -216,13 +219,12 @@ impl Session {
             resumed: since.map(|_| resumed),
             presence: &presence,
         };
-        self.write(Utf8Bytes::from(ready.to_json())).await?;
-        for message in &replay {
-            let wire = crate::bus::WireMessage::from(message);
-            self.write(Utf8Bytes::from(ServerFrame::for_message(&wire).to_json()))
-                .await?;
-        }
-        Ok(())
+        let frames =
+            std::iter::once(Utf8Bytes::from(ready.to_json())).chain(replay.iter().map(|message| {
+                let wire = crate::bus::WireMessage::from(message);
+                Utf8Bytes::from(ServerFrame::for_message(&wire).to_json())
+            }));
+        write_all(&mut self.socket, self.state.config.write_timeout, frames).await
     }
 
     async fn run_loop(&mut self) -> End {
@@ -233,18 +235,35 @@ impl Session {
             tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
         let mut last_heard = Instant::now();
         let mut flood = FloodGuard::new(config.frame_flood_limit);
+        // The futures below live across iterations: re-creating them per
+        // frame would register (and unregister) timers and waiters for
+        // every frame delivered. Deadlines that move (idle, token expiry)
+        // are re-checked when their timer fires.
+        let closed = conn.closer.closed();
+        let cancelled = shutdown.cancelled();
+        let idle = sleep_until(last_heard + config.idle_timeout);
+        let expiry = sleep_until(self.expiry_deadline());
+        tokio::pin!(closed, cancelled, idle, expiry);
         loop {
-            let expires = self.expiry_deadline();
             tokio::select! {
                 biased;
-                reason = conn.closer.closed() => return End::Close(reason.code(), reason.text()),
-                () = shutdown.cancelled() => return End::Close(close::RESTART, "server restarting"),
-                () = sleep_until(expires) => return End::Close(close::TOKEN_EXPIRED, "token expired"),
-                () = sleep_until(last_heard + config.idle_timeout) => {
-                    return End::Close(close::POLICY, "idle timeout");
+                reason = &mut closed => return End::Close(reason.code(), reason.text()),
+                () = &mut cancelled => return End::Close(close::RESTART, "server restarting"),
+                () = &mut expiry => {
+                    if self.token_expired() {
+                        return End::Close(close::TOKEN_EXPIRED, "token expired");
+                    }
+                    expiry.as_mut().reset(self.expiry_deadline());
+                }
+                () = &mut idle => {
+                    let deadline = last_heard + config.idle_timeout;
+                    if deadline <= Instant::now() {
+                        return End::Close(close::POLICY, "idle timeout");
+                    }
+                    idle.as_mut().reset(deadline);
                 }
                 Some(frame) = self.queue.recv() => {
-                    if let Err(end) = self.write(frame).await {
+                    if let Err(end) = self.write_backlog(frame).await {
                         return end;
                     }
                 }
@@ -269,6 +288,7 @@ impl Session {
                     if !flood.allow(last_heard) {
                         return End::Close(close::ABUSE, "too many frames");
                     }
+                    let expires_at = self.caller.expires_at;
                     let handled = match message {
                         WsMessage::Text(text) => self.handle_text(text.as_str()).await,
                         WsMessage::Binary(_) => {
@@ -282,16 +302,37 @@ impl Session {
                     if let Err(end) = handled {
                         return end;
                     }
+                    if self.caller.expires_at != expires_at {
+                        // A refresh: the new token may also expire sooner.
+                        expiry.as_mut().reset(self.expiry_deadline());
+                    }
                 }
             }
         }
     }
 
-    /// When the connection must close for its token: `exp` plus leeway.
+    /// The token's end on the wall clock: `exp` plus leeway.
+    fn token_end(&self) -> Option<time::OffsetDateTime> {
+        let leeway = time::Duration::try_from(self.state.keys.leeway()).ok()?;
+        self.caller.expires_at.checked_add(leeway)
+    }
+
+    /// Whether the token is past its end (by the wall clock).
+    fn token_expired(&self) -> bool {
+        self.token_end()
+            .is_some_and(|end| time::OffsetDateTime::now_utc() >= end)
+    }
+
+    /// When the connection must close for its token, on the timer's clock.
     fn expiry_deadline(&self) -> Instant {
-        let left = self.caller.expires_at - time::OffsetDateTime::now_utc();
-        let left = Duration::try_from(left).unwrap_or(Duration::ZERO) + self.state.keys.leeway();
-        Instant::now() + left
+        const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        let left = match self.token_end() {
+            Some(end) => {
+                Duration::try_from(end - time::OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO)
+            }
+            None => FAR,
+        };
+        Instant::now() + left.min(FAR)
     }
 
     async fn handle_text(&mut self, text: &str) -> Result<(), End> {
@@ -370,6 +411,16 @@ impl Session {
         self.send_raw(WsMessage::Text(frame)).await
     }
 
+    /// Writes `first` and what else the hub has queued (up to a bound)
+    /// with one flush: a connection with a backlog gets several frames per
+    /// system call.
+    async fn write_backlog(&mut self, first: Utf8Bytes) -> Result<(), End> {
+        let queue = &mut self.queue;
+        let backlog = std::iter::from_fn(|| queue.try_recv().ok()).take(FRAMES_PER_FLUSH - 1);
+        let frames = std::iter::once(first).chain(backlog);
+        write_all(&mut self.socket, self.state.config.write_timeout, frames).await
+    }
+
     /// Writes one frame; a peer that does not take it within the write
     /// timeout is too slow.
     async fn send_raw(&mut self, message: WsMessage) -> Result<(), End> {
@@ -378,6 +429,26 @@ impl Session {
             Ok(Err(_)) => Err(End::Drop),
             Err(_) => Err(End::Close(close::TOO_SLOW, "too slow")),
         }
+    }
+}
+
+/// Writes frames with one flush at the end; a peer that does not take them
+/// within the write timeout is too slow.
+async fn write_all(
+    socket: &mut Socket,
+    write_timeout: Duration,
+    frames: impl Iterator<Item = Utf8Bytes>,
+) -> Result<(), End> {
+    let written = async {
+        for frame in frames {
+            socket.feed(WsMessage::Text(frame)).await?;
+        }
+        socket.flush().await
+    };
+    match timeout(write_timeout, written).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Drop),
+        Err(_) => Err(End::Close(close::TOO_SLOW, "too slow")),
     }
 }
 

@@ -327,3 +327,81 @@ async fn rest_sends_are_broadcast_like_websocket_ones() {
     assert_eq!(frame["id"], body["id"]);
     assert!(frame.get("client_id").is_none());
 }
+
+#[tokio::test]
+async fn simultaneous_sends_to_many_rooms_keep_each_rooms_seqs_and_store_a_retry_once() {
+    // Sends that arrive together are committed together (group commit):
+    // each room must still count 1, 2, 3… and a client_id sent several
+    // times at once must be stored once, every copy answered with it.
+    let app = std::sync::Arc::new(
+        TestApp::spawn_with(|c| {
+            c.send_rate_limit = 10_000;
+            c.rest_rate_limit = 10_000;
+        })
+        .await,
+    );
+    let owner = app.token("owner");
+    const ROOMS: usize = 4;
+    const EACH: usize = 15;
+    const RETRIES: usize = 8;
+    let mut rooms = Vec::new();
+    for r in 0..ROOMS {
+        rooms.push(
+            app.create_room(&owner, &format!("burst-{r}"), "public", &[])
+                .await,
+        );
+    }
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..EACH {
+        for room in &rooms {
+            let (app, room) = (std::sync::Arc::clone(&app), room.clone());
+            sends.spawn(async move {
+                let token = app.token(&format!("u{i}"));
+                let path = format!("/api/v1/rooms/{room}/messages");
+                (
+                    room,
+                    app.post(&token, &path, json!({"body": format!("m{i}")}))
+                        .await,
+                )
+            });
+        }
+    }
+    for _ in 0..RETRIES {
+        let app = std::sync::Arc::clone(&app);
+        sends.spawn(async move {
+            let token = app.token("retrier");
+            let body = json!({"body": "once", "client_id": "same-key"});
+            let answer = app
+                .post(&token, "/api/v1/rooms/burst-0/messages", body)
+                .await;
+            ("retry".to_owned(), answer)
+        });
+    }
+    let mut retries = Vec::new();
+    while let Some(done) = sends.join_next().await {
+        let (room, (status, body)) = done.unwrap();
+        if room == "retry" {
+            retries.push((status, body));
+        } else {
+            assert_eq!(status, 201, "{body}");
+        }
+    }
+    let created = retries.iter().filter(|(status, _)| *status == 201).count();
+    assert_eq!(created, 1, "exactly one copy is new: {retries:?}");
+    assert!(retries.iter().all(|(status, body)| {
+        (*status == 200 || *status == 201) && body["id"] == retries[0].1["id"]
+    }));
+    for room in &rooms {
+        let path = format!("/api/v1/rooms/{room}/messages?limit=100");
+        let (_, page) = app.get(&owner, &path).await;
+        let mut seqs: Vec<u64> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        seqs.reverse();
+        let expected = EACH + if room == "burst-0" { 1 } else { 0 };
+        assert_eq!(seqs, (1..=expected as u64).collect::<Vec<_>>(), "{room}");
+    }
+}
