@@ -104,6 +104,7 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
     }
 
     const WRITE_GATHER_BYTES: usize = 16 * 1024;
+    const READ_CHUNK_BYTES: usize = 512;
     let config = WebSocketConfig::default()
         .max_frame_size(Some(state.config.max_frame_bytes))
         .max_message_size(Some(state.config.max_frame_bytes))
@@ -111,7 +112,7 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
         // Writes gather up to this much before going to the socket, so a
         // backlog of small frames leaves in one system call (the session
         // flushes after each batch).
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(READ_CHUNK_BYTES)
         .write_buffer_size(WRITE_GATHER_BYTES)
         .max_write_buffer_size(state.config.max_frame_bytes.max(64 * 1024) * 4);
     let session_state = state.clone();
