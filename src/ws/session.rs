@@ -45,6 +45,7 @@ type Socket = WebSocketStream<Upgraded>;
 /// A close code as a metrics label (a fixed set).
 fn close_label(code: u16) -> &'static str {
     match code {
+        close::INVALID_DATA => "1007",
         close::POLICY => "1008",
         close::TOO_BIG => "1009",
         close::RESTART => "1012",
@@ -59,6 +60,7 @@ fn close_label(code: u16) -> &'static str {
 
 /// Close codes of the contract.
 mod close {
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTART: u16 = 1012;
@@ -260,6 +262,11 @@ impl Session {
                         Some(Err(tungstenite::Error::Capacity(
                             CapacityError::MessageTooLong { .. },
                         ))) => return End::Close(close::TOO_BIG, "frame too large"),
+                        // RFC 6455 §8.1: a text frame that is not UTF-8 fails
+                        // the connection; 1007 tells the client why.
+                        Some(Err(tungstenite::Error::Utf8(_))) => {
+                            return End::Close(close::INVALID_DATA, "text frame is not UTF-8");
+                        }
                         Some(Err(err)) => {
                             tracing::debug!(error = %err, "socket error");
                             return End::Drop;
