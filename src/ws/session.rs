@@ -350,6 +350,12 @@ impl Session {
             }
             ClientFrame::Refresh { token } => match self.state.keys.verify(&token) {
                 Ok(fresh) if fresh.id() == self.caller.id() => {
+                    // The new token must still open this room: a token
+                    // without the role that let the old one in is refused,
+                    // and the connection closes when the old one expires.
+                    if let Err(err) = self.state.chat.check_access(&fresh, &self.room).await {
+                        return self.send_error(&err, None).await;
+                    }
                     let expires_at = format_time(fresh.expires_at);
                     self.caller = fresh;
                     self.write(Utf8Bytes::from(

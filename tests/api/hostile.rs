@@ -1078,3 +1078,38 @@ async fn tokens_stay_out_of_logs_metrics_and_responses(rust_log: &str) {
         }
     }
 }
+
+#[tokio::test]
+async fn handshakes_from_origins_outside_allowed_origins_are_refused_with_403() {
+    let app =
+        TestApp::spawn_with(|c| c.allowed_origins = vec!["https://play.example".into()]).await;
+    let token = app.token("alice");
+    for origin in [
+        "https://evil.example",
+        "https://play.example.evil.example",
+        "null",
+    ] {
+        let refusal = app
+            .connect_with("global", Some(&token), None, &[("origin", origin)])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{origin} accepted"));
+        assert_eq!(
+            (refusal.status, refusal.body["code"].as_str()),
+            (403, Some("forbidden")),
+            "{origin}"
+        );
+    }
+    let mut browser = app
+        .connect_with(
+            "global",
+            Some(&token),
+            None,
+            &[("origin", "https://play.example")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(browser.next_json().await["type"], "ready");
+    // Clients that are not browsers send no Origin.
+    app.join("global", &token).await;
+}
