@@ -15,10 +15,7 @@ use chat_service::config::ServeConfig;
 use futures_util::SinkExt;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpSocket,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{
     Message,
     client::IntoClientRequest,
@@ -515,22 +512,8 @@ async fn a_client_that_never_reads_is_closed_without_delaying_the_room() {
     })
     .await;
     let mut room = Bystanders::join(&app, "global").await;
-    // A tiny receive buffer so that the kernel cannot hide the slowness; the
-    // client never reads, not even `ready`.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(2048).unwrap();
-    let stream = socket.connect(app.addr).await.unwrap();
-    let request = format!("{}?token={}", app.ws_url("global"), app.token("sloth"))
-        .into_client_request()
-        .unwrap();
-    let (stream, _) =
-        tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    let mut sloth = WsClient {
-        stream,
-        protocol: None,
-    };
+    // It never reads, not even `ready`.
+    let mut sloth = app.connect_slow_reader("global", &app.token("sloth")).await;
     // Large messages fill the sloth's socket and queue quickly; each must
     // still reach the watcher promptly, until the sloth is gone.
     let body = "😀".repeat(2000);
@@ -621,22 +604,22 @@ async fn a_flood_of_connection_attempts_from_one_ip_is_refused_with_429_and_othe
         }
         open.extend(stream);
     }
-    // The bystanders' two attempts count too: 28 left for the crowd.
+    // The bystanders' two attempts count too: 28 left for the crowd. In
+    // cluster mode a Redis call slower than 250 ms (a loaded machine) fails
+    // open to the pod's own window for a second, which may admit up to one
+    // more window's worth: the flood is still refused, almost all of it.
     let admitted =
         statuses.get(&101).copied().unwrap_or(0) + statuses.get(&401).copied().unwrap_or(0);
-    assert!(admitted <= 28, "{statuses:?}");
-    assert!(
-        statuses.get(&429).copied().unwrap_or(0) >= 150 - 28,
-        "{statuses:?}"
-    );
+    let bound = if app.state.config.redis_url.is_some() {
+        28 + 30
+    } else {
+        28
+    };
+    assert!(admitted <= bound, "{statuses:?}");
     assert_eq!(
-        statuses.keys().copied().collect::<Vec<_>>(),
-        statuses
-            .keys()
-            .copied()
-            .filter(|s| [101, 401, 429].contains(s))
-            .collect::<Vec<_>>(),
-        "{statuses:?}"
+        statuses.get(&429).copied().unwrap_or(0) + admitted,
+        150,
+        "only 101, 401 and 429: {statuses:?}"
     );
     room.exchange(3).await;
     // REST is not counted per IP: other users' requests still pass.
