@@ -4,8 +4,8 @@
 //! and answered as plain HTTP with the contract's JSON error, in this order:
 //! shutting down (503), connection-attempt rate per IP (429), `Origin` not
 //! among `ALLOWED_ORIGINS` (403), room id and query (400), token (401), room
-//! existence and access (404/403). Only then
-//! is the connection upgraded and handed to a [`session`].
+//! existence and access (404/403). Only then is the connection upgraded and
+//! handed to a [`session`].
 
 pub mod session;
 
