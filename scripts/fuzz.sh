@@ -13,9 +13,12 @@
 # git). A crash stops the script with a non-zero status and leaves its input
 # in fuzz/artifacts/<target>/: turn it into a regression test, fix, then add
 # the input to the committed corpus. To fold new interesting inputs into the
-# committed corpus, keeping it small:
-#   RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET -- -merge=1 \
-#       fuzz/corpus/TARGET fuzz/target/corpus/TARGET
+# committed corpus, keeping it small (the fewest inputs that reach every
+# edge reached so far):
+#   mkdir -p fuzz/target/fold/TARGET
+#   fuzz/target/x86_64-unknown-linux-gnu/release/TARGET -set_cover_merge=1 \
+#       -use_counters=0 fuzz/target/fold/TARGET fuzz/corpus/TARGET fuzz/target/corpus/TARGET
+# then copy fuzz/target/fold/TARGET/* into fuzz/corpus/TARGET/.
 #
 # cargo fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP=1 lets the stable
 # toolchain accept them. cargo-fuzz is installed on first use.
