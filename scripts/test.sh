@@ -5,7 +5,8 @@
 #  1. every test: unit tests, the behaviour suite on the embedded backend,
 #     the multi-pod and fault tests (which always use PostgreSQL + Redis);
 #  2. the behaviour suite again, unchanged, on PostgreSQL + Redis;
-#  3. the OpenAPI / AsyncAPI / generated-SDK / schemathesis tests (tests/sdk).
+#  3. the OpenAPI / AsyncAPI / generated-SDK / schemathesis tests (tests/sdk);
+#  4. the dependency policy (deny.toml, scripts/audit.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/services.sh
@@ -13,4 +14,5 @@ source scripts/services.sh
 cargo test --locked --all-targets
 CHAT_TEST_BACKEND=cluster cargo test --locked --test api -- --skip cluster:: --skip faults::
 tests/sdk/run.sh
+scripts/audit.sh
 deploy/check.sh

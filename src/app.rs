@@ -121,6 +121,10 @@ pub struct Backends {
     pub inbound: Option<mpsc::Receiver<Inbound>>,
 }
 
+/// Shorter HMAC secrets are warned about at start-up (RFC 7518 §3.2: a key
+/// at least as long as the hash output).
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Events from the bus waiting for the hub; the bus waits when it is full.
 const INBOUND_QUEUE: usize = 4096;
 
@@ -204,6 +208,14 @@ pub struct Application {
 impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let secret = config.require_secret()?.clone();
+        if secret.expose().len() < MIN_SECRET_BYTES {
+            // Not refused: the secret is the Core service's, shared with it.
+            tracing::warn!(
+                bytes = secret.expose().len(),
+                "JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes: HMAC tokens signed with a \
+                 short secret can be brute-forced offline; use at least 32 random bytes"
+            );
+        }
         let instance_id = uuid::Uuid::now_v7().simple().to_string();
         let background = CancellationToken::new();
         let backends = Backends::from_config(&config, &instance_id, &background).await?;

@@ -263,6 +263,22 @@ mod tests {
         assert!(keys("one").verify(&none).is_err());
     }
 
+    /// From the fuzz target `jwt`: refusals are short fixed texts. (Its
+    /// first finding was its own oracle's: "malformed to" is a token that is
+    /// also a word of the message "malformed token".)
+    #[test]
+    fn refusals_are_short_fixed_texts_that_never_repeat_the_token() {
+        let k = keys("s");
+        let long = format!("{}.{}.{}", "a".repeat(40), "b".repeat(40), "c".repeat(40));
+        for token in ["Bearer malformed to", "malformed to", "x", long.as_str()] {
+            let Err(ChatError::Unauthorized(message)) = k.verify(token) else {
+                panic!("{token:?} accepted");
+            };
+            assert!(message.len() <= 64, "{message:?}");
+            assert!(token.len() < 20 || !message.contains(token), "{message:?}");
+        }
+    }
+
     #[test]
     fn numeric_subjects_become_strings() {
         let k = keys("s");

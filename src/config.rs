@@ -247,6 +247,13 @@ pub struct ServeConfig {
     #[arg(long, global = true, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
 
+    /// Browser origins allowed to open WebSockets (comma-separated, e.g.
+    /// `https://www.codingame.com`); a handshake whose `Origin` is another
+    /// is refused with 403. Unset: any origin. Clients that send no
+    /// `Origin` (not browsers) are never refused for it.
+    #[arg(long, global = true, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Take the client IP from the last `X-Forwarded-For` entry (behind a proxy).
     #[arg(long, global = true, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_forwarded_for: bool,
@@ -314,6 +321,19 @@ impl ServeConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether a WebSocket handshake with this `Origin` header may proceed.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        let Some(origin) = origin else {
+            return true;
+        };
+        let origin = origin.trim().trim_end_matches('/');
+        self.allowed_origins.is_empty()
+            || self.allowed_origins.iter().any(|allowed| {
+                let allowed = allowed.trim().trim_end_matches('/');
+                allowed == "*" || allowed.eq_ignore_ascii_case(origin)
+            })
     }
 
     /// The secret, or a clear error naming the variable.
@@ -407,6 +427,41 @@ mod tests {
             .to_string();
         assert!(err.contains("REDIS_URL_FILE"), "{err}");
         assert!(err.contains("/nonexistent/redis-url"), "{err}");
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_configured() {
+        let mut config = ServeConfig::for_tests("sqlite::memory:", "s");
+        assert!(config.origin_allowed(Some("https://evil.example")));
+        config.allowed_origins = vec![
+            "https://play.example".into(),
+            "http://localhost:3000/".into(),
+        ];
+        assert!(
+            config.origin_allowed(None),
+            "non-browser clients send no Origin"
+        );
+        assert!(config.origin_allowed(Some("https://play.example")));
+        assert!(config.origin_allowed(Some("HTTPS://PLAY.EXAMPLE")));
+        assert!(config.origin_allowed(Some("http://localhost:3000")));
+        assert!(!config.origin_allowed(Some("https://evil.example")));
+        assert!(!config.origin_allowed(Some("https://play.example.evil.example")));
+        assert!(!config.origin_allowed(Some("null")));
+        let parsed = config_from(&[
+            "chat-service",
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+        ]);
+        assert_eq!(
+            parsed.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+    }
+
+    fn config_from(args: &[&str]) -> ServeConfig {
+        Cli::from_arg_matches(&Cli::command().get_matches_from(args))
+            .unwrap()
+            .serve
     }
 
     #[test]

@@ -27,7 +27,12 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{
+    EnvFilter,
+    filter::{LevelFilter, Targets},
+    fmt,
+    prelude::*,
+};
 
 use crate::config::LogFormat;
 
@@ -70,7 +75,10 @@ pub fn init(format: LogFormat) -> Telemetry {
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("chat-service"));
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(payload_cap())
+        .with(otel);
     let result = match format {
         LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
         LogFormat::Json => registry
@@ -85,6 +93,17 @@ pub fn init(format: LogFormat) -> Telemetry {
     let _ = result; // already initialised: keep the first
     describe_metrics();
     Telemetry { provider }
+}
+
+/// Libraries whose trace-level logs print whole WebSocket frames (a
+/// `refresh` frame holds a token, a `message` frame a body) are capped at
+/// `debug`. This filter applies on top of `RUST_LOG`, so no setting of it
+/// turns them back on.
+fn payload_cap() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("tungstenite", LevelFilter::DEBUG)
+        .with_target("tokio_tungstenite", LevelFilter::DEBUG)
 }
 
 /// Records the span's OpenTelemetry trace id in its `trace_id` field, so

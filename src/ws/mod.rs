@@ -2,9 +2,10 @@
 //!
 //! Everything that can refuse a connection is checked before the upgrade
 //! and answered as plain HTTP with the contract's JSON error, in this order:
-//! shutting down (503), connection-attempt rate per IP (429), room id and
-//! query (400), token (401), room existence and access (404/403). Only then
-//! is the connection upgraded and handed to a [`session`].
+//! shutting down (503), connection-attempt rate per IP (429), `Origin` not
+//! among `ALLOWED_ORIGINS` (403), room id and query (400), token (401), room
+//! existence and access (404/403). Only then is the connection upgraded and
+//! handed to a [`session`].
 
 pub mod session;
 
@@ -31,9 +32,35 @@ use crate::{
 };
 
 #[derive(Debug, Deserialize)]
-struct WsQuery {
+struct RawQuery {
     token: Option<String>,
     since: Option<String>,
+}
+
+/// The handshake's query string, read.
+#[derive(Debug)]
+pub struct WsQuery {
+    pub token: Option<String>,
+    pub since: Option<u64>,
+}
+
+/// Reads `token` and `since` from the handshake's query string (400 when
+/// malformed). Public for the fuzz target `query_params`.
+#[doc(hidden)]
+pub fn parse_query(req: &Request) -> Result<WsQuery, ChatError> {
+    let raw: RawQuery = req
+        .params()
+        .map_err(|_| ChatError::BadRequest("malformed query string".into()))?;
+    let since = raw
+        .since
+        .as_deref()
+        .map(|s| s.parse::<u64>())
+        .transpose()
+        .map_err(|_| ChatError::BadRequest("since must be a non-negative integer".into()))?;
+    Ok(WsQuery {
+        token: raw.token,
+        since,
+    })
 }
 
 #[handler]
@@ -62,16 +89,18 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
         .count_connection(&client_ip(req, state.config.trust_forwarded_for))
         .await?;
 
+    // Browsers send the page's origin; a page elsewhere holding a user's
+    // token must not open sockets with it (when origins are configured).
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("?"));
+    if !state.config.origin_allowed(origin) {
+        return Err(ChatError::Forbidden("origin not allowed".into()));
+    }
+
     let room_id = RoomId::parse(raw_room)?;
-    let query: WsQuery = req
-        .params()
-        .map_err(|_| ChatError::BadRequest("malformed query string".into()))?;
-    let since = query
-        .since
-        .as_deref()
-        .map(|s| s.parse::<u64>())
-        .transpose()
-        .map_err(|_| ChatError::BadRequest("since must be a non-negative integer".into()))?;
+    let query = parse_query(req)?;
 
     let header = |name| {
         req.headers()
@@ -135,7 +164,7 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
             }
         };
         let socket = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
-        session::run(session_state, socket, caller, room, since).await;
+        session::run(session_state, socket, caller, room, query.since).await;
     };
     state
         .sessions

@@ -45,6 +45,7 @@ type Socket = WebSocketStream<Upgraded>;
 /// A close code as a metrics label (a fixed set).
 fn close_label(code: u16) -> &'static str {
     match code {
+        close::INVALID_DATA => "1007",
         close::POLICY => "1008",
         close::TOO_BIG => "1009",
         close::RESTART => "1012",
@@ -59,6 +60,7 @@ fn close_label(code: u16) -> &'static str {
 
 /// Close codes of the contract.
 mod close {
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTART: u16 = 1012;
@@ -279,6 +281,11 @@ impl Session {
                         Some(Err(tungstenite::Error::Capacity(
                             CapacityError::MessageTooLong { .. },
                         ))) => return End::Close(close::TOO_BIG, "frame too large"),
+                        // RFC 6455 §8.1: a text frame that is not UTF-8 fails
+                        // the connection; 1007 tells the client why.
+                        Some(Err(tungstenite::Error::Utf8(_))) => {
+                            return End::Close(close::INVALID_DATA, "text frame is not UTF-8");
+                        }
                         Some(Err(err)) => {
                             tracing::debug!(error = %err, "socket error");
                             return End::Drop;
@@ -384,6 +391,12 @@ impl Session {
             }
             ClientFrame::Refresh { token } => match self.state.keys.verify(&token) {
                 Ok(fresh) if fresh.id() == self.caller.id() => {
+                    // The new token must still open this room: a token
+                    // without the role that let the old one in is refused,
+                    // and the connection closes when the old one expires.
+                    if let Err(err) = self.state.chat.check_access(&fresh, &self.room).await {
+                        return self.send_error(&err, None).await;
+                    }
                     let expires_at = format_time(fresh.expires_at);
                     self.caller = fresh;
                     self.write(Utf8Bytes::from(

@@ -573,3 +573,24 @@ impl WsClient {
         (ending, frames)
     }
 }
+
+impl TestApp {
+    /// Connects with a tiny receive buffer, so that a client that stops
+    /// reading is soon stuck for the server too (the kernel cannot hide
+    /// the slowness). The `ready` frame is left unread.
+    pub async fn connect_slow_reader(&self, room: &str, token: &str) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(2048).expect("buffer size");
+        let stream = socket.connect(self.addr).await.expect("connects");
+        let request = format!("{}?token={token}", self.ws_url(room))
+            .into_client_request()
+            .expect("request");
+        let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("handshake");
+        WsClient {
+            stream,
+            protocol: None,
+        }
+    }
+}

@@ -3,10 +3,8 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::helpers::{Closed, TestApp, WsClient};
+use crate::helpers::{Closed, TestApp};
 
 #[tokio::test]
 async fn sends_over_the_limit_are_refused_with_retry_after_across_websocket_and_rest() {
@@ -118,22 +116,7 @@ async fn a_slow_consumer_is_closed_with_4008_and_does_not_hold_up_the_room() {
         c.frame_flood_limit = 100_000;
     })
     .await;
-    let token = app.token("sloth");
-    // A tiny receive buffer so that the kernel cannot hide the slowness.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(2048).unwrap();
-    let stream = socket.connect(app.addr).await.unwrap();
-    let request = format!("{}?token={token}", app.ws_url("global"))
-        .into_client_request()
-        .unwrap();
-    let (stream, _) =
-        tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    let mut sloth = WsClient {
-        stream,
-        protocol: None,
-    };
+    let mut sloth = app.connect_slow_reader("global", &app.token("sloth")).await;
 
     let (mut fast, _) = app.join("global", &app.token("fast")).await;
     let (mut sender, _) = app.join("global", &app.token("sender")).await;

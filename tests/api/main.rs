@@ -7,6 +7,7 @@ mod auth;
 mod bench;
 mod cluster;
 mod faults;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod messaging;

@@ -42,7 +42,7 @@ SERVER_FRAMES = {
     "pong",
     "refreshed",
 }
-CLOSE_CODES = {1000, 1001, 1008, 1009, 1012, 1013, 4001, 4003, 4008, 4029}
+CLOSE_CODES = {1000, 1001, 1007, 1008, 1009, 1012, 1013, 4001, 4003, 4008, 4029}
 
 
 def operations(openapi: dict):
