@@ -61,6 +61,8 @@ const STALL_MAX: Duration = Duration::from_secs(25);
 const LOUD_SENDERS: usize = 2;
 const LOUD_INTERVAL: Duration = Duration::from_millis(50);
 const LOUD_BODY_CHARS: usize = 6000;
+/// How long a client waits before retrying a send refused as `unavailable`.
+const RETRY_AFTER: Duration = Duration::from_millis(300);
 /// How long PostgreSQL stays down.
 const PG_OUTAGE: Duration = Duration::from_secs(3);
 /// How long Redis stays down before it restarts (empty).
@@ -347,8 +349,9 @@ struct Client {
     index: usize,
     token: String,
     leaver: bool,
-    /// Sends big messages often, so that a stalled reader's backlog
-    /// outgrows the kernel's socket buffers within seconds.
+    /// While clients are stalled, sends big messages often, so that a
+    /// stalled reader's backlog outgrows the kernel's socket buffers within
+    /// seconds.
     loud: bool,
     log: ClientLog,
     /// The number of the next new message.
@@ -367,7 +370,7 @@ impl Client {
     }
 
     fn body(&self, client_id: &str) -> String {
-        let pad = if self.loud {
+        let pad = if self.loud_now() {
             &self.shared.loud_pad
         } else {
             &self.shared.body_pad
@@ -380,6 +383,18 @@ impl Client {
             return None;
         }
         *self.shared.stall_window.lock().unwrap()
+    }
+
+    fn now(&self) -> f64 {
+        self.shared.now()
+    }
+
+    /// A loud sender is loud only while the stall lasts.
+    fn loud_now(&self) -> bool {
+        self.loud
+            && self
+                .stall_due_any()
+                .is_some_and(|(from, until)| (from..until).contains(&self.shared.start.elapsed()))
     }
 
     fn stall_due_any(&self) -> Option<(Duration, Duration)> {
@@ -406,7 +421,9 @@ impl Client {
                 .base
                 .map(|_| self.progress.last_seq.load(Ordering::Acquire));
             let room = self.room_id().to_owned();
-            let ws = match connect(&addr, &room, &self.token, since, self.log.staller).await {
+            // Only the connection that will stall gets the small buffers.
+            let small = self.log.staller && !self.stalled_once;
+            let ws = match connect(&addr, &room, &self.token, since, small).await {
                 Connect::Open(ws) => ws,
                 Connect::Refused(reason) => {
                     *self.log.refusals.entry(reason).or_default() += 1;
@@ -511,14 +528,14 @@ impl Client {
                     self.stalled_once = true;
                     stalled = true;
                     // Read nothing (and send nothing) until the stall ends.
-                    trace(|| format!("{} stops reading at {:.2}s", self.log.user, self.shared.now()));
+                    trace(|| format!("{} stops reading at {:.2}s", self.log.user, self.now()));
                     while let Some((_, until)) = self.stall_due_any() {
                         if self.shared.start.elapsed() >= until {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    trace(|| format!("{} reads again at {:.2}s", self.log.user, self.shared.now()));
+                    trace(|| format!("{} reads again at {:.2}s", self.log.user, self.now()));
                 }
                 () = tokio::time::sleep_until(next_send), if want_send => {
                     let client_id = match &self.inflight {
@@ -536,7 +553,8 @@ impl Client {
                             id
                         }
                     };
-                    let frame = json!({"type": "message", "body": self.body(&client_id), "client_id": client_id});
+                    let body = self.body(&client_id);
+                    let frame = json!({"type": "message", "body": body, "client_id": client_id});
                     if ws.send(Message::text(frame.to_string())).await.is_err() {
                         return (Ending::Dropped, stalled);
                     }
@@ -582,7 +600,7 @@ impl Client {
                             }
                             if mine {
                                 answer_by = None;
-                                next_send = tokio::time::Instant::now() + Duration::from_millis(300);
+                                next_send = tokio::time::Instant::now() + RETRY_AFTER;
                             }
                         }
                         _ => {} // join, leave, typing, pong
@@ -604,7 +622,7 @@ impl Client {
     }
 
     fn jitter(&self) -> Duration {
-        let interval = if self.loud {
+        let interval = if self.loud_now() {
             LOUD_INTERVAL
         } else {
             self.shared.send_interval
@@ -1304,74 +1322,7 @@ async fn under_faults_every_acked_message_reaches_everyone_once_in_order() {
         failures.push(format!("a pod logged an error: {line}"));
     }
 
-    // Time to recover: after each fault clears, how long until every client
-    // still there (and not stalled then) had an ack again.
-    let recovery: Vec<Value> = runner
-        .faults
-        .iter()
-        .enumerate()
-        .map(|(i, fault)| {
-            // Judged up to the next fault (or the end of sending), so that
-            // one fault's figure does not include the next one's.
-            let horizon = runner.faults.get(i + 1).map_or(quiet_at, |next| next.at);
-            let mut worst: f64 = 0.0;
-            let mut worst_client = "";
-            let mut longest_send: f64 = 0.0;
-            let mut reconnected = 0u64;
-            let mut longest_reconnect: f64 = 0.0;
-            let mut lagging = 0;
-            for log in &logs {
-                if log.departed_at.is_some() {
-                    continue;
-                }
-                if log.staller {
-                    continue; // slow on purpose
-                }
-                match log
-                    .acks
-                    .iter()
-                    .find(|a| a.at >= fault.cleared && a.at <= horizon)
-                {
-                    Some(ack) if ack.at - fault.cleared > worst => {
-                        worst = ack.at - fault.cleared;
-                        worst_client = &log.user;
-                    }
-                    Some(_) => {}
-                    None => lagging += 1,
-                }
-                // Connections the fault ended: how long until the client
-                // was back (its next `ready`), whatever pod it took.
-                for pair in log.sessions.windows(2) {
-                    let (ended, next) = (&pair[0], &pair[1]);
-                    if ended.closed >= fault.at
-                        && ended.closed <= (fault.cleared + 1.0).min(horizon)
-                        && let Some(ready) = next.ready_at
-                    {
-                        reconnected += 1;
-                        longest_reconnect = longest_reconnect.max(ready - ended.closed);
-                    }
-                }
-                // Sends in flight at some point of the fault.
-                for ack in &log.acks {
-                    if ack.sent_at <= fault.cleared && ack.at >= fault.at {
-                        longest_send = longest_send.max(ack.at - ack.sent_at);
-                    }
-                }
-            }
-            json!({
-                "fault": fault.kind,
-                "detail": fault.detail,
-                "at_s": round2(fault.at),
-                "cleared_s": round2(fault.cleared),
-                "every_client_acked_again_after_s": if lagging == 0 { json!(round2(worst)) } else { Value::Null },
-                "slowest_client": worst_client,
-                "longest_send_to_ack_s": round2(longest_send),
-                "reconnections": reconnected,
-                "longest_reconnect_s": round2(longest_reconnect),
-                "clients_without_ack_before_next_fault": lagging,
-            })
-        })
-        .collect();
+    let recovery = recovery_figures(&runner.faults, &logs, quiet_at);
     let messages: u64 = last_seqs
         .iter()
         .filter(|(room, _)| shared.rooms.contains(room))
@@ -1380,7 +1331,12 @@ async fn under_faults_every_acked_message_reaches_everyone_once_in_order() {
     let report = json!({
         "clients": size.clients,
         "rooms": size.rooms,
-        "slow_room": {"stalled": size.stalled, "loud_senders": LOUD_SENDERS, "loud_interval_ms": LOUD_INTERVAL.as_millis() as u64, "loud_body_chars": LOUD_BODY_CHARS},
+        "slow_room": {
+            "stalled": size.stalled,
+            "loud_senders": LOUD_SENDERS,
+            "loud_interval_ms": LOUD_INTERVAL.as_millis() as u64,
+            "loud_body_chars": LOUD_BODY_CHARS,
+        },
         "pods": 3,
         "fault_seconds": size.seconds,
         "send_interval_ms": size.send_interval.as_millis() as u64,
@@ -1438,8 +1394,8 @@ async fn under_faults_every_acked_message_reaches_everyone_once_in_order() {
         );
     }
     println!(
-        "chaos: presence back to the true set {kill_presence:.2}s after the kill (bound {presence_bound:?}); \
-         {} slow consumers closed; closes {closes:?}",
+        "chaos: presence back to the true set {kill_presence:.2}s after the kill \
+         (bound {presence_bound:?}); {} slow consumers closed; closes {closes:?}",
         runner.slow_closes
     );
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -1459,6 +1415,79 @@ async fn under_faults_every_acked_message_reaches_everyone_once_in_order() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// Time to recover, for each fault: the longest send-to-ack of a send in
+/// flight during it, the connections it ended and how long their clients
+/// took to be back (next `ready`), and how long after it cleared every client
+/// still there (stalled ones excepted) had an ack again.
+fn recovery_figures(faults: &[Fault], logs: &[ClientLog], quiet_at: f64) -> Vec<Value> {
+    faults
+        .iter()
+        .enumerate()
+        .map(|(i, fault)| {
+            // Judged up to the next fault (or the end of sending), so that
+            // one fault's figure does not include the next one's.
+            let horizon = faults.get(i + 1).map_or(quiet_at, |next| next.at);
+            let mut worst: f64 = 0.0;
+            let mut worst_client = "";
+            let mut longest_send: f64 = 0.0;
+            let mut reconnected = 0u64;
+            let mut longest_reconnect: f64 = 0.0;
+            let mut lagging = 0;
+            for log in logs {
+                if log.departed_at.is_some() {
+                    continue;
+                }
+                if log.staller {
+                    continue; // slow on purpose
+                }
+                match log
+                    .acks
+                    .iter()
+                    .find(|a| a.at >= fault.cleared && a.at <= horizon)
+                {
+                    Some(ack) if ack.at - fault.cleared > worst => {
+                        worst = ack.at - fault.cleared;
+                        worst_client = &log.user;
+                    }
+                    Some(_) => {}
+                    None => lagging += 1,
+                }
+                // Connections the fault ended: how long until the client
+                // was back (its next `ready`), whatever pod it took.
+                for pair in log.sessions.windows(2) {
+                    let (ended, next) = (&pair[0], &pair[1]);
+                    if ended.closed >= fault.at
+                        && ended.closed <= (fault.cleared + 1.0).min(horizon)
+                        && let Some(ready) = next.ready_at
+                    {
+                        reconnected += 1;
+                        longest_reconnect = longest_reconnect.max(ready - ended.closed);
+                    }
+                }
+                // Sends in flight at some point of the fault.
+                for ack in &log.acks {
+                    if ack.sent_at <= fault.cleared && ack.at >= fault.at {
+                        longest_send = longest_send.max(ack.at - ack.sent_at);
+                    }
+                }
+            }
+            let acked_again = (lagging == 0).then(|| round2(worst));
+            json!({
+                "fault": fault.kind,
+                "detail": fault.detail,
+                "at_s": round2(fault.at),
+                "cleared_s": round2(fault.cleared),
+                "every_client_acked_again_after_s": acked_again,
+                "slowest_client": worst_client,
+                "longest_send_to_ack_s": round2(longest_send),
+                "reconnections": reconnected,
+                "longest_reconnect_s": round2(longest_reconnect),
+                "clients_without_ack_before_next_fault": lagging,
+            })
+        })
+        .collect()
 }
 
 fn round2(x: f64) -> f64 {
