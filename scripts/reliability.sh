@@ -17,8 +17,8 @@ export CHAOS_SECONDS="${CHAOS_SECONDS:-120}"
 export CHAOS_CLIENTS="${CHAOS_CLIENTS:-300}"
 cargo build --release --locked --bins --test chaos
 cargo test --release --locked --test chaos -- --nocapture
-if [[ -x scripts/fuzz.sh ]]; then
-    scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
+if [[ -f scripts/fuzz.sh ]]; then
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
 else
     echo "reliability: scripts/fuzz.sh not found; skipping the fuzzers" >&2
 fi

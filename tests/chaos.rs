@@ -1174,6 +1174,7 @@ async fn under_faults_every_acked_message_reaches_everyone_once_in_order() {
     let mut closes: BTreeMap<String, u64> = BTreeMap::new();
     let mut sigterm_codes: BTreeMap<String, u64> = BTreeMap::new();
     let mut stalled_endings: BTreeMap<String, u64> = BTreeMap::new();
+    let mut readers_closed_as_slow = 0u64;
     for log in &logs {
         sends += log.sends;
         retries += log.retries;
@@ -1253,6 +1254,8 @@ async fn under_faults_every_acked_message_reaches_everyone_once_in_order() {
             *closes.entry(key.clone()).or_default() += 1;
             if session.stalled {
                 *stalled_endings.entry(key.clone()).or_default() += 1;
+            } else if session.ending == Ending::Code(4008) {
+                readers_closed_as_slow += 1;
             }
             if session.pod == stopped_name && session.closed >= sigterm_at && !session.stalled {
                 *sigterm_codes.entry(key).or_default() += 1;
@@ -1325,6 +1328,11 @@ async fn under_faults_every_acked_message_reaches_everyone_once_in_order() {
     // stopped meanwhile), never kept forever nor allowed to slow the room.
     if runner.slow_closes == 0 && size.stalled > 0 {
         failures.push("no stalled client was closed as a slow consumer".into());
+    }
+    if readers_closed_as_slow > 0 {
+        failures.push(format!(
+            "{readers_closed_as_slow} connections that kept reading were closed as too slow"
+        ));
     }
     if stalled_endings.contains_key("finished") {
         failures.push(format!(
