@@ -361,13 +361,31 @@ impl Session {
                 );
                 span.follows_from(tracing::Span::current());
                 crate::telemetry::record_trace_id(&span);
-                let sent = self
-                    .state
-                    .chat
-                    .send(&self.caller, &self.room, &body, client_id, Transport::Ws)
-                    .instrument(span)
-                    .await;
-                match sent {
+                // While the store works on this send, the hub keeps filling
+                // our queue. Those frames go out after the ack (as they
+                // always have), but they are taken off the queue meanwhile,
+                // up to another queue's worth: a client that reads well must
+                // not be closed as too slow (4008) because the database was
+                // slow for its own send — e.g. every sender of a busy room
+                // committing at once when the database comes back.
+                let limit = self.state.config.outbound_queue.max(1);
+                let mut held = Vec::new();
+                let sent = {
+                    let send = self
+                        .state
+                        .chat
+                        .send(&self.caller, &self.room, &body, client_id, Transport::Ws)
+                        .instrument(span);
+                    tokio::pin!(send);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            sent = &mut send => break sent,
+                            Some(frame) = self.queue.recv(), if held.len() < limit => held.push(frame),
+                        }
+                    }
+                };
+                let answered = match sent {
                     Ok(sent) => {
                         let m = &sent.message;
                         let ack = ServerFrame::Ack {
@@ -379,7 +397,9 @@ impl Session {
                         self.write(Utf8Bytes::from(ack.to_json())).await
                     }
                     Err(err) => self.send_error(&err, echo.as_deref()).await,
-                }
+                };
+                answered?;
+                write_all(&mut self.socket, self.state.config.write_timeout, held.into_iter()).await
             }
             ClientFrame::Typing => match self.state.chat.typing(&self.caller, &self.room).await {
                 Ok(()) => Ok(()),

@@ -183,3 +183,46 @@ async fn a_database_outage_refuses_sends_as_unavailable_and_recovers_by_itself()
         .collect();
     assert_eq!(bodies, vec!["during", "before"], "nothing half-stored");
 }
+
+/// When the database comes back, every sender of a room commits at once and
+/// each connection's queue fills with the others' messages while its own
+/// send is still being stored. Clients that read well must not be closed as
+/// too slow for that (found by the chaos suite, tests/chaos.rs).
+#[tokio::test]
+async fn a_burst_of_commits_after_an_outage_does_not_close_readers_as_too_slow() {
+    const SENDERS: usize = 8;
+    let mut pg = PgServer::start();
+    let backend = Arc::new(Backend::cluster_on(&pg.url(), &test_redis_url()).await);
+    let pod = TestApp::spawn_on(backend, |c| {
+        c.outbound_queue = 4;
+        c.send_rate_limit = 10_000;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..SENDERS {
+        clients.push(pod.join("global", &pod.token(&format!("s{i}"))).await.0);
+    }
+    pg.stop();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.say(&format!("m{i}"), Some(&format!("c{i}"))).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.restart();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let mut seqs = Vec::new();
+        let mut acked = false;
+        while !acked || seqs.len() < SENDERS {
+            let frame = client.next_json().await; // panics on a close (4008)
+            match frame["type"].as_str() {
+                Some("ack") => acked = true,
+                Some("message") => seqs.push(frame["seq"].as_u64().unwrap()),
+                Some("error") => {
+                    assert_eq!(frame["code"], "unavailable", "{frame}");
+                    client.say(&format!("m{i}"), Some(&format!("c{i}"))).await;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(seqs, (1..=SENDERS as u64).collect::<Vec<_>>());
+    }
+}

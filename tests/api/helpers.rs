@@ -394,6 +394,16 @@ impl Drop for Service {
 /// Runs the real binary (`serve`, JSON logs) in `dir` with extra
 /// environment, and returns it with the address it listens on.
 pub async fn spawn_service(dir: &std::path::Path, env: &[(&str, &str)]) -> (Service, String) {
+    spawn_service_logging(dir, env, drop).await
+}
+
+/// [`spawn_service`], handing every log line after start-up to `on_line`
+/// (on a thread of its own).
+pub async fn spawn_service_logging(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    on_line: impl FnMut(String) + Send + 'static,
+) -> (Service, String) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-service"))
         .env_clear()
@@ -418,7 +428,7 @@ pub async fn spawn_service(dir: &std::path::Path, env: &[(&str, &str)]) -> (Serv
             if entry["fields"]["message"] == "chat service listening" {
                 let addr = entry["fields"]["addr"].as_str().expect("addr").to_owned();
                 // Keep draining the logs so the service never blocks on them.
-                std::thread::spawn(move || lines.for_each(drop));
+                std::thread::spawn(move || lines.map_while(Result::ok).for_each(on_line));
                 return addr;
             }
         }
