@@ -14,3 +14,4 @@ mod observability;
 mod rest;
 mod resume;
 mod servers;
+mod web;
