@@ -72,7 +72,10 @@ fn assets() -> [(&'static str, Asset); 4] {
         ),
         (
             "/style.css",
-            Asset::new("text/css; charset=utf-8", include_bytes!("../web/style.css")),
+            Asset::new(
+                "text/css; charset=utf-8",
+                include_bytes!("../web/style.css"),
+            ),
         ),
         (
             "/favicon.svg",
@@ -84,10 +87,7 @@ fn assets() -> [(&'static str, Asset); 4] {
 /// The web client's routes, added beside the service's own.
 pub fn routes(route: Route) -> Route {
     let mut route = route
-        .at(
-            "/dev/token",
-            get(dev_token_status).post(mint_dev_token),
-        )
+        .at("/dev/token", get(dev_token_status).post(mint_dev_token))
         .at("/index.html", get(serve(assets()[0].1.clone())));
     for (path, asset) in assets() {
         route = route.at(path, get(serve(asset)));

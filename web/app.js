@@ -266,6 +266,10 @@ class RoomView {
     this.newestSeq = 0;
     /** client_id → {body, item, timer}: sends not acknowledged yet. */
     this.pending = new Map();
+    /** The client_id sent and not yet acknowledged, if any. */
+    this.inFlight = null;
+    this.holdUntil = 0;
+    this.holdTimer = null;
     this.presence = new Map();
     this.typing = new Map();
     this.attempt = 0;
@@ -315,7 +319,7 @@ class RoomView {
     this.stopped = true;
     clearTimeout(this.retryTimer);
     clearInterval(this.heartbeat);
-    for (const p of this.pending.values()) clearTimeout(p.timer);
+    clearTimeout(this.holdTimer);
     for (const t of this.typing.values()) clearTimeout(t.timer);
     if (this.ws) {
       const ws = this.ws;
@@ -377,6 +381,9 @@ class RoomView {
     clearInterval(this.heartbeat);
     this.clearTyping();
     if (this.stopped) return;
+    // An unacknowledged send goes again, with its client_id, once ready.
+    this.inFlight = null;
+    this.pump();
     if (code === 4003) {
       this.fail({ code: 'removed', human: `${CLOSE_TEXT[4003]} You can pick another room.` });
       return;
@@ -519,7 +526,8 @@ class RoomView {
     this.startHeartbeat();
     // When the replay was cut short (`resumed: false`), the hole shows up
     // at the first replayed message and is filled from REST then.
-    for (const [clientId, p] of this.pending) this.transmit(clientId, p);
+    this.inFlight = null;
+    this.pump();
   }
 
   onMessage(m) {
@@ -568,23 +576,17 @@ class RoomView {
   }
 
   onError(frame) {
-    const p = frame.client_id ? this.pending.get(frame.client_id) : null;
-    if (frame.code === 'rate_limited') {
-      const wait = frame.retry_after_ms ?? 1000;
-      notify(`${ERROR_TEXT.rate_limited} Your message will be sent ${inSeconds(wait)}.`);
-      if (p) {
-        setPendingState(p.item, `waiting ${inSeconds(wait)}`);
-        clearTimeout(p.timer);
-        p.timer = setTimeout(() => this.transmit(frame.client_id, p), wait);
-      }
-      return;
-    }
-    if (frame.code === 'unavailable' || frame.code === 'internal') {
-      notify(errorText(frame.code));
-      if (p) {
-        clearTimeout(p.timer);
-        p.timer = setTimeout(() => this.transmit(frame.client_id, p), 2000);
-      }
+    const failed = frame.client_id && frame.client_id === this.inFlight;
+    if (failed) this.inFlight = null;
+    if (frame.code === 'rate_limited' || frame.code === 'unavailable' || frame.code === 'internal') {
+      // Nothing was stored: the same send goes again (same client_id) later.
+      const wait = frame.code === 'rate_limited' ? (frame.retry_after_ms ?? 1000) : 2000;
+      notify(
+        frame.code === 'rate_limited'
+          ? `${ERROR_TEXT.rate_limited} Your message will be sent ${inSeconds(wait)}.`
+          : errorText(frame.code),
+      );
+      if (failed) this.holdSends(wait);
       return;
     }
     if (frame.code === 'unauthorized' || frame.code === 'forbidden') {
@@ -592,19 +594,26 @@ class RoomView {
       return;
     }
     // bad_request, invalid_message, message_too_long: the send itself is wrong.
+    const p = frame.client_id ? this.pending.get(frame.client_id) : null;
     if (p) {
+      this.pending.delete(frame.client_id);
       p.item.classList.add('failed');
       setPendingState(p.item, `not sent: ${errorText(frame.code, frame.message)}`);
-      this.pending.delete(frame.client_id);
       const dismiss = el('button', 'link', 'dismiss');
       dismiss.type = 'button';
       dismiss.addEventListener('click', () => p.item.remove());
       p.item.querySelector('.meta').append(dismiss);
     }
     notify(errorText(frame.code, frame.message), 'error');
+    if (failed) this.pump();
   }
 
   // -- sending
+  //
+  // One send at a time: the next leaves when the previous is acknowledged
+  // (or refused), so messages arrive in the order they were typed even
+  // through rate limits and reconnects; a person never types faster than
+  // an acknowledgement comes back.
 
   submit(body) {
     const text = body.replace(/\r\n/g, '\n').trim();
@@ -617,30 +626,46 @@ class RoomView {
     const item = messageItem({ user: me(), body: text, created_at: new Date().toISOString() });
     item.classList.add('pending', 'mine');
     item.dataset.clientId = clientId;
-    setPendingState(item, this.ready ? 'sending…' : 'waiting for the connection…');
     $('pending-list').append(item);
-    const p = { body: text, item, timer: null };
-    this.pending.set(clientId, p);
-    this.transmit(clientId, p);
+    this.pending.set(clientId, { body: text, item });
+    this.pump();
     this.scrollToBottom();
   }
 
-  transmit(clientId, p) {
-    if (!this.pending.has(clientId)) return;
-    clearTimeout(p.timer);
-    if (this.ready && this.send({ type: 'message', body: p.body, client_id: clientId })) {
-      setPendingState(p.item, 'sending…');
-    } else {
-      setPendingState(p.item, 'waiting for the connection…');
+  /** Sends the oldest unacknowledged message, unless one is on its way. */
+  pump() {
+    const waiting = this.holdUntil > Date.now();
+    for (const p of this.pending.values()) {
+      setPendingState(
+        p.item,
+        !this.ready ? 'waiting for the connection…' : waiting ? `waiting ${inSeconds(this.holdUntil - Date.now())}` : 'sending…',
+      );
     }
+    if (this.inFlight || waiting || !this.ready) return;
+    const next = this.pending.entries().next();
+    if (next.done) return;
+    const [clientId, p] = next.value;
+    if (this.send({ type: 'message', body: p.body, client_id: clientId })) this.inFlight = clientId;
+  }
+
+  holdSends(wait) {
+    this.holdUntil = Date.now() + wait;
+    clearTimeout(this.holdTimer);
+    this.holdTimer = setTimeout(() => this.pump(), wait);
+    this.pump();
   }
 
   settle(clientId) {
     const p = this.pending.get(clientId);
     if (!p) return;
-    clearTimeout(p.timer);
     p.item.remove();
     this.pending.delete(clientId);
+    if (this.inFlight === clientId) this.inFlight = null;
+    if (!this.pending.size && this.holdUntil) {
+      this.holdUntil = 0;
+      clearNotice(); // the "sending too fast" notice is out of date
+    }
+    this.pump();
   }
 
   typed() {

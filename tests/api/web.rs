@@ -7,11 +7,7 @@ use serde_json::{Value, json};
 use crate::helpers::TestApp;
 
 async fn fetch(app: &TestApp, path: &str) -> reqwest::Response {
-    app.http
-        .get(app.url(path))
-        .send()
-        .await
-        .expect("request")
+    app.http.get(app.url(path)).send().await.expect("request")
 }
 
 fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
@@ -27,7 +23,10 @@ async fn the_page_is_served_at_the_root_with_a_strict_content_security_policy() 
     let app = TestApp::spawn().await;
     let response = fetch(&app, "/").await;
     assert_eq!(response.status(), 200);
-    assert_eq!(header(&response, "content-type"), "text/html; charset=utf-8");
+    assert_eq!(
+        header(&response, "content-type"),
+        "text/html; charset=utf-8"
+    );
     let csp = header(&response, "content-security-policy").to_owned();
     for directive in [
         "default-src 'none'",
@@ -135,19 +134,30 @@ async fn with_the_flag_a_minted_token_works_over_rest_and_the_websocket() {
             "global",
             None,
             None,
-            &[("sec-websocket-protocol", &format!("chat.v1, bearer.{token}"))],
+            &[(
+                "sec-websocket-protocol",
+                &format!("chat.v1, bearer.{token}"),
+            )],
         )
         .await
         .expect("connects");
     assert_eq!(ws.protocol.as_deref(), Some("chat.v1"));
     let ready = ws.next_json().await;
-    assert_eq!(ready["user"], json!({"id": "alice", "name": "Alice"}), "{ready}");
+    assert_eq!(
+        ready["user"],
+        json!({"id": "alice", "name": "Alice"}),
+        "{ready}"
+    );
 }
 
 #[tokio::test]
 async fn minting_refuses_invalid_user_ids() {
     let app = TestApp::spawn_with(|config| config.dev_tokens = true).await;
-    for body in [json!({"sub": "not valid!"}), json!({"name": "x"}), json!("alice")] {
+    for body in [
+        json!({"sub": "not valid!"}),
+        json!({"name": "x"}),
+        json!("alice"),
+    ] {
         let response = app
             .http
             .post(app.url("/dev/token"))
