@@ -947,6 +947,19 @@ async function detectDevTokens() {
 
 // ---------------------------------------------------------------- wiring
 
+/** Once `request` (a room creation) succeeds: close its form, open the room. */
+async function enterCreatedRoom(form, request) {
+  try {
+    const room = await request;
+    form.reset();
+    form.closest('details').open = false;
+    await loadRooms();
+    openRoom(room.id);
+  } catch (err) {
+    notify(err.human ?? String(err), 'error');
+  }
+}
+
 function wire() {
   $('token-form').addEventListener('submit', (event) => {
     event.preventDefault();
@@ -987,28 +1000,12 @@ function wire() {
     if (id) body.id = id;
     const members = $('create-members').value.split(',').map((s) => s.trim()).filter(Boolean);
     if (members.length) body.members = members;
-    try {
-      const room = await api('POST', `${API}/rooms`, body);
-      event.target.reset();
-      event.target.closest('details').open = false;
-      await loadRooms();
-      openRoom(room.id);
-    } catch (err) {
-      notify(err.human ?? String(err), 'error');
-    }
+    enterCreatedRoom(event.target, api('POST', `${API}/rooms`, body));
   });
 
   $('dm-form').addEventListener('submit', async (event) => {
     event.preventDefault();
-    try {
-      const room = await api('POST', `${API}/dm/${encodeURIComponent($('dm-user').value.trim())}`);
-      event.target.reset();
-      event.target.closest('details').open = false;
-      await loadRooms();
-      openRoom(room.id);
-    } catch (err) {
-      notify(err.human ?? String(err), 'error');
-    }
+    enterCreatedRoom(event.target, api('POST', `${API}/dm/${encodeURIComponent($('dm-user').value.trim())}`));
   });
 
   const input = $('composer-input');

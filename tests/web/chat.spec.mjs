@@ -34,28 +34,31 @@ const ARTIFACTS = env('CHAT_WEB_ARTIFACTS');
 const WAIT = 15_000;
 const ROOM = 'lobby-e2e';
 
-let server;
-let dataDir;
+const SECRET = 'web-test-secret-of-reasonable-length';
+/** Every service started, stopped at the end. */
+const servers = [];
 let origin;
 let proxy;
 let browser;
 /** Uncaught page errors and CSP violations, from every page. */
 const problems = [];
 
-/** Starts the real binary on a free port and resolves with its address. */
-async function startServer() {
-  dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-web-'));
-  const child = spawn(env('CHAT_SERVICE_BIN'), ['serve', '--listen', '127.0.0.1:0', '--dev-tokens'], {
+/** Starts the real binary on a free port with a fresh database, and
+ * resolves with its address. */
+async function startServer(extraArgs) {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-web-'));
+  const child = spawn(env('CHAT_SERVICE_BIN'), ['serve', '--listen', '127.0.0.1:0', ...extraArgs], {
     cwd: dataDir,
     env: {
       PATH: process.env.PATH,
-      JWT_SECRET: 'web-test-secret-of-reasonable-length',
+      JWT_SECRET: SECRET,
       DATABASE_URL: `sqlite://${path.join(dataDir, 'chat.db')}`,
       LOG_FORMAT: 'json',
       RUST_LOG: 'info',
     },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
+  servers.push({ child, dataDir });
   const lines = readline.createInterface({ input: child.stdout });
   const addr = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('the service did not start listening')), 30_000);
@@ -73,7 +76,7 @@ async function startServer() {
       }
     });
   });
-  return { child, addr };
+  return addr;
 }
 
 /** A TCP proxy in front of the service whose "network" can be cut. */
@@ -115,10 +118,9 @@ async function startProxy(target) {
 }
 
 before(async () => {
-  const started = await startServer();
-  server = started.child;
-  origin = `http://${started.addr}`;
-  proxy = await startProxy(started.addr);
+  const addr = await startServer(['--dev-tokens']);
+  origin = `http://${addr}`;
+  proxy = await startProxy(addr);
   browser = await chromium.launch({
     executablePath: env('CHAT_WEB_CHROMIUM'),
     headless: true,
@@ -137,11 +139,13 @@ before(async () => {
 after(async () => {
   await browser?.close();
   proxy?.close();
-  if (server && server.exitCode === null) {
-    server.kill('SIGTERM');
-    await once(server, 'exit');
+  for (const { child, dataDir } of servers) {
+    if (child.exitCode === null) {
+      child.kill('SIGTERM');
+      await once(child, 'exit');
+    }
+    fs.rmSync(dataDir, { recursive: true, force: true });
   }
-  if (dataDir) fs.rmSync(dataDir, { recursive: true, force: true });
 });
 
 /** A browser context (its own storage: another user) with one page. */
@@ -374,6 +378,36 @@ test('the dev-token page, two users chatting, a drop and a resume', async (t) =>
 
   await alice.context.close();
   await bob.context.close();
+});
+
+test('without --dev-tokens: no mint button, and a pasted token signs in', async () => {
+  const plain = `http://${await startServer([])}`;
+  const { context, page } = await openPage(plain);
+  await page.locator('#token-form').waitFor({ state: 'visible', timeout: WAIT });
+  // The page asked, was told 404, and offers only the paste box.
+  assert.equal(await page.isVisible('#mint-form'), false);
+
+  await page.fill('#token-input', 'not-a-token');
+  await page.click('#token-form button[type=submit]');
+  await eventually('a readable refusal', async () => /doesn’t look like a token/.test(await page.textContent('#signin-error')));
+
+  const token = await new Promise((resolve, reject) => {
+    const cli = spawn(env('CHAT_SERVICE_BIN'), ['token', '--sub', 'carol', '--name', 'Carol'], {
+      env: { PATH: process.env.PATH, JWT_SECRET: SECRET },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let out = '';
+    cli.stdout.on('data', (chunk) => (out += chunk));
+    cli.on('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`token exited ${code}`))));
+  });
+  await page.fill('#token-input', token);
+  await page.click('#token-form button[type=submit]');
+  await waitConnected(page);
+  assert.equal(await page.textContent('#room-title'), 'Global');
+  await eventually('carol present in global', () => present(page, 'carol'));
+  await send(page, 'hello from a pasted token');
+  await eventually('the message shown', () => hasBodies(page, ['hello from a pasted token']));
+  await context.close();
 });
 
 test('the page loads without CSP violations or script errors', () => {
