@@ -128,6 +128,9 @@ class ApiError extends Error {
       return `${ERROR_TEXT.rate_limited} Try again ${inSeconds(this.retryAfterMs ?? 1000)}.`;
     }
     if (this.code === 'network') return 'The service can’t be reached. Check your connection.';
+    // Say what was wrong with the token ("token expired", "invalid token
+    // signature"): the person pasting it can act on that.
+    if (this.code === 'unauthorized') return `Your token was refused (${this.message}). Sign in again with a new one.`;
     return errorText(this.code, this.message);
   }
 }
@@ -190,9 +193,9 @@ const session = {
   },
 };
 
-async function api(method, path, body) {
+async function api(method, path, body, { auth = true } = {}) {
   const headers = { Accept: 'application/json' };
-  if (session.token) headers.Authorization = `Bearer ${session.token}`;
+  if (auth && session.token) headers.Authorization = `Bearer ${session.token}`;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   let response;
   try {
@@ -219,14 +222,8 @@ async function api(method, path, body) {
   return data;
 }
 
-async function mintToken(sub, name) {
-  const saved = session.token;
-  session.token = null; // the dev endpoint needs no token
-  try {
-    return await api('POST', '/dev/token', { sub, name: name || undefined });
-  } finally {
-    session.token = saved;
-  }
+function mintToken(sub, name) {
+  return api('POST', '/dev/token', { sub, name: name || undefined }, { auth: false });
 }
 
 // ---------------------------------------------------------------- status and notices
@@ -318,6 +315,7 @@ class RoomView {
   stop() {
     this.stopped = true;
     clearTimeout(this.retryTimer);
+    clearInterval(this.countdown);
     clearInterval(this.heartbeat);
     clearTimeout(this.holdTimer);
     for (const t of this.typing.values()) clearTimeout(t.timer);
@@ -338,6 +336,7 @@ class RoomView {
       return;
     }
     setStatus('closed', 'Not connected');
+    $('presence').replaceChildren();
     notify(err.human, 'error', true);
   }
 
@@ -386,6 +385,7 @@ class RoomView {
     this.pump();
     if (code === 4003) {
       this.fail({ code: 'removed', human: `${CLOSE_TEXT[4003]} You can pick another room.` });
+      loadRooms();
       return;
     }
     if (code === 4001) {

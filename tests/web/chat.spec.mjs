@@ -376,8 +376,71 @@ test('the dev-token page, two users chatting, a drop and a resume', async (t) =>
     await screenshot(bob.page, 'bob-narrow.png');
   });
 
+  await t.test('removed from a private room, bob is told so and not reconnected', async () => {
+    await alice.page.click('details.tool:has(#create-form) summary');
+    await alice.page.fill('#create-name', 'Secret');
+    await alice.page.fill('#create-id', 'secret-e2e');
+    await alice.page.selectOption('#create-kind', 'private');
+    await alice.page.fill('#create-members', 'bob');
+    await alice.page.click('#create-form button[type=submit]');
+    await eventually('alice in the private room', async () => (await alice.page.textContent('#room-title')) === 'Secret');
+    await bob.page.click('#refresh-rooms');
+    await bob.page.click('#rooms [data-room-id="secret-e2e"]');
+    await waitConnected(bob.page);
+    const status = await alice.page.evaluate(async () => {
+      const response = await fetch('/api/v1/rooms/secret-e2e/members/bob', {
+        method: 'DELETE',
+        headers: { Authorization: `Bearer ${sessionStorage.getItem('chat.token')}` },
+      });
+      return response.status;
+    });
+    assert.equal(status, 204);
+    await eventually('bob is told he was removed', async () =>
+      /You were removed from this room/.test(await bob.page.textContent('#notice-text')),
+    );
+    const sockets = bobSockets.length;
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(bobSockets.length, sockets, 'no reconnection after 4003');
+    assert.equal(await bob.page.getAttribute('#status', 'data-state'), 'closed');
+    assert.equal(await bob.page.isDisabled('#composer-input'), true);
+    await screenshot(bob.page, 'bob-removed.png');
+  });
+
   await alice.context.close();
   await bob.context.close();
+});
+
+test('a long history pages in with "load older", in order', async () => {
+  // 60 messages from 6 users over REST (each user may send 10 per 10 s).
+  const post = async (pathname, body, token) => {
+    const response = await fetch(`${origin}${pathname}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...(token && { authorization: `Bearer ${token}` }) },
+      body: JSON.stringify(body),
+    });
+    const text = await response.text();
+    assert.ok(response.ok, `${pathname}: ${response.status} ${text}`);
+    return JSON.parse(text);
+  };
+  const tokens = [];
+  for (let u = 1; u <= 6; u += 1) tokens.push((await post('/dev/token', { sub: `writer${u}` })).token);
+  await post('/api/v1/rooms', { id: 'history-e2e', name: 'History', kind: 'public' }, tokens[0]);
+  const bodies = Array.from({ length: 60 }, (_, i) => `line ${i + 1}`);
+  for (const [i, body] of bodies.entries()) {
+    await post('/api/v1/rooms/history-e2e/messages', { body }, tokens[Math.floor(i / 10)]);
+  }
+
+  const { context, page } = await openPage(origin);
+  await signIn(page, 'reader', 'Reader');
+  await page.click('details.tool:has(#join-form) summary');
+  await page.fill('#join-id', 'history-e2e');
+  await page.press('#join-id', 'Enter');
+  await eventually('the newest 50', () => hasBodies(page, bodies.slice(10)));
+  assert.equal(await page.isVisible('#load-older'), true);
+  await page.click('#load-older');
+  await eventually('all 60, in order', () => hasBodies(page, bodies));
+  assert.equal(await page.isVisible('#load-older'), false, 'nothing older than seq 1');
+  await context.close();
 });
 
 test('without --dev-tokens: no mint button, and a pasted token signs in', async () => {
