@@ -135,7 +135,7 @@ fn security_headers(headers: &mut HeaderMap, request: &HeaderMap) {
         .map(|host| format!(" ws://{host} wss://{host}"))
         .unwrap_or_default();
     let csp = format!(
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
          connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     );
     if let Ok(value) = csp.parse() {
