@@ -6,7 +6,9 @@
 #     the multi-pod and fault tests (which always use PostgreSQL + Redis);
 #  2. the behaviour suite again, unchanged, on PostgreSQL + Redis;
 #  3. the OpenAPI / AsyncAPI / generated-SDK / schemathesis tests (tests/sdk);
-#  4. the dependency policy (deny.toml, scripts/audit.sh).
+#  4. the web client in headless Chromium, two users (tests/web);
+#  5. the dependency policy (deny.toml, scripts/audit.sh);
+#  6. the Helm chart checks (deploy/check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/services.sh
@@ -14,5 +16,6 @@ source scripts/services.sh
 cargo test --locked --all-targets
 CHAT_TEST_BACKEND=cluster cargo test --locked --test api -- --skip cluster:: --skip faults::
 tests/sdk/run.sh
+tests/web/run.sh
 scripts/audit.sh
 deploy/check.sh

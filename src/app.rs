@@ -30,7 +30,7 @@ use crate::{
     limiter::{Limiter, memory::MemoryLimiter, redis::RedisLimiter},
     presence::{Presence, memory::MemoryPresence, redis::RedisPresence},
     store::{self, Store, cached::CachedStore, metered::MeteredStore},
-    ws,
+    web, ws,
 };
 
 /// Everything a request handler needs, cheap to clone.
@@ -256,6 +256,12 @@ impl Application {
         if cluster {
             tokio::spawn(maintain(state.clone()));
         }
+        if state.config.dev_tokens {
+            tracing::warn!(
+                "DEV_TOKENS is on: anyone who can reach this service can mint a token for \
+                 any user at POST /dev/token. Never turn it on outside local development."
+            );
+        }
         let acceptor = TcpListener::bind(state.config.listen)
             .into_acceptor()
             .await?;
@@ -373,7 +379,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
     let spec_json = rest.spec();
     let viewer = rest.scalar();
     let max_body = state.config.max_body_bytes;
-    Route::new()
+    web::routes(Route::new())
         .nest(
             "/api/v1",
             rest.into_endpoint()

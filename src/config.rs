@@ -258,6 +258,11 @@ pub struct ServeConfig {
     #[arg(long, global = true, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_forwarded_for: bool,
 
+    /// Development only: let anyone who can reach the service mint a token
+    /// for any user (`POST /dev/token`, the web client's "mint" button).
+    #[arg(long, global = true, env = "DEV_TOKENS", action = clap::ArgAction::SetTrue)]
+    pub dev_tokens: bool,
+
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

@@ -15,6 +15,7 @@
 //!   [`store`] (history and rooms), [`bus`] (fan-out between instances),
 //!   [`presence`] (who is connected), [`limiter`] (sliding-window limits).
 //! - [`error`]: the one error type and its policy.
+//! - [`web`]: the browser client served at `/`, and development tokens.
 
 pub mod api;
 pub mod app;
@@ -32,4 +33,5 @@ pub mod store;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
+pub mod web;
 pub mod ws;

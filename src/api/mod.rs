@@ -727,6 +727,8 @@ fn fixed_route(path: &str) -> &'static str {
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
         "/openapi.yaml" | "/openapi.json" => "/openapi",
+        "/" | "/index.html" | "/app.js" | "/style.css" | "/favicon.svg" => "/ (web client)",
+        "/dev/token" => "/dev/token",
         p if p.starts_with("/ws/chat/") => "/ws/chat/:room_id",
         p if p.starts_with("/docs") => "/docs",
         p if p.starts_with("/api/v1") => "/api/v1 (unmatched)",

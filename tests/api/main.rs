@@ -15,3 +15,4 @@ mod observability;
 mod rest;
 mod resume;
 mod servers;
+mod web;
