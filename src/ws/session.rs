@@ -399,7 +399,12 @@ impl Session {
                     Err(err) => self.send_error(&err, echo.as_deref()).await,
                 };
                 answered?;
-                write_all(&mut self.socket, self.state.config.write_timeout, held.into_iter()).await
+                write_all(
+                    &mut self.socket,
+                    self.state.config.write_timeout,
+                    held.into_iter(),
+                )
+                .await
             }
             ClientFrame::Typing => match self.state.chat.typing(&self.caller, &self.room).await {
                 Ok(()) => Ok(()),
