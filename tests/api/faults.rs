@@ -193,8 +193,11 @@ async fn a_burst_of_commits_after_an_outage_does_not_close_readers_as_too_slow()
     const SENDERS: usize = 8;
     let mut pg = PgServer::start();
     let backend = Arc::new(Backend::cluster_on(&pg.url(), &test_redis_url()).await);
+    // Group commit stores the held sends in one transaction, so their
+    // fan-out reaches every queue in one burst: the queue must hold one
+    // batch (a session cannot drain while it is not being polled).
     let pod = TestApp::spawn_on(backend, |c| {
-        c.outbound_queue = 4;
+        c.outbound_queue = SENDERS;
         c.send_rate_limit = 10_000;
     })
     .await;
