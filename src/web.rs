@@ -21,13 +21,13 @@ use poem::{
     web::Data,
 };
 use serde::Deserialize;
-use time::format_description::well_known::Rfc3339;
 
 use crate::{
     api::error::{error_response, error_with_code},
     app::AppState,
     domain::{MAX_NAME_CHARS, UserId, clean_name},
     error::{ChatError, ErrorCode},
+    protocol::format_time,
 };
 
 /// Lifetime of a development token: short, since anyone who can reach the
@@ -228,9 +228,7 @@ async fn mint(state: &AppState, body: Body) -> Result<Response, ChatError> {
         .keys
         .mint(user_id.as_str(), Some(&name), &[], DEV_TOKEN_TTL)
         .map_err(ChatError::Internal)?;
-    let expires_at = (time::OffsetDateTime::now_utc() + DEV_TOKEN_TTL)
-        .format(&Rfc3339)
-        .map_err(|err| ChatError::Internal(err.into()))?;
+    let expires_at = format_time(time::OffsetDateTime::now_utc() + DEV_TOKEN_TTL);
     tracing::info!(user_id = %user_id, "development token minted");
     Ok(poem::web::Json(serde_json::json!({
         "token": token,

@@ -354,7 +354,6 @@ impl AppendBatch for Appender {
         {
             last_seq.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
         }
-        let before = last_seq.clone();
         // Retries committed before us. This statement starts after the locks
         // were granted, so it sees every append that held them earlier.
         let mut originals: HashMap<Key, Message> = HashMap::new();
@@ -407,10 +406,11 @@ impl AppendBatch for Appender {
             results.push(Ok(Appended::Stored(stored)));
         }
         if !fresh.is_empty() {
-            let advanced: Vec<(&str, i64)> = last_seq
+            // Each room's new last_seq is its last fresh message's seq
+            // (seqs rise in batch order, so the last insert wins).
+            let advanced: HashMap<&str, i64> = fresh
                 .iter()
-                .filter(|(room, seq)| before.get(*room) != Some(seq))
-                .map(|(room, seq)| (room.as_str(), *seq))
+                .map(|(m, seq)| (m.room_id.as_str(), *seq))
                 .collect();
             sqlx::query(
                 "WITH inserted AS ( \
@@ -435,8 +435,9 @@ impl AppendBatch for Appender {
                     .collect::<Vec<_>>(),
             )
             .bind(fresh.iter().map(|(m, _)| to_millis(m.created_at)).collect::<Vec<_>>())
-            .bind(advanced.iter().map(|(room, _)| *room).collect::<Vec<_>>())
-            .bind(advanced.iter().map(|(_, seq)| *seq).collect::<Vec<_>>())
+            // keys() and values() of an unchanged map walk it in one order.
+            .bind(advanced.keys().copied().collect::<Vec<_>>())
+            .bind(advanced.values().copied().collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

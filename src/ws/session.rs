@@ -385,7 +385,9 @@ impl Session {
                         }
                     }
                 };
-                let answered = match sent {
+                // The answer and the frames held meanwhile leave with one
+                // flush, answer first.
+                let answer = match sent {
                     Ok(sent) => {
                         let m = &sent.message;
                         let ack = ServerFrame::Ack {
@@ -394,17 +396,12 @@ impl Session {
                             seq: m.seq,
                             created_at: format_time(m.created_at),
                         };
-                        self.write(Utf8Bytes::from(ack.to_json())).await
+                        Utf8Bytes::from(ack.to_json())
                     }
-                    Err(err) => self.send_error(&err, echo.as_deref()).await,
+                    Err(err) => error_frame(&err, echo.as_deref()),
                 };
-                answered?;
-                write_all(
-                    &mut self.socket,
-                    self.state.config.write_timeout,
-                    held.into_iter(),
-                )
-                .await
+                let frames = std::iter::once(answer).chain(held);
+                write_all(&mut self.socket, self.state.config.write_timeout, frames).await
             }
             ClientFrame::Typing => match self.state.chat.typing(&self.caller, &self.room).await {
                 Ok(()) => Ok(()),
@@ -439,10 +436,7 @@ impl Session {
     }
 
     async fn send_error(&mut self, err: &ChatError, client_id: Option<&str>) -> Result<(), End> {
-        let message = err.client_message();
-        let retry_after_ms = err.retry_after().map(|d| d.as_millis().max(1) as u64);
-        let frame = ServerFrame::error(err.code(), &message, retry_after_ms, client_id);
-        self.write(Utf8Bytes::from(frame.to_json())).await
+        self.write(error_frame(err, client_id)).await
     }
 
     async fn write(&mut self, frame: Utf8Bytes) -> Result<(), End> {
@@ -468,6 +462,13 @@ impl Session {
             Err(_) => Err(End::Close(close::TOO_SLOW, "too slow")),
         }
     }
+}
+
+/// The contract's `error` frame for `err`.
+fn error_frame(err: &ChatError, client_id: Option<&str>) -> Utf8Bytes {
+    let message = err.client_message();
+    let retry_after_ms = err.retry_after().map(|d| d.as_millis().max(1) as u64);
+    Utf8Bytes::from(ServerFrame::error(err.code(), &message, retry_after_ms, client_id).to_json())
 }
 
 /// Writes frames with one flush at the end; a peer that does not take them
