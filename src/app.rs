@@ -25,7 +25,7 @@ use crate::{
     auth::JwtKeys,
     bus::{Bus, Event, Inbound, WireUser, local::LocalBus, redis::RedisBus},
     chat::{Chat, Limits},
-    config::{Secret, ServeConfig},
+    config::ServeConfig,
     hub::Hub,
     limiter::{Limiter, memory::MemoryLimiter, redis::RedisLimiter},
     presence::{Presence, memory::MemoryPresence, redis::RedisPresence},
@@ -148,19 +148,19 @@ impl Backends {
                 inbound: None,
             });
         };
-        let pool = redis_pool(redis_url)?;
+        let redis = crate::redis_conn::connect(redis_url.expose())?;
         let prefix = config.redis_key_prefix.clone();
         let (sender, inbound) = mpsc::channel(INBOUND_QUEUE);
         let bus = RedisBus::start(
             redis_url,
-            pool.clone(),
+            redis.clone(),
             prefix.clone(),
             instance_id.to_owned(),
             sender,
             background.child_token(),
         )?;
         let presence = RedisPresence::new(
-            pool.clone(),
+            redis.clone(),
             prefix.clone(),
             instance_id.to_owned(),
             config.presence_ttl,
@@ -173,30 +173,16 @@ impl Backends {
         Ok(Self {
             store: Arc::new(CachedStore::new(
                 store,
-                pool.clone(),
+                redis.clone(),
                 prefix.clone(),
                 config.cache_recent_messages,
             )),
             bus: Arc::new(bus),
             presence: Arc::new(presence),
-            limiter: Arc::new(RedisLimiter::new(pool, prefix)),
+            limiter: Arc::new(RedisLimiter::new(redis, prefix)),
             inbound: Some(inbound),
         })
     }
-}
-
-/// A pool of Redis connections whose waits are bounded: a Redis outage
-/// makes calls fail fast (and fall back) instead of piling up.
-fn redis_pool(url: &Secret) -> anyhow::Result<deadpool_redis::Pool> {
-    let mut config = deadpool_redis::Config::from_url(url.expose());
-    let mut pool = deadpool_redis::PoolConfig::new(32);
-    pool.timeouts = deadpool_redis::Timeouts {
-        wait: Some(Duration::from_secs(1)),
-        create: Some(Duration::from_secs(1)),
-        recycle: Some(Duration::from_secs(1)),
-    };
-    config.pool = Some(pool);
-    Ok(config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
 }
 
 pub struct Application {

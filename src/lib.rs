@@ -29,6 +29,7 @@ pub mod hub;
 pub mod limiter;
 pub mod presence;
 pub mod protocol;
+pub mod redis_conn;
 pub mod store;
 pub mod telemetry;
 #[cfg(test)]

@@ -4,25 +4,22 @@
 
 use std::time::Duration;
 
-use deadpool_redis::{Config, Pool, Runtime};
+use crate::redis_conn::{self, RedisConn};
 
 pub fn redis_url() -> String {
     std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// A pool on any URL (also unreachable ones, to test failures).
-pub fn pool_at(url: &str) -> Pool {
-    Config::from_url(url)
-        .create_pool(Some(Runtime::Tokio1))
-        .expect("a Redis pool configuration")
+/// A connection on any URL (also unreachable ones, to test failures).
+pub fn redis_at(url: &str) -> RedisConn {
+    redis_conn::connect(url).expect("a Redis URL")
 }
 
-/// A pool on the test Redis, checked with a PING.
-pub async fn redis_pool() -> Pool {
+/// A connection to the test Redis, checked with a PING.
+pub async fn redis_connection() -> RedisConn {
     let url = redis_url();
-    let pool = pool_at(&url);
+    let mut conn = redis_at(&url);
     let ping = async {
-        let mut conn = pool.get().await.map_err(anyhow::Error::from)?;
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
@@ -37,7 +34,7 @@ pub async fn redis_pool() -> Pool {
             panic!("these tests need Redis at {url} (set CHAT_TEST_REDIS_URL): no answer in 5 s")
         }
     }
-    pool
+    conn
 }
 
 /// A key prefix no other test uses, so tests run in parallel.

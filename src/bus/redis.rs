@@ -2,8 +2,8 @@
 //! (`{prefix}room:{room_id}`).
 //!
 //! Publishing costs one `PUBLISH` per event, whatever the number of
-//! recipients, on a pooled connection. Receiving uses one dedicated pub/sub
-//! connection per instance, subscribed only to the rooms this instance has
+//! recipients, on the instance's shared command connection. Receiving uses
+//! one dedicated pub/sub connection per instance, subscribed only to the rooms this instance has
 //! connections in. A single task owns that connection: it applies
 //! watch/unwatch requests in the order the hub made them, forwards events
 //! from other instances to the hub, and when the connection drops it
@@ -25,14 +25,14 @@ use std::{
 };
 
 use async_trait::async_trait;
-use deadpool_redis::redis::{self, AsyncCommands};
 use futures_util::StreamExt;
+use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, Event, Inbound};
-use crate::{config::Secret, domain::RoomId, error::ChatError};
+use crate::{config::Secret, domain::RoomId, error::ChatError, redis_conn::RedisConn};
 
 /// A publish or a subscription change that takes longer fails (and is
 /// recovered from the store, or retried on reconnection).
@@ -64,7 +64,7 @@ enum Watch {
 }
 
 pub struct RedisBus {
-    pool: deadpool_redis::Pool,
+    redis: RedisConn,
     prefix: String,
     instance_id: String,
     watch: mpsc::UnboundedSender<Watch>,
@@ -76,7 +76,7 @@ impl RedisBus {
     /// resynchronisation requests) arrive on `inbound`.
     pub fn start(
         url: &Secret,
-        pool: deadpool_redis::Pool,
+        redis: RedisConn,
         prefix: String,
         instance_id: String,
         inbound: mpsc::Sender<Inbound>,
@@ -96,7 +96,7 @@ impl RedisBus {
         };
         tokio::spawn(subscriber.run(stop));
         Ok(Self {
-            pool,
+            redis,
             prefix,
             instance_id,
             watch,
@@ -120,7 +120,7 @@ impl Bus for RedisBus {
         .map_err(|err| ChatError::Internal(err.into()))?;
         let channel = channel(&self.prefix, event.room_id());
         let publish = async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.redis.clone();
             let _: i64 = conn.publish(channel, payload).await?;
             Ok::<_, anyhow::Error>(())
         };
@@ -155,8 +155,8 @@ impl Bus for RedisBus {
             )));
         }
         let ping = async {
-            let mut conn = self.pool.get().await?;
-            let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
+            let mut conn = self.redis.clone();
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
             Ok::<_, anyhow::Error>(())
         };
         match tokio::time::timeout(REDIS_TIMEOUT, ping).await {

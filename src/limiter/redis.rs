@@ -21,15 +21,15 @@ use std::{
     time::Duration,
 };
 
+use crate::redis_conn::RedisConn;
 use async_trait::async_trait;
-use deadpool_redis::Pool;
 use redis::Script;
 use tokio::time::Instant;
 
 use super::{Decision, Limit, Limiter, memory::MemoryLimiter};
 use crate::error::ChatError;
 
-/// The longest a hit waits for Redis (pool checkout included) before the
+/// The longest a hit waits for Redis (connection set-up included) before the
 /// in-process window decides instead: a hung Redis must not stall sends.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -72,7 +72,7 @@ return {0, wait}
 "#;
 
 pub struct RedisLimiter {
-    pool: Pool,
+    redis: RedisConn,
     prefix: String,
     script: Script,
     /// Members are `<nonce>:<seq>`: unique across instances (random nonce)
@@ -92,9 +92,9 @@ struct Outage {
 }
 
 impl RedisLimiter {
-    pub fn new(pool: Pool, prefix: String) -> Self {
+    pub fn new(redis: RedisConn, prefix: String) -> Self {
         Self {
-            pool,
+            redis,
             prefix,
             script: Script::new(HIT_LUA),
             nonce: uuid::Uuid::now_v7().simple().to_string(),
@@ -114,7 +114,7 @@ impl RedisLimiter {
         let mut invocation = self.script.key(format!("{}rl:{key}", self.prefix));
         invocation.arg(limit.limit).arg(window_us).arg(member);
         let call = async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.redis.clone();
             let answer: (i64, i64) = invocation.invoke_async(&mut conn).await?;
             anyhow::Ok(answer)
         };
@@ -181,7 +181,7 @@ mod tests {
 
     use super::*;
 
-    use crate::testing::{key_prefix as test_prefix, pool_at, redis_pool as test_pool};
+    use crate::testing::{key_prefix as test_prefix, redis_at, redis_connection};
 
     fn limit(limit: u32, window_ms: u64) -> Limit {
         Limit {
@@ -199,7 +199,7 @@ mod tests {
 
     #[tokio::test]
     async fn allows_the_limit_then_refuses_until_the_oldest_hit_leaves() {
-        let limiter = RedisLimiter::new(test_pool().await, test_prefix());
+        let limiter = RedisLimiter::new(redis_connection().await, test_prefix());
         let l = limit(3, 10_000);
         for _ in 0..3 {
             assert_eq!(limiter.hit("k", l).await.expect("hit"), Decision::Allowed);
@@ -218,7 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn window_slides_and_refused_hits_are_not_counted() {
-        let limiter = RedisLimiter::new(test_pool().await, test_prefix());
+        let limiter = RedisLimiter::new(redis_connection().await, test_prefix());
         let l = limit(2, 600);
         assert_eq!(limiter.hit("k", l).await.expect("hit"), Decision::Allowed);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -242,8 +242,8 @@ mod tests {
     #[tokio::test]
     async fn instances_sharing_a_prefix_share_the_limit() {
         let prefix = test_prefix();
-        let a = RedisLimiter::new(test_pool().await, prefix.clone());
-        let b = RedisLimiter::new(test_pool().await, prefix);
+        let a = RedisLimiter::new(redis_connection().await, prefix.clone());
+        let b = RedisLimiter::new(redis_connection().await, prefix);
         let l = limit(2, 10_000);
         assert_eq!(a.hit("k", l).await.expect("hit"), Decision::Allowed);
         assert_eq!(b.hit("k", l).await.expect("hit"), Decision::Allowed);
@@ -255,8 +255,8 @@ mod tests {
     async fn concurrent_hits_never_exceed_the_limit() {
         let prefix = test_prefix();
         let limiters = [
-            Arc::new(RedisLimiter::new(test_pool().await, prefix.clone())),
-            Arc::new(RedisLimiter::new(test_pool().await, prefix)),
+            Arc::new(RedisLimiter::new(redis_connection().await, prefix.clone())),
+            Arc::new(RedisLimiter::new(redis_connection().await, prefix)),
         ];
         let l = limit(10, 10_000);
         let mut tasks = tokio::task::JoinSet::new();
@@ -276,10 +276,10 @@ mod tests {
     #[tokio::test]
     async fn idle_keys_expire_after_one_window() {
         let prefix = test_prefix();
-        let pool = test_pool().await;
-        let limiter = RedisLimiter::new(pool.clone(), prefix.clone());
+        let redis = redis_connection().await;
+        let limiter = RedisLimiter::new(redis.clone(), prefix.clone());
         limiter.hit("k", limit(5, 2_000)).await.expect("hit");
-        let mut conn = pool.get().await.expect("connection");
+        let mut conn = redis;
         let pttl: i64 = redis::cmd("PTTL")
             .arg(format!("{prefix}rl:k"))
             .query_async(&mut conn)
@@ -291,7 +291,7 @@ mod tests {
     #[tokio::test]
     async fn fails_open_to_per_instance_limits_and_answers_quickly() {
         // Nothing listens on port 1: every Redis call fails.
-        let limiter = RedisLimiter::new(pool_at("redis://127.0.0.1:1"), test_prefix());
+        let limiter = RedisLimiter::new(redis_at("redis://127.0.0.1:1"), test_prefix());
         let l = limit(3, 10_000);
         let started = std::time::Instant::now();
         for _ in 0..3 {

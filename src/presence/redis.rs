@@ -42,9 +42,9 @@ use std::{
     time::Duration,
 };
 
+use crate::redis_conn::RedisConn;
 use anyhow::anyhow;
 use async_trait::async_trait;
-use deadpool_redis::Pool;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 use tokio::sync::RwLock;
 
@@ -54,7 +54,7 @@ use crate::{
     error::ChatError,
 };
 
-/// Bound on a connect, disconnect, list or keep-alive, pool checkout
+/// Bound on a connect, disconnect, list or keep-alive, connection set-up
 /// included: a hung Redis must not hold a WebSocket handshake for long.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -243,7 +243,7 @@ struct Scripts {
 }
 
 pub struct RedisPresence {
-    pool: Pool,
+    redis: RedisConn,
     /// `{prefix}pr:`, the start of every key; the scripts derive the rest.
     base: String,
     instance_id: String,
@@ -269,9 +269,9 @@ pub struct RedisPresence {
 impl RedisPresence {
     /// `ttl` is how long this instance counts as alive after each
     /// `keep_alive`; call `keep_alive` and `sweep` every `ttl / 3` or so.
-    pub fn new(pool: Pool, prefix: String, instance_id: String, ttl: Duration) -> Self {
+    pub fn new(redis: RedisConn, prefix: String, instance_id: String, ttl: Duration) -> Self {
         Self {
-            pool,
+            redis,
             base: format!("{prefix}pr:"),
             instance_id,
             ttl,
@@ -314,7 +314,7 @@ impl RedisPresence {
         limit: Duration,
     ) -> Result<T, ChatError> {
         Self::within(limit, async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.redis.clone();
             Ok(invocation.invoke_async(&mut conn).await?)
         })
         .await
@@ -484,7 +484,7 @@ impl Presence for RedisPresence {
         // A BTreeMap sorts by id as the trait asks (UserId orders as its
         // string does).
         let names: BTreeMap<String, String> = Self::within(CALL_TIMEOUT, async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.redis.clone();
             Ok(redis::cmd("HGETALL")
                 .arg(&key)
                 .query_async(&mut conn)
@@ -566,11 +566,16 @@ mod tests {
 
     const TTL: Duration = Duration::from_millis(300);
 
-    use crate::testing::{key_prefix as test_prefix, pool_at, redis_pool as test_pool};
+    use crate::testing::{key_prefix as test_prefix, redis_at, redis_connection};
 
-    /// One "pod": its own pool and instance id, sharing the prefix.
+    /// One "pod": its own connection and instance id, sharing the prefix.
     async fn instance(prefix: &str, id: &str) -> RedisPresence {
-        RedisPresence::new(test_pool().await, prefix.to_owned(), id.to_owned(), TTL)
+        RedisPresence::new(
+            redis_connection().await,
+            prefix.to_owned(),
+            id.to_owned(),
+            TTL,
+        )
     }
 
     fn room(id: &str) -> RoomId {
@@ -597,8 +602,7 @@ mod tests {
     /// Deletes this test's keys only (other tests share the server), as a
     /// Redis restart would.
     async fn wipe(prefix: &str) {
-        let pool = test_pool().await;
-        let mut conn = pool.get().await.expect("connection");
+        let mut conn = redis_connection().await;
         let mut cursor = 0_u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -877,7 +881,7 @@ mod tests {
     async fn redis_failures_are_unavailable_and_quick() {
         // Nothing listens on port 1.
         let presence = RedisPresence::new(
-            pool_at("redis://127.0.0.1:1"),
+            redis_at("redis://127.0.0.1:1"),
             test_prefix(),
             "a".into(),
             TTL,

@@ -53,8 +53,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::redis_conn::RedisConn;
 use async_trait::async_trait;
-use deadpool_redis::{Connection, Pool};
 use redis::{RedisResult, Script};
 use serde::{Deserialize, Serialize};
 
@@ -100,11 +100,11 @@ pub struct CachedStore {
 impl CachedStore {
     /// `recent` is how many of each room's newest messages are kept in Redis
     /// (0 turns the history cache off).
-    pub fn new(inner: Arc<dyn Store>, pool: Pool, prefix: String, recent: usize) -> Self {
+    pub fn new(inner: Arc<dyn Store>, redis: RedisConn, prefix: String, recent: usize) -> Self {
         Self {
             inner,
             cache: Arc::new(Cache {
-                pool,
+                redis,
                 prefix,
                 recent,
                 health: Health::new(),
@@ -332,7 +332,7 @@ fn count_lookup(kind: &'static str, hit: bool) {
 /// The Redis side: keys, scripts, timeouts and fault handling. Shared with
 /// the background repairs, hence its own `Arc`.
 struct Cache {
-    pool: Pool,
+    redis: RedisConn,
     prefix: String,
     recent: usize,
     health: Health,
@@ -385,12 +385,12 @@ impl Cache {
         format!("{}c:{kind}:{room}", self.prefix)
     }
 
-    /// Runs one Redis exchange on a pooled connection within
+    /// Runs one Redis exchange on the shared connection within
     /// [`REDIS_TIMEOUT`]. `None` means it did not happen (or may not have):
     /// the caller falls back to the inner store.
     async fn run<T, F, Fut>(&self, op: &'static str, need: Need, exchange: F) -> Option<T>
     where
-        F: FnOnce(Connection) -> Fut,
+        F: FnOnce(RedisConn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         if need == Need::Optional && self.health.cooling_down() {
@@ -399,8 +399,9 @@ impl Cache {
             return None;
         }
         let attempt = async {
-            let conn = self.pool.get().await.map_err(anyhow::Error::from)?;
-            exchange(conn).await.map_err(anyhow::Error::from)
+            exchange(self.redis.clone())
+                .await
+                .map_err(anyhow::Error::from)
         };
         match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
             Ok(Ok(value)) => Some(value),
@@ -1084,20 +1085,20 @@ mod tests {
     use super::*;
     use crate::{domain::RoomKind, store::sqlite::SqliteStore};
 
-    use crate::testing::{pool_at as pool_for, redis_pool};
+    use crate::testing::{redis_at, redis_connection};
 
     /// A fresh database, a live Redis and a key prefix of its own, so tests
     /// run in parallel.
     struct World {
         _dir: TempDir,
         inner: Arc<dyn Store>,
-        pool: Pool,
+        redis: RedisConn,
         prefix: String,
     }
 
     impl World {
         async fn new() -> Self {
-            let pool = redis_pool().await;
+            let redis = redis_connection().await;
             let dir = tempfile::tempdir().expect("a temp dir");
             let db = format!("sqlite://{}", dir.path().join("chat.db").display());
             let inner = SqliteStore::connect(&db).await.expect("a SQLite store");
@@ -1105,7 +1106,7 @@ mod tests {
             Self {
                 _dir: dir,
                 inner: Arc::new(inner),
-                pool,
+                redis,
                 prefix: format!("test-cache-{}:", uuid::Uuid::now_v7().simple()),
             }
         }
@@ -1114,14 +1115,14 @@ mod tests {
         fn pod(&self, recent: usize) -> CachedStore {
             CachedStore::new(
                 Arc::clone(&self.inner),
-                self.pool.clone(),
+                self.redis.clone(),
                 self.prefix.clone(),
                 recent,
             )
         }
 
-        async fn redis(&self) -> Connection {
-            self.pool.get().await.expect("a Redis connection")
+        async fn redis(&self) -> RedisConn {
+            self.redis.clone()
         }
 
         fn key(&self, kind: &str, room: &RoomId) -> String {
@@ -1821,7 +1822,7 @@ mod tests {
         });
         let store = CachedStore::new(
             Arc::clone(&world.inner),
-            pool_for(&format!("redis://{address}")),
+            redis_at(&format!("redis://{address}")),
             world.prefix.clone(),
             20,
         );
@@ -1872,7 +1873,7 @@ mod tests {
         let world = World::new().await;
         let store = CachedStore::new(
             Arc::clone(&world.inner),
-            pool_for("redis://127.0.0.1:1"),
+            redis_at("redis://127.0.0.1:1"),
             world.prefix.clone(),
             20,
         );
