@@ -24,13 +24,14 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Notify, OnceCell, mpsc};
+use tokio::sync::{Notify, OnceCell};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::{
     bus::{Bus, Event, WireMessage},
     domain::{RoomId, UserId},
     error::ChatError,
+    outbox::{Outbox, Pushed},
     protocol::ServerFrame,
     store::{Page, Store},
 };
@@ -90,7 +91,7 @@ impl Closer {
 pub struct Connection {
     pub id: u64,
     pub user_id: UserId,
-    pub outbound: mpsc::Sender<Utf8Bytes>,
+    pub outbox: Outbox,
     pub closer: Closer,
 }
 
@@ -399,16 +400,16 @@ impl Hub {
             if skip_user.is_some_and(|u| u == conn.user_id.as_str()) {
                 return true;
             }
-            match conn.outbound.try_send(bytes.clone()) {
-                Ok(()) => {
+            match conn.outbox.push(bytes.clone()) {
+                Pushed::Queued => {
                     recipients += 1;
                     true
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Pushed::Full => {
                     conn.closer.close(CloseReason::TooSlow);
                     false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Pushed::Closed => false,
             }
         });
         recipients

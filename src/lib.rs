@@ -27,6 +27,7 @@ pub mod domain;
 pub mod error;
 pub mod hub;
 pub mod limiter;
+pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod redis_conn;

@@ -7,6 +7,7 @@
 //! existence and access (404/403). Only then is the connection upgraded and
 //! handed to a [`session`].
 
+mod io;
 pub mod session;
 
 use poem::{
@@ -132,19 +133,8 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     }
 
-    const WRITE_GATHER_BYTES: usize = 16 * 1024;
-    const READ_CHUNK_BYTES: usize = 512;
-    let config = WebSocketConfig::default()
-        .max_frame_size(Some(state.config.max_frame_bytes))
-        .max_message_size(Some(state.config.max_frame_bytes))
-        // Small buffers: most frames are tiny, and idle connections are many.
-        // Writes gather up to this much before going to the socket, so a
-        // backlog of small frames leaves in one system call (the session
-        // flushes after each batch).
-        .read_buffer_size(READ_CHUNK_BYTES)
-        .write_buffer_size(WRITE_GATHER_BYTES)
-        .max_write_buffer_size(state.config.max_frame_bytes.max(64 * 1024) * 4);
     let session_state = state.clone();
+    let since = query.since;
     // The connection's whole life is one span, a trace of its own.
     let span = tracing::info_span!(
         parent: None,
@@ -155,6 +145,9 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
         trace_id = tracing::field::Empty,
     );
     crate::telemetry::record_trace_id(&span);
+    // What the task keeps until the upgrade completes: one pointer. Every
+    // byte held across an await is held by each idle connection.
+    let who = Box::new((caller, room));
     let session = async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -163,13 +156,31 @@ async fn prepare(req: &Request, raw_room: &str, state: &AppState) -> Result<Resp
                 return;
             }
         };
-        let socket = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
-        session::run(session_state, socket, caller, room, query.since).await;
+        let io = io::FrameIo::new(upgraded);
+        let config = socket_config(session_state.config.max_frame_bytes);
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let (caller, room) = *who;
+        let session = session::Session::new(session_state, socket, caller, room);
+        session::run(session, since).await;
     };
     state
         .sessions
         .spawn(tracing::Instrument::instrument(session, span));
     Ok(response.body(Body::empty()))
+}
+
+/// tungstenite's settings for a session's socket.
+fn socket_config(max_frame_bytes: usize) -> WebSocketConfig {
+    // A small read chunk: most client frames are tiny, and idle connections
+    // are many (a larger frame grows the buffer to fit). tungstenite writes
+    // through at once: it only writes control frames, into `FrameIo`, which
+    // gathers everything until the session flushes.
+    const READ_CHUNK_BYTES: usize = 256;
+    WebSocketConfig::default()
+        .max_frame_size(Some(max_frame_bytes))
+        .max_message_size(Some(max_frame_bytes))
+        .read_buffer_size(READ_CHUNK_BYTES)
+        .write_buffer_size(0)
 }
 
 /// Checks that this is a WebSocket handshake and returns its key.

@@ -15,10 +15,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use poem::Upgraded;
-use tokio::{
-    sync::mpsc,
-    time::{Instant, sleep_until, timeout},
-};
+use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
@@ -29,18 +26,20 @@ use tokio_tungstenite::{
 };
 use tracing::Instrument;
 
+use super::io::FrameIo;
 use crate::{
     app::AppState,
     bus::WireUser,
     chat::Transport,
-    domain::{Caller, Room},
+    domain::{Caller, Room, User},
     error::ChatError,
     hub::{Closer, Connection},
+    outbox::Outbox,
     protocol::{ClientFrame, RoomView, ServerFrame, format_time},
     store::Page,
 };
 
-type Socket = WebSocketStream<Upgraded>;
+type Socket = WebSocketStream<FrameIo<Upgraded>>;
 
 /// A close code as a metrics label (a fixed set).
 fn close_label(code: u16) -> &'static str {
@@ -77,70 +76,64 @@ const FRAMES_PER_FLUSH: usize = 64;
 /// window, far above what the send limit lets through, so only floods trip it).
 const FRAME_FLOOD_WINDOW: Duration = Duration::from_secs(10);
 
-pub async fn run(state: AppState, socket: Socket, caller: Caller, room: Room, since: Option<u64>) {
-    let id = state.next_connection_id();
-    let key = format!("{}:{id}", state.instance_id);
-    let (outbound, queue) = mpsc::channel(state.config.outbound_queue.max(1));
-    let conn = Arc::new(Connection {
-        id,
-        user_id: caller.id().clone(),
-        outbound,
-        closer: Closer::default(),
-    });
-    let user = caller.user.clone();
+/// A connection between its upgrade and its end. Boxed for its whole life:
+/// the task then holds a pointer, not the socket and the caller, across
+/// each of its waits.
+pub struct Session {
+    state: AppState,
+    socket: Socket,
+    caller: Caller,
+    /// The user as they joined (a refresh may rename them).
+    user: User,
+    room: Room,
+    conn: Arc<Connection>,
+    /// This connection in presence, shared by every instance.
+    key: String,
+}
+
+impl Session {
+    pub fn new(state: AppState, socket: Socket, caller: Caller, room: Room) -> Box<Self> {
+        let id = state.next_connection_id();
+        let conn = Arc::new(Connection {
+            id,
+            user_id: caller.id().clone(),
+            outbox: Outbox::new(state.config.outbound_queue),
+            closer: Closer::default(),
+        });
+        Box::new(Self {
+            key: format!("{}:{id}", state.instance_id),
+            user: caller.user.clone(),
+            state,
+            socket,
+            caller,
+            room,
+            conn,
+        })
+    }
+}
+
+pub async fn run(mut session: Box<Session>, since: Option<u64>) {
     metrics::gauge!("chat_connections").increment(1.0);
     metrics::counter!("chat_connections_total").increment(1);
-
-    // Presence first, so the connection does not receive its own `join`.
-    // A presence failure (Redis down) costs the `join` event, not the
-    // connection: the backend restores this instance's entries later.
-    let joined = async {
-        state.chat.store.remember_user(&user).await?;
-        if let Err(err) = state.chat.connected(&room.id, &user, &key).await {
-            tracing::warn!(error = %err, "could not record presence");
-        }
-        state.chat.hub.join(&room.id, Arc::clone(&conn)).await
-    }
-    .await;
-    let (mut socket, end) = match joined {
-        Ok(delivered) => {
-            let mut session = Session {
-                state: state.clone(),
-                socket,
-                caller,
-                room: room.clone(),
-                conn: Arc::clone(&conn),
-                queue,
-            };
-            let end = session.serve(delivered, since).await;
-            (session.socket, end)
-        }
+    let end = match Box::pin(session.join()).await {
+        Ok(delivered) => session.serve(delivered, since).await,
         Err(err) => {
             tracing::warn!(error = %err, "could not register a connection");
-            (socket, End::Close(close::TRY_AGAIN, "try again later"))
+            End::Close(close::TRY_AGAIN, "try again later")
         }
     };
     // The connection is gone for the room before its socket finishes
     // closing (which may linger behind a slow peer).
-    state.chat.hub.leave(&room.id, conn.id);
-    state.chat.disconnected(&room.id, &user, &key).await;
+    session.conn.outbox.close();
+    Box::pin(session.leave()).await;
     metrics::gauge!("chat_connections").decrement(1.0);
     if let End::Close(code, reason) = end {
         if code == close::TOO_SLOW {
             metrics::counter!("chat_slow_consumer_closes_total").increment(1);
         }
         metrics::counter!("chat_connection_closes_total", "code" => close_label(code)).increment(1);
-        close_socket(&mut socket, code, reason).await;
+        Box::pin(close_socket(&mut session.socket, code, reason)).await;
     }
-}
-
-struct Session {
-    state: AppState,
-    socket: Socket,
-    caller: Caller,
-    room: Room,
-    conn: Arc<Connection>,
-    queue: mpsc::Receiver<Utf8Bytes>,
 }
 
 /// Why the loop ended.
@@ -152,8 +145,32 @@ enum End {
 }
 
 impl Session {
+    /// Presence first, so the connection does not receive its own `join`.
+    /// A presence failure (Redis down) costs the `join` event, not the
+    /// connection: the backend restores this instance's entries later.
+    /// Returns the room's last delivered seq. (`&mut`: a shared `Session`
+    /// is not `Send`, its socket not being `Sync`.)
+    async fn join(&mut self) -> Result<u64, ChatError> {
+        let chat = &self.state.chat;
+        chat.store.remember_user(&self.user).await?;
+        if let Err(err) = chat.connected(&self.room.id, &self.user, &self.key).await {
+            tracing::warn!(error = %err, "could not record presence");
+        }
+        chat.hub.join(&self.room.id, Arc::clone(&self.conn)).await
+    }
+
+    async fn leave(&mut self) {
+        let chat = &self.state.chat;
+        chat.hub.leave(&self.room.id, self.conn.id);
+        chat.disconnected(&self.room.id, &self.user, &self.key)
+            .await;
+    }
+
     async fn serve(&mut self, delivered: u64, since: Option<u64>) -> End {
-        match self.start(delivered, since).await {
+        // Boxed, like every rarely-live step below: a task is as large as
+        // its largest state, and most connections spend their life idle in
+        // `run_loop`, not in the replay or a send.
+        match Box::pin(self.start(delivered, since)).await {
             Ok(()) => self.run_loop().await,
             Err(end) => end,
         }
@@ -230,47 +247,51 @@ impl Session {
     }
 
     async fn run_loop(&mut self) -> End {
-        let config = self.state.config.clone();
-        let shutdown = self.state.shutdown.clone();
+        // Handles, not copies: this future is what an idle connection costs.
+        let state = self.state.clone();
+        let config = &state.config;
         let conn = Arc::clone(&self.conn);
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
         let mut last_heard = Instant::now();
+        let mut next_ping = last_heard + config.ping_interval;
         let mut flood = FloodGuard::new(config.frame_flood_limit);
         // The futures below live across iterations: re-creating them per
         // frame would register (and unregister) timers and waiters for
-        // every frame delivered. Deadlines that move (idle, token expiry)
-        // are re-checked when their timer fires.
+        // every frame delivered. One timer serves the three deadlines (token
+        // expiry, idle timeout, next ping): it fires at the earliest, and
+        // each is checked then, so deadlines that only move later (idle,
+        // after each client frame) cost nothing until it fires.
         let closed = conn.closer.closed();
-        let cancelled = shutdown.cancelled();
-        let idle = sleep_until(last_heard + config.idle_timeout);
-        let expiry = sleep_until(self.expiry_deadline());
-        tokio::pin!(closed, cancelled, idle, expiry);
+        let cancelled = state.shutdown.cancelled();
+        let timer = sleep_until(
+            next_ping
+                .min(last_heard + config.idle_timeout)
+                .min(self.expiry_deadline()),
+        );
+        tokio::pin!(closed, cancelled, timer);
         loop {
             tokio::select! {
                 biased;
                 reason = &mut closed => return End::Close(reason.code(), reason.text()),
                 () = &mut cancelled => return End::Close(close::RESTART, "server restarting"),
-                () = &mut expiry => {
+                () = &mut timer => {
                     if self.token_expired() {
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
-                    expiry.as_mut().reset(self.expiry_deadline());
-                }
-                () = &mut idle => {
-                    let deadline = last_heard + config.idle_timeout;
-                    if deadline <= Instant::now() {
+                    let now = Instant::now();
+                    let idle_deadline = last_heard + config.idle_timeout;
+                    if idle_deadline <= now {
                         return End::Close(close::POLICY, "idle timeout");
                     }
-                    idle.as_mut().reset(deadline);
-                }
-                Some(frame) = self.queue.recv() => {
-                    if let Err(end) = self.write_backlog(frame).await {
-                        return end;
+                    if next_ping <= now {
+                        if let Err(end) = Box::pin(self.send_raw(WsMessage::Ping(Default::default()))).await {
+                            return end;
+                        }
+                        next_ping = now + config.ping_interval;
                     }
+                    timer.as_mut().reset(next_ping.min(idle_deadline).min(self.expiry_deadline()));
                 }
-                _ = ping.tick() => {
-                    if let Err(end) = self.send_raw(WsMessage::Ping(Default::default())).await {
+                () = conn.outbox.ready() => {
+                    if let Err(end) = self.write_backlog().await {
                         return end;
                     }
                 }
@@ -297,10 +318,10 @@ impl Session {
                     }
                     let expires_at = self.caller.expires_at;
                     let handled = match message {
-                        WsMessage::Text(text) => self.handle_text(text.as_str()).await,
+                        WsMessage::Text(text) => Box::pin(self.handle_text(text.as_str())).await,
                         WsMessage::Binary(_) => {
                             let err = ChatError::BadRequest("binary frames are not accepted; send JSON text".into());
-                            self.send_error(&err, None).await
+                            Box::pin(self.send_error(&err, None)).await
                         }
                         // tungstenite answers pings and close frames itself.
                         WsMessage::Close(_) => return End::Drop,
@@ -311,7 +332,8 @@ impl Session {
                     }
                     if self.caller.expires_at != expires_at {
                         // A refresh: the new token may also expire sooner.
-                        expiry.as_mut().reset(self.expiry_deadline());
+                        let deadline = timer.deadline().min(self.expiry_deadline());
+                        timer.as_mut().reset(deadline);
                     }
                 }
             }
@@ -368,7 +390,8 @@ impl Session {
                 // not be closed as too slow (4008) because the database was
                 // slow for its own send — e.g. every sender of a busy room
                 // committing at once when the database comes back.
-                let limit = self.state.config.outbound_queue.max(1);
+                let outbox = &self.conn.outbox;
+                let limit = outbox.capacity();
                 let mut held = Vec::new();
                 let sent = {
                     let send = self
@@ -381,7 +404,9 @@ impl Session {
                         tokio::select! {
                             biased;
                             sent = &mut send => break sent,
-                            Some(frame) = self.queue.recv(), if held.len() < limit => held.push(frame),
+                            () = outbox.ready(), if held.len() < limit => {
+                                outbox.take(limit - held.len(), |frame| held.push(frame));
+                            }
                         }
                     }
                 };
@@ -440,21 +465,26 @@ impl Session {
     }
 
     async fn write(&mut self, frame: Utf8Bytes) -> Result<(), End> {
-        self.send_raw(WsMessage::Text(frame)).await
+        write_all(
+            &mut self.socket,
+            self.state.config.write_timeout,
+            std::iter::once(frame),
+        )
+        .await
     }
 
-    /// Writes `first` and what else the hub has queued (up to a bound)
-    /// with one flush: a connection with a backlog gets several frames per
-    /// system call.
-    async fn write_backlog(&mut self, first: Utf8Bytes) -> Result<(), End> {
-        let queue = &mut self.queue;
-        let backlog = std::iter::from_fn(|| queue.try_recv().ok()).take(FRAMES_PER_FLUSH - 1);
-        let frames = std::iter::once(first).chain(backlog);
-        write_all(&mut self.socket, self.state.config.write_timeout, frames).await
+    /// Writes what the hub has queued (up to a bound) with one flush: a
+    /// connection with a backlog gets several frames per system call.
+    async fn write_backlog(&mut self) -> Result<(), End> {
+        let io = self.socket.get_mut();
+        self.conn
+            .outbox
+            .take(FRAMES_PER_FLUSH, |frame| io.push_text(frame.as_bytes()));
+        flush(&mut self.socket, self.state.config.write_timeout).await
     }
 
-    /// Writes one frame; a peer that does not take it within the write
-    /// timeout is too slow.
+    /// Writes one frame through tungstenite (pings); a peer that does not
+    /// take it within the write timeout is too slow.
     async fn send_raw(&mut self, message: WsMessage) -> Result<(), End> {
         match timeout(self.state.config.write_timeout, self.socket.send(message)).await {
             Ok(Ok(())) => Ok(()),
@@ -471,20 +501,26 @@ fn error_frame(err: &ChatError, client_id: Option<&str>) -> Utf8Bytes {
     Utf8Bytes::from(ServerFrame::error(err.code(), &message, retry_after_ms, client_id).to_json())
 }
 
-/// Writes frames with one flush at the end; a peer that does not take them
-/// within the write timeout is too slow.
+/// Writes text frames with one flush; a peer that does not take them
+/// within the write timeout is too slow. The frames go straight into the
+/// socket's buffer (see `io.rs`); tungstenite's flush then also sends any
+/// control frame it owes (a pong) and hands everything to the socket.
 async fn write_all(
     socket: &mut Socket,
     write_timeout: Duration,
     frames: impl Iterator<Item = Utf8Bytes>,
 ) -> Result<(), End> {
-    let written = async {
-        for frame in frames {
-            socket.feed(WsMessage::Text(frame)).await?;
-        }
-        socket.flush().await
-    };
-    match timeout(write_timeout, written).await {
+    let io = socket.get_mut();
+    for frame in frames {
+        io.push_text(frame.as_bytes());
+    }
+    flush(socket, write_timeout).await
+}
+
+/// Sends what is buffered; a peer that does not take it within the write
+/// timeout is too slow.
+async fn flush(socket: &mut Socket, write_timeout: Duration) -> Result<(), End> {
+    match timeout(write_timeout, socket.flush()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::Drop),
         Err(_) => Err(End::Close(close::TOO_SLOW, "too slow")),

@@ -1,0 +1,158 @@
+//! The byte stream under a session's WebSocket.
+//!
+//! tungstenite reads client frames and writes control frames (pong, ping,
+//! close) through this adaptor; the session writes its text frames here
+//! itself, with [`FrameIo::push_text`]. Writes of either kind only append
+//! to one in-memory buffer, in order, and a flush hands the whole buffer to
+//! the socket — so a backlog of frames leaves in one system call, the
+//! shared payload bytes are copied once per recipient without an
+//! intermediate frame, and the buffer is given back once it is empty.
+//!
+//! That last point is what keeps idle connections small: tungstenite's own
+//! write buffer keeps the capacity of the largest burst it ever gathered
+//! (the `ready` frame with a room's presence list, a room's `join` storm),
+//! for the life of the connection. Here a connection holds write memory
+//! only while it has something to write.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub struct FrameIo<S> {
+    inner: S,
+    /// Bytes not yet taken by the socket, from `written` on.
+    out: Vec<u8>,
+    written: usize,
+}
+
+impl<S> FrameIo<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            out: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// Queues one complete server text frame carrying `payload` (RFC 6455
+    /// §5.2: FIN, opcode 1, unmasked as from a server). Nothing reaches the
+    /// socket before the next flush.
+    pub fn push_text(&mut self, payload: &[u8]) {
+        const FIN_TEXT: u8 = 0x81;
+        let len = payload.len();
+        self.out.reserve(len + 10);
+        self.out.push(FIN_TEXT);
+        match u16::try_from(len) {
+            Ok(short) if short < 126 => self.out.push(short as u8),
+            Ok(medium) => {
+                self.out.push(126);
+                self.out.extend_from_slice(&medium.to_be_bytes());
+            }
+            Err(_) => {
+                self.out.push(127);
+                self.out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        self.out.extend_from_slice(payload);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FrameIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FrameIo<S> {
+    /// Always takes everything: tungstenite then never holds half a frame,
+    /// so its frames and the session's stay whole and in order. What is
+    /// buffered is bounded by what the session writes between flushes.
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.written < this.out.len() {
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &this.out[this.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            this.written += n;
+        }
+        if !this.out.is_empty() {
+            this.out = Vec::new();
+            this.written = 0;
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Frames pushed and bytes written arrive whole, in order, on flush;
+    /// lengths use the 7-bit, 16-bit and 64-bit forms at their bounds.
+    #[tokio::test]
+    async fn frames_leave_in_order_with_the_right_length_form() {
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut io = FrameIo::new(server);
+        let sizes = [0usize, 125, 126, 65_535, 65_536];
+        for size in sizes {
+            io.push_text(&vec![b'x'; size]);
+        }
+        io.write_all(b"\x89\x00").await.expect("a ping frame");
+        io.push_text(b"last");
+        io.flush().await.expect("flush");
+        assert_eq!(io.out.capacity(), 0, "the buffer is given back");
+
+        let mut got = Vec::new();
+        drop(io);
+        client.read_to_end(&mut got).await.expect("read");
+        let mut at = 0;
+        let mut next = |got: &[u8]| -> (u8, Vec<u8>) {
+            let op = got[at];
+            let (len, header) = match got[at + 1] {
+                126 => (u16::from_be_bytes([got[at + 2], got[at + 3]]) as usize, 4),
+                127 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&got[at + 2..at + 10]);
+                    (u64::from_be_bytes(b) as usize, 10)
+                }
+                short => (short as usize, 2),
+            };
+            let payload = got[at + header..at + header + len].to_vec();
+            at += header + len;
+            (op, payload)
+        };
+        for size in sizes {
+            let (op, payload) = next(&got);
+            assert_eq!(op, 0x81);
+            assert_eq!(payload.len(), size);
+        }
+        assert_eq!(next(&got), (0x89, Vec::new()));
+        assert_eq!(next(&got), (0x81, b"last".to_vec()));
+        assert_eq!(at, got.len());
+    }
+}
