@@ -218,7 +218,8 @@ impl Bench {
     async fn connect(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Socket> {
         let base = self.url(n).replacen("http", "ws", 1);
         let url = format!("{base}/ws/chat/{room}?token={}", self.token(user, &[])?);
-        let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+        // Nagle off, as a real client should: small frames leave at once.
+        let (mut socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
         // The first frame is `ready`.
         match socket.next().await {
             Some(Ok(Message::Text(_))) => Ok(socket),
