@@ -39,6 +39,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const MESSAGE_COLUMNS_BY_ROOM_AND_SEQ: &str = "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
      FROM messages WHERE room_id = $1 AND seq = $2";
 
+/// A pooled connection idle this long is pinged before it is used.
+const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 impl PostgresStore {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         // Connect lazily: a pod starts (and reports not ready) while the
@@ -46,6 +49,20 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
+            // sqlx pings every connection it hands out by default: one more
+            // round trip in front of every batch of sends. Only a connection
+            // that sat idle a while is checked; one that breaks in use fails
+            // that use (the batch is answered `unavailable` and retried by
+            // clients) and is replaced.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= CHECK_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy(url)?;
         let appends = GroupCommit::start(
             Arc::new(Appender { pool: pool.clone() }),
