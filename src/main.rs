@@ -8,6 +8,12 @@ use chat_service::{
     store, telemetry,
 };
 
+/// glibc's malloc was a fifth of the service's CPU under load (many small,
+/// short-lived allocations across tasks); mimalloc serves them from
+/// per-thread free lists. Measured in docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // A missing .env is fine; a malformed one is not silently half-read.

@@ -491,11 +491,17 @@ async fn fanout(
         let this_phase = phase.fetch_add(1, Ordering::Relaxed) + 1;
         let started = Instant::now();
         let per_sender = current / sockets.len() as f64;
+        let period = Duration::from_secs_f64(1.0 / per_sender.max(0.001));
+        let senders = sockets.len();
         let mut tasks = Vec::new();
         for (i, mut socket) in sockets.into_iter().enumerate() {
             let (counts, ack) = (Arc::clone(&counts), Arc::clone(&ack));
+            // Senders start evenly spread over one period, so the total is
+            // a steady rate rather than every sender at the same instant
+            // (which measures bursts of `senders` sends, not the rate).
+            let first = started + period.mul_f64(i as f64 / senders as f64);
             tasks.push(tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender.max(0.001)));
+                let mut ticker = tokio::time::interval_at(tokio::time::Instant::from_std(first), period);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let end = Instant::now() + duration;
                 // Acks still missing this long after the end are given up on.

@@ -39,9 +39,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const MESSAGE_COLUMNS_BY_ROOM_AND_SEQ: &str = "SELECT room_id, seq, id, user_id, user_name, body, client_id, created_at, deleted_at \
      FROM messages WHERE room_id = $1 AND seq = $2";
 
-/// A pooled connection idle this long is pinged before it is used.
-const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
-
 impl PostgresStore {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         // Connect lazily: a pod starts (and reports not ready) while the
@@ -49,18 +46,17 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
-            // sqlx pings every connection it hands out by default: one more
-            // round trip in front of every batch of sends. Only a connection
-            // that sat idle a while is checked; one that breaks in use fails
-            // that use (the batch is answered `unavailable` and retried by
-            // clients) and is replaced.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
+            // Generic plans for every prepared statement. With custom plans
+            // the planner sees a batch's array sizes and, once a batch
+            // names a few dozen rooms of a small `rooms` table, chose
+            // sequential scans of it (for the row locks and the last_seq
+            // update) — most of PostgreSQL's time under ingest. The generic
+            // plans are the index plans, and skip planning per execution.
+            .after_connect(|conn, _| {
                 Box::pin(async move {
-                    if meta.idle_for >= CHECK_IF_IDLE_FOR {
-                        sqlx::Connection::ping(conn).await?;
-                    }
-                    Ok(true)
+                    sqlx::Executor::execute(&mut *conn, "SET plan_cache_mode = force_generic_plan")
+                        .await?;
+                    Ok(())
                 })
             })
             .connect_lazy(url)?;
