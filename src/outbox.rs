@@ -76,18 +76,18 @@ impl Outbox {
         Pushed::Queued
     }
 
-    /// Ready once a frame is queued (or the outbox is closed).
+    /// Ready once a frame is queued. (A closed outbox holds none, so it
+    /// stays pending: the session closes it only after its last wait.)
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
-        let state = self.state();
-        if state.frames.is_empty() && !state.closed {
+        if self.state().frames.is_empty() {
             Poll::Pending
         } else {
             Poll::Ready(())
         }
     }
 
-    /// Waits until a frame is queued (or the outbox is closed).
+    /// Waits until a frame is queued.
     pub async fn ready(&self) {
         std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
