@@ -436,3 +436,26 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .around(api::observe)
         .data(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let mut acceptor = NoDelay(
+            TcpListener::bind("127.0.0.1:0")
+                .into_acceptor()
+                .await
+                .expect("a listener"),
+        );
+        let addr = *acceptor.local_addr()[0]
+            .as_socket_addr()
+            .expect("a socket address");
+        let client = tokio::net::TcpStream::connect(addr);
+        let (accepted, client) = tokio::join!(acceptor.accept(), client);
+        let (stream, ..) = accepted.expect("accepted");
+        client.expect("connected");
+        assert!(stream.nodelay().expect("the option reads"));
+    }
+}
