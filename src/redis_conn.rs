@@ -29,11 +29,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Backstop for a reply that never comes; callers' own bounds are shorter.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Attempts per reconnection before the waiting commands fail; the next
-/// command starts a new round. Few and short, so that commands issued
-/// during an outage fail within their callers' bounds instead of queueing
-/// behind a long back-off.
-const RECONNECT_RETRIES: usize = 2;
+/// Retries within one reconnection: none. While Redis is down, a command
+/// fails as soon as the connection attempt does (at once when Redis refuses
+/// connections), so its caller falls back at once — the limiter to its
+/// in-process window, the cache to the database — instead of waiting out
+/// its bound behind a back-off; the next command tries again. Concurrent
+/// commands share one attempt, and the limiter and the cache stop asking
+/// for a second after a failure, so an outage costs few attempts.
+const RECONNECT_RETRIES: usize = 0;
 
 /// Lazily connected: an instance starts even while Redis is down.
 pub fn connect(url: &str) -> anyhow::Result<RedisConn> {
@@ -41,8 +44,6 @@ pub fn connect(url: &str) -> anyhow::Result<RedisConn> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_number_of_retries(RECONNECT_RETRIES)
-        .set_min_delay(Duration::from_millis(50))
-        .set_max_delay(Duration::from_millis(500));
+        .set_number_of_retries(RECONNECT_RETRIES);
     Ok(ConnectionManager::new_lazy_with_config(client, config)?)
 }
