@@ -199,7 +199,7 @@ impl Application {
             tracing::warn!(
                 bytes = secret.expose().len(),
                 "JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes: HMAC tokens signed with a \
-                 short secret can be brute-forced offline; use at least 32 random bytes"
+                 short secret can be brute-forced offline; use at least {MIN_SECRET_BYTES} random bytes"
             );
         }
         let instance_id = uuid::Uuid::now_v7().simple().to_string();

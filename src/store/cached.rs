@@ -1121,7 +1121,7 @@ mod tests {
             )
         }
 
-        async fn redis(&self) -> RedisConn {
+        fn redis(&self) -> RedisConn {
             self.redis.clone()
         }
 
@@ -1131,7 +1131,7 @@ mod tests {
 
         /// Drops this test's keys (the TTLs would, later).
         async fn clean_up(&self) {
-            let mut conn = self.redis().await;
+            let mut conn = self.redis();
             let pattern = format!("{}*", self.prefix);
             let mut cursor = 0u64;
             loop {
@@ -1305,7 +1305,7 @@ mod tests {
     }
 
     async fn remove_seqs(world: &World, room: &RoomId, seqs: &[u64]) {
-        let mut conn = world.redis().await;
+        let mut conn = world.redis();
         for &seq in seqs {
             let _: i64 = conn
                 .zrembyscore(world.key("recent", room), seq, seq)
@@ -1509,7 +1509,7 @@ mod tests {
         assert!(served_from_redis(&store, &lobby, newest, 20).await);
 
         // An entry this code cannot read.
-        let mut conn = world.redis().await;
+        let mut conn = world.redis();
         remove_seqs(&world, &lobby, &[40]).await;
         let _: i64 = conn
             .zadd(world.key("recent", &lobby), "{not json", 40)
@@ -1646,7 +1646,7 @@ mod tests {
             panic!("expected a stored message, then its duplicate");
         };
         assert_eq!(first, again);
-        let mut conn = world.redis().await;
+        let mut conn = world.redis();
         let cached: u64 = conn.zcard(world.key("recent", &lobby)).await.unwrap();
         assert_eq!(cached, 3);
         assert!(served_from_redis(&store, &lobby, Page::Newest { before: None }, 10).await);
@@ -1695,7 +1695,7 @@ mod tests {
         assert!(a.is_member(&secret.id, &uid("bob")).await.unwrap());
         assert!(a.is_member(&secret.id, &uid("alice")).await.unwrap());
         assert!(!a.is_member(&secret.id, &uid("carol")).await.unwrap());
-        let mut conn = world.redis().await;
+        let mut conn = world.redis();
         let cached: bool = conn
             .sismember(world.key("members", &secret.id), COMPLETE)
             .await

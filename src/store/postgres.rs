@@ -20,7 +20,7 @@ use super::{
     rows, seq_bound, to_millis,
 };
 use crate::{
-    domain::{ClientId, Message, Room, RoomId, User, UserId},
+    domain::{Message, Room, RoomId, User, UserId},
     error::ChatError,
 };
 
@@ -325,22 +325,30 @@ struct Appender {
 }
 
 /// A message's idempotency key: room, user, client id.
-type Key = (String, String, String);
+type Key<'a> = (&'a str, &'a str, &'a str);
 
-fn key(room: &RoomId, user: &UserId, client_id: Option<&ClientId>) -> Option<Key> {
+fn key_of(message: &NewMessage) -> Option<Key<'_>> {
     Some((
-        room.as_str().to_owned(),
-        user.as_str().to_owned(),
-        client_id?.as_str().to_owned(),
+        message.room_id.as_str(),
+        message.user.id.as_str(),
+        message.client_id.as_ref()?.as_str(),
     ))
 }
 
-fn key_of(message: &NewMessage) -> Option<Key> {
-    key(
-        &message.room_id,
-        &message.user.id,
-        message.client_id.as_ref(),
-    )
+/// Where the first message with a key is: committed before this batch, or
+/// earlier in it (stored with that seq).
+enum Original<'a> {
+    Committed(&'a Message),
+    InBatch(&'a NewMessage, u64),
+}
+
+impl Original<'_> {
+    fn message(&self) -> Message {
+        match self {
+            Original::Committed(message) => (*message).clone(),
+            Original::InBatch(message, seq) => message.stored(*seq),
+        }
+    }
 }
 
 #[async_trait]
@@ -369,10 +377,15 @@ impl AppendBatch for Appender {
         }
         // Retries committed before us. This statement starts after the locks
         // were granted, so it sees every append that held them earlier.
-        let mut originals: HashMap<Key, Message> = HashMap::new();
-        let keys: Vec<Key> = batch.iter().filter_map(key_of).collect();
-        if !keys.is_empty() {
-            let column = |pick: fn(&Key) -> &str| keys.iter().map(pick).collect::<Vec<_>>();
+        let keys: Vec<Option<Key>> = batch.iter().map(key_of).collect();
+        let mut committed: Vec<Message> = Vec::new();
+        if keys.iter().any(Option::is_some) {
+            let (mut key_rooms, mut users, mut clients) = (Vec::new(), Vec::new(), Vec::new());
+            for &(room, user, client) in keys.iter().flatten() {
+                key_rooms.push(room);
+                users.push(user);
+                clients.push(client);
+            }
             let found = sqlx::query(
                 "SELECT m.room_id, m.seq, m.id, m.user_id, m.user_name, m.body, m.client_id, \
                         m.created_at, m.deleted_at \
@@ -380,43 +393,43 @@ impl AppendBatch for Appender {
                  JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(room_id, user_id, client_id) \
                    ON m.room_id = k.room_id AND m.user_id = k.user_id AND m.client_id = k.client_id",
             )
-            .bind(column(|k| &k.0))
-            .bind(column(|k| &k.1))
-            .bind(column(|k| &k.2))
+            .bind(key_rooms)
+            .bind(users)
+            .bind(clients)
             .fetch_all(&mut *tx)
             .await?;
-            for row in &found {
-                let original = rows::message(row)?;
-                if let Some(key) = key(
-                    &original.room_id,
-                    &original.user.id,
-                    original.client_id.as_ref(),
-                ) {
-                    originals.insert(key, original);
-                }
-            }
+            committed = found.iter().map(rows::message).collect::<Result<_, _>>()?;
         }
+        let mut originals: HashMap<Key, Original> = committed
+            .iter()
+            .filter_map(|m| {
+                let key = (
+                    m.room_id.as_str(),
+                    m.user.id.as_str(),
+                    m.client_id.as_ref()?.as_str(),
+                );
+                Some((key, Original::Committed(m)))
+            })
+            .collect();
         // Seqs in batch order; a repeat within the batch is a duplicate of
         // its first occurrence.
         let mut results = Vec::with_capacity(batch.len());
         let mut fresh: Vec<(&NewMessage, i64)> = Vec::with_capacity(batch.len());
-        for message in batch {
+        for (message, key) in batch.iter().zip(keys) {
             let Some(seq) = last_seq.get_mut(message.room_id.as_str()) else {
                 results.push(Err(ChatError::room_not_found()));
                 continue;
             };
-            let key = key_of(message);
-            if let Some(original) = key.as_ref().and_then(|k| originals.get(k)) {
-                results.push(Ok(Appended::Duplicate(original.clone())));
+            if let Some(original) = key.and_then(|k| originals.get(&k)) {
+                results.push(Ok(Appended::Duplicate(original.message())));
                 continue;
             }
             *seq += 1;
-            let stored = message.stored(*seq as u64);
             if let Some(key) = key {
-                originals.insert(key, stored.clone());
+                originals.insert(key, Original::InBatch(message, *seq as u64));
             }
             fresh.push((message, *seq));
-            results.push(Ok(Appended::Stored(stored)));
+            results.push(Ok(Appended::Stored(message.stored(*seq as u64))));
         }
         if !fresh.is_empty() {
             // Each room's new last_seq is its last fresh message's seq
