@@ -1,6 +1,7 @@
-//! Helpers for unit tests that talk to a real Redis (never compiled into
-//! the service). The Redis is `CHAT_TEST_REDIS_URL`, or the local default;
-//! a missing Redis fails the test, it never skips it.
+//! Helpers for unit tests that talk to a real Redis or PostgreSQL (never
+//! compiled into the service). They are `CHAT_TEST_REDIS_URL` and
+//! `CHAT_TEST_DATABASE_URL`, or the local defaults; a missing service fails
+//! the test, it never skips it.
 
 use std::time::Duration;
 
@@ -40,4 +41,59 @@ pub async fn redis_connection() -> RedisConn {
 /// A key prefix no other test uses, so tests run in parallel.
 pub fn key_prefix() -> String {
     format!("test:{}:", uuid::Uuid::now_v7().simple())
+}
+
+pub fn database_url() -> String {
+    std::env::var("CHAT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of its own in the test PostgreSQL, dropped with the value.
+pub struct PgSchema {
+    /// The test database's URL with `search_path` set to the schema.
+    pub url: String,
+    name: String,
+}
+
+impl PgSchema {
+    pub async fn new() -> Self {
+        use sqlx::Connection;
+        let base = database_url();
+        let name = format!("u_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = sqlx::PgConnection::connect(&base)
+            .await
+            .unwrap_or_else(|err| {
+                panic!("these tests need PostgreSQL at {base} (set CHAT_TEST_DATABASE_URL): {err}")
+            });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create schema");
+        let separator = if base.contains('?') { '&' } else { '?' };
+        Self {
+            url: format!("{base}{separator}options=-c%20search_path%3D{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgSchema {
+    /// Best effort, on a thread of its own: the test's runtime may be gone.
+    fn drop(&mut self) {
+        let (base, name) = (database_url(), std::mem::take(&mut self.name));
+        let _ = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&base).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {name} CASCADE")))
+                    .execute(&mut conn)
+                    .await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+    }
 }

@@ -1,9 +1,12 @@
 //! The cluster store: PostgreSQL, shared by every pod.
 //!
-//! Seqs are allocated by `UPDATE rooms SET last_seq = last_seq + 1 … RETURNING`
-//! inside the appending transaction: the row lock serialises writers of one
-//! room (on any pod) while writers of different rooms proceed in parallel,
-//! and a rollback gives the seq back, so there are never gaps.
+//! Appends go through group commit ([`GroupCommit`]); each batch is one call
+//! of the `chat_append_batch` function (migration 0003), which is its own
+//! transaction. It locks the batch's room rows in id order, so writers of
+//! one room (on any pod) take turns while writers of different rooms
+//! proceed in parallel, gives each new message the room's next seq and
+//! advances `rooms.last_seq`. A failed call stores nothing and takes no
+//! seq, so there are never gaps.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -46,16 +49,24 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
-            // Generic plans for every prepared statement. With custom plans
-            // the planner sees a batch's array sizes and, once a batch
-            // names a few dozen rooms of a small `rooms` table, chose
-            // sequential scans of it (for the row locks and the last_seq
-            // update) — most of PostgreSQL's time under ingest. The generic
-            // plans are the index plans, and skip planning per execution.
+            // Plans fit for a table of any size. Every query here reads a
+            // few rows through an index, but the planner prefers sequential
+            // scans of a small table: with custom plans once a batch names a
+            // few dozen rooms, and with generic plans whenever a session
+            // planned a statement while `rooms` was still small (a fresh
+            // deployment) — that plan then stays cached while the table
+            // grows. Either way it was most of PostgreSQL's time under
+            // ingest. Generic plans also skip planning per execution;
+            // `enable_seqscan = off` only makes sequential scans a last
+            // resort, where no index applies.
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::Executor::execute(&mut *conn, "SET plan_cache_mode = force_generic_plan")
-                        .await?;
+                    sqlx::Executor::execute(
+                        &mut *conn,
+                        "SELECT set_config('plan_cache_mode', 'force_generic_plan', false), \
+                                set_config('enable_seqscan', 'off', false)",
+                    )
+                    .await?;
                     Ok(())
                 })
             })
@@ -335,139 +346,208 @@ fn key_of(message: &NewMessage) -> Option<Key<'_>> {
     ))
 }
 
-/// Where the first message with a key is: committed before this batch, or
-/// earlier in it (stored with that seq).
-enum Original<'a> {
-    Committed(&'a Message),
-    InBatch(&'a NewMessage, u64),
-}
-
-impl Original<'_> {
-    fn message(&self) -> Message {
-        match self {
-            Original::Committed(message) => (*message).clone(),
-            Original::InBatch(message, seq) => message.stored(*seq),
-        }
-    }
+/// What became of an element sent to `chat_append_batch`.
+enum Outcome {
+    Stored(u64),
+    Duplicate(Message),
+    /// No row came back: its room does not exist.
+    NoRoom,
 }
 
 #[async_trait]
 impl AppendBatch for Appender {
-    /// Four statements whatever the batch size: lock the rooms, look up
-    /// retries, insert the new messages and advance the rooms' `last_seq`.
+    /// One statement whatever the batch size: the `chat_append_batch`
+    /// function (migration 0003) locks the rooms, looks up retries, inserts
+    /// and advances the rooms' `last_seq`, as one transaction. Repeats of a
+    /// key within the batch never reach it: each is answered here from its
+    /// first occurrence.
     async fn append_batch(
         &self,
         batch: &[NewMessage],
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
-        let mut rooms: Vec<&str> = batch.iter().map(|m| m.room_id.as_str()).collect();
-        rooms.sort_unstable();
-        rooms.dedup();
-        let mut tx = self.pool.begin().await?;
-        // The room rows' locks serialise appends to a room across committers
-        // and pods. Taken in id order, as every batch does, so two batches
-        // sharing rooms wait for each other instead of deadlocking.
-        let mut last_seq = HashMap::with_capacity(rooms.len());
-        for row in
-            sqlx::query("SELECT id, last_seq FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-                .bind(&rooms)
-                .fetch_all(&mut *tx)
-                .await?
-        {
-            last_seq.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-        }
-        // Retries committed before us. This statement starts after the locks
-        // were granted, so it sees every append that held them earlier.
-        let keys: Vec<Option<Key>> = batch.iter().map(key_of).collect();
-        let mut committed: Vec<Message> = Vec::new();
-        if keys.iter().any(Option::is_some) {
-            let (mut key_rooms, mut users, mut clients) = (Vec::new(), Vec::new(), Vec::new());
-            for &(room, user, client) in keys.iter().flatten() {
-                key_rooms.push(room);
-                users.push(user);
-                clients.push(client);
-            }
-            let found = sqlx::query(
-                "SELECT m.room_id, m.seq, m.id, m.user_id, m.user_name, m.body, m.client_id, \
-                        m.created_at, m.deleted_at \
-                 FROM messages m \
-                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(room_id, user_id, client_id) \
-                   ON m.room_id = k.room_id AND m.user_id = k.user_id AND m.client_id = k.client_id",
-            )
-            .bind(key_rooms)
-            .bind(users)
-            .bind(clients)
-            .fetch_all(&mut *tx)
-            .await?;
-            committed = found.iter().map(rows::message).collect::<Result<_, _>>()?;
-        }
-        let mut originals: HashMap<Key, Original> = committed
-            .iter()
-            .filter_map(|m| {
-                let key = (
-                    m.room_id.as_str(),
-                    m.user.id.as_str(),
-                    m.client_id.as_ref()?.as_str(),
-                );
-                Some((key, Original::Committed(m)))
-            })
-            .collect();
-        // Seqs in batch order; a repeat within the batch is a duplicate of
-        // its first occurrence.
-        let mut results = Vec::with_capacity(batch.len());
-        let mut fresh: Vec<(&NewMessage, i64)> = Vec::with_capacity(batch.len());
-        for (message, key) in batch.iter().zip(keys) {
-            let Some(seq) = last_seq.get_mut(message.room_id.as_str()) else {
-                results.push(Err(ChatError::room_not_found()));
-                continue;
+        // `sent[j]` is the j-th element sent; `slot[i]` is the element that
+        // answers batch message i (itself, or its key's first occurrence).
+        let mut sent: Vec<&NewMessage> = Vec::with_capacity(batch.len());
+        let mut slot: Vec<usize> = Vec::with_capacity(batch.len());
+        let mut first: HashMap<Key, usize> = HashMap::new();
+        for message in batch {
+            let j = match key_of(message) {
+                Some(key) => *first.entry(key).or_insert(sent.len()),
+                None => sent.len(),
             };
-            if let Some(original) = key.and_then(|k| originals.get(&k)) {
-                results.push(Ok(Appended::Duplicate(original.message())));
-                continue;
+            if j == sent.len() {
+                sent.push(message);
             }
-            *seq += 1;
-            if let Some(key) = key {
-                originals.insert(key, Original::InBatch(message, *seq as u64));
-            }
-            fresh.push((message, *seq));
-            results.push(Ok(Appended::Stored(message.stored(*seq as u64))));
+            slot.push(j);
         }
-        if !fresh.is_empty() {
-            // Each room's new last_seq is its last fresh message's seq
-            // (seqs rise in batch order, so the last insert wins).
-            let advanced: HashMap<&str, i64> = fresh
-                .iter()
-                .map(|(m, seq)| (m.room_id.as_str(), *seq))
-                .collect();
-            sqlx::query(
-                "WITH inserted AS ( \
-                   INSERT INTO messages (room_id, seq, id, user_id, user_name, body, client_id, created_at) \
-                   SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
-                                        $6::text[], $7::text[], $8::int8[]) \
-                 ) \
-                 UPDATE rooms SET last_seq = advanced.last_seq \
-                 FROM unnest($9::text[], $10::int8[]) AS advanced(id, last_seq) \
-                 WHERE rooms.id = advanced.id",
-            )
-            .bind(fresh.iter().map(|(m, _)| m.room_id.as_str()).collect::<Vec<_>>())
-            .bind(fresh.iter().map(|(_, seq)| *seq).collect::<Vec<_>>())
-            .bind(fresh.iter().map(|(m, _)| m.id.as_str()).collect::<Vec<_>>())
-            .bind(fresh.iter().map(|(m, _)| m.user.id.as_str()).collect::<Vec<_>>())
-            .bind(fresh.iter().map(|(m, _)| m.user.name.as_str()).collect::<Vec<_>>())
-            .bind(fresh.iter().map(|(m, _)| m.body.as_str()).collect::<Vec<_>>())
-            .bind(
-                fresh
-                    .iter()
-                    .map(|(m, _)| m.client_id.as_ref().map(|c| c.as_str()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(fresh.iter().map(|(m, _)| to_millis(m.created_at)).collect::<Vec<_>>())
-            // keys() and values() of an unchanged map walk it in one order.
-            .bind(advanced.keys().copied().collect::<Vec<_>>())
-            .bind(advanced.values().copied().collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM chat_append_batch($1::text[], $2::text[], $3::text[], $4::text[], \
+                                             $5::text[], $6::text[], $7::int8[])",
+        )
+        .bind(sent.iter().map(|m| m.room_id.as_str()).collect::<Vec<_>>())
+        .bind(sent.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
+        .bind(sent.iter().map(|m| m.user.id.as_str()).collect::<Vec<_>>())
+        .bind(
+            sent.iter()
+                .map(|m| m.user.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(sent.iter().map(|m| m.body.as_str()).collect::<Vec<_>>())
+        .bind(
+            sent.iter()
+                .map(|m| m.client_id.as_ref().map(|c| c.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            sent.iter()
+                .map(|m| to_millis(m.created_at))
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut outcomes: Vec<Outcome> = sent.iter().map(|_| Outcome::NoRoom).collect();
+        for row in &rows {
+            let ord: i64 = row.try_get("ord")?;
+            let outcome = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|j| outcomes.get_mut(j))
+                .ok_or_else(|| ChatError::Internal(anyhow::anyhow!("append returned ord {ord}")))?;
+            *outcome = if row.try_get("duplicate")? {
+                Outcome::Duplicate(rows::message(row)?)
+            } else {
+                let seq: i64 = row.try_get("seq")?;
+                Outcome::Stored(seq as u64)
+            };
         }
-        tx.commit().await?;
-        Ok(results)
+        Ok(batch
+            .iter()
+            .zip(slot)
+            .map(|(message, j)| match &outcomes[j] {
+                Outcome::NoRoom => Err(ChatError::room_not_found()),
+                Outcome::Duplicate(original) => Ok(Appended::Duplicate(original.clone())),
+                // A repeat within the batch of a message stored now.
+                Outcome::Stored(seq) if !std::ptr::eq(message, sent[j]) => {
+                    Ok(Appended::Duplicate(sent[j].stored(*seq)))
+                }
+                Outcome::Stored(seq) => Ok(Appended::Stored(message.stored(*seq))),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::{ClientId, RoomKind},
+        testing::PgSchema,
+    };
+
+    fn new_message(room: &str, user: &str, body: &str, client_id: Option<&str>) -> NewMessage {
+        NewMessage {
+            room_id: RoomId::parse(room).unwrap(),
+            id: uuid::Uuid::now_v7().to_string(),
+            user: User {
+                id: UserId::parse(user).unwrap(),
+                name: user.to_uppercase(),
+            },
+            body: body.into(),
+            client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
+            created_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn stored(result: &Result<Appended, ChatError>) -> &Message {
+        match result {
+            Ok(Appended::Stored(message)) => message,
+            other => panic!("expected a stored message, got {other:?}"),
+        }
+    }
+
+    fn duplicate(result: &Result<Appended, ChatError>) -> &Message {
+        match result {
+            Ok(Appended::Duplicate(message)) => message,
+            other => panic!("expected a duplicate, got {other:?}"),
+        }
+    }
+
+    /// One batch mixing rooms, a retry within the batch, an unknown room
+    /// and keyless sends; then a batch retrying a committed send.
+    #[tokio::test]
+    async fn a_batch_numbers_each_room_in_order_and_answers_repeats_and_unknown_rooms() {
+        let schema = PgSchema::new().await;
+        let store = PostgresStore::connect(&schema.url).await.unwrap();
+        store.migrate().await.unwrap();
+        for id in ["r1", "r2"] {
+            let room = Room {
+                id: RoomId::parse(id).unwrap(),
+                kind: RoomKind::Public,
+                name: id.into(),
+                owner_id: None,
+                created_at: OffsetDateTime::now_utc(),
+            };
+            store.create_room(&room, &[]).await.unwrap();
+        }
+        let appender = Appender {
+            pool: store.pool.clone(),
+        };
+
+        let batch = [
+            new_message("r1", "ann", "first", Some("k1")),
+            new_message("r2", "ann", "elsewhere", None),
+            new_message("r1", "ann", "first again", Some("k1")),
+            new_message("nowhere", "ann", "lost", Some("k2")),
+            new_message("r1", "bob", "second", Some("k1")),
+            new_message("r1", "ann", "third", None),
+        ];
+        let results = appender.append_batch(&batch).await.unwrap();
+        assert_eq!(results.len(), batch.len());
+        assert_eq!(stored(&results[0]).seq, 1);
+        assert_eq!(stored(&results[1]).seq, 1);
+        let repeat = duplicate(&results[2]);
+        assert_eq!((repeat.seq, repeat.id.as_str()), (1, batch[0].id.as_str()));
+        assert_eq!(repeat.body, "first");
+        assert!(matches!(results[3], Err(ChatError::NotFound(_))));
+        // Another user's k1 is another key.
+        assert_eq!(stored(&results[4]).seq, 2);
+        assert_eq!(stored(&results[5]).seq, 3);
+
+        let retry = [
+            new_message("r1", "ann", "first, retried", Some("k1")),
+            new_message("r1", "ann", "fourth", Some("k4")),
+        ];
+        let results = appender.append_batch(&retry).await.unwrap();
+        let original = duplicate(&results[0]);
+        assert_eq!(
+            (original.seq, original.id.as_str()),
+            (1, batch[0].id.as_str())
+        );
+        assert_eq!(
+            (original.body.as_str(), original.user.name.as_str()),
+            ("first", "ANN")
+        );
+        assert_eq!(stored(&results[1]).seq, 4);
+
+        let r1 = RoomId::parse("r1").unwrap();
+        assert_eq!(store.last_seq(&r1).await.unwrap(), 4);
+        let bodies: Vec<String> = store
+            .history(
+                &r1,
+                Page::Oldest {
+                    after: 0,
+                    before: None,
+                },
+                10,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.body)
+            .collect();
+        assert_eq!(bodies, ["first", "second", "third", "fourth"]);
+        assert_eq!(
+            store.last_seq(&RoomId::parse("r2").unwrap()).await.unwrap(),
+            1
+        );
     }
 }
