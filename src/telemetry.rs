@@ -3,14 +3,15 @@
 //! - **Logs**: `tracing-subscriber`, human-readable by default, JSON with
 //!   `LOG_FORMAT=json`, filtered by `RUST_LOG` (default `info`). When traces
 //!   are exported, lines logged inside a traced operation carry its
-//!   `trace_id` (a field of the root span, shown with the span). Nothing logged carries a token or a message
-//!   body: request logs name routes, never query strings.
+//!   `trace_id` (a field of the root span, shown with the span). Nothing
+//!   logged carries a token or a message body: request logs name routes,
+//!   never query strings.
 //! - **Traces**: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, `tracing` spans are
 //!   bridged to OpenTelemetry and exported over OTLP/HTTP; trace ids then
 //!   appear in logs and travel between pods. Without an endpoint nothing is
-//!   bridged (it cost a third of a loaded pod's CPU for spans nobody would
-//!   see), so logs carry no trace id. The export runs on its own
+//!   bridged (spans nobody would see made a loaded pod's latency tail 8 to
+//!   20 times longer), so logs carry no trace id. The export runs on its own
 //!   thread from a bounded queue, so a slow or absent collector costs dropped
 //!   spans, never chat latency. The standard `OTEL_*` variables apply
 //!   (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
@@ -61,27 +62,28 @@ fn otlp_configured() -> bool {
 /// Installs logging and tracing for the process (once; later calls keep
 /// the first setup).
 pub fn init(format: LogFormat) -> Telemetry {
-    let mut builder = SdkTracerProvider::builder();
-    let mut exporting = false;
-    if otlp_configured() {
-        match opentelemetry_otlp::SpanExporter::builder()
+    let exporter = if otlp_configured() {
+        opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
-        {
-            Ok(exporter) => {
-                builder = builder.with_batch_exporter(exporter);
-                exporting = true;
-            }
-            Err(err) => eprintln!("OTLP exporter not started: {err}"),
-        }
+            .inspect_err(|err| eprintln!("OTLP exporter not started: {err}"))
+            .ok()
+    } else {
+        None
+    };
+    let exporting = exporter.is_some();
+    let mut builder = SdkTracerProvider::builder();
+    if let Some(exporter) = exporter {
+        builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
     global::set_text_map_propagator(TraceContextPropagator::new());
     global::set_tracer_provider(provider.clone());
     // Only when spans go somewhere: bridging every span to OpenTelemetry
-    // costs allocations per span and clock reads per poll of a connection's
-    // task, which took the p99 of 1,500 msg/s into rooms of 50 from 13 to
-    // 560 ms with nothing exported (docs/benchmarks.md).
+    // costs allocations per span and, with enters and exits timed, work on
+    // every poll of every connection's task. At `RUST_LOG=info` with nothing
+    // exported it took the p99 of 1,500 msg/s into 10,000 connections from
+    // 25–71 to 560 ms (docs/benchmarks.md).
     let otel = exporting.then(|| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("chat-service"))

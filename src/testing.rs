@@ -43,6 +43,7 @@ pub fn key_prefix() -> String {
     format!("test:{}:", uuid::Uuid::now_v7().simple())
 }
 
+/// The test PostgreSQL: a database where tests may create schemas.
 pub fn database_url() -> String {
     std::env::var("CHAT_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())

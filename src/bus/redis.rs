@@ -3,14 +3,14 @@
 //!
 //! Publishing costs one `PUBLISH` per event, whatever the number of
 //! recipients, on the instance's shared command connection. Receiving uses
-//! one dedicated pub/sub connection per instance, subscribed only to the rooms this instance has
-//! connections in. A single task owns that connection: it applies
-//! watch/unwatch requests in the order the hub made them, forwards events
-//! from other instances to the hub, and when the connection drops it
-//! reconnects with backoff, subscribes again to every watched room, and
-//! then asks the hub to resynchronise from the store — so messages committed
-//! while Redis was unreachable still reach every connection, in order,
-//! without any client action.
+//! one dedicated pub/sub connection per instance, subscribed only to the
+//! rooms this instance has connections in. A single task owns that
+//! connection: it applies watch/unwatch requests in the order the hub made
+//! them, forwards events from other instances to the hub, and when the
+//! connection drops it reconnects with backoff, subscribes again to every
+//! watched room, and then asks the hub to resynchronise from the store —
+//! so messages committed while Redis was unreachable still reach every
+//! connection, in order, without any client action.
 //!
 //! Events carry their origin instance; an instance ignores its own (the hub
 //! delivered them locally before publishing).

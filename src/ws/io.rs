@@ -21,6 +21,10 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::protocol::frame::{
+    FrameHeader,
+    coding::{Data, OpCode},
+};
 
 pub struct FrameIo<S> {
     inner: S,
@@ -38,25 +42,19 @@ impl<S> FrameIo<S> {
         }
     }
 
-    /// Queues one complete server text frame carrying `payload` (RFC 6455
-    /// §5.2: FIN, opcode 1, unmasked as from a server). Nothing reaches the
-    /// socket before the next flush.
+    /// Queues one complete server text frame carrying `payload` (final,
+    /// unmasked as from a server). Nothing reaches the socket before the
+    /// next flush.
     pub fn push_text(&mut self, payload: &[u8]) {
-        const FIN_TEXT: u8 = 0x81;
-        let len = payload.len();
-        self.out.reserve(len + 10);
-        self.out.push(FIN_TEXT);
-        match u16::try_from(len) {
-            Ok(short) if short < 126 => self.out.push(short as u8),
-            Ok(medium) => {
-                self.out.push(126);
-                self.out.extend_from_slice(&medium.to_be_bytes());
-            }
-            Err(_) => {
-                self.out.push(127);
-                self.out.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
+        let header = FrameHeader {
+            opcode: OpCode::Data(Data::Text),
+            ..FrameHeader::default()
+        };
+        let length = payload.len() as u64;
+        self.out.reserve(header.len(length) + payload.len());
+        header
+            .format(length, &mut self.out)
+            .expect("writing to a Vec cannot fail");
         self.out.extend_from_slice(payload);
     }
 }
