@@ -2,21 +2,29 @@
 //!
 //! Every append is queued; committer tasks take whatever has queued up (up
 //! to a bound) and store it in one transaction through [`AppendBatch`]. No
-//! timer is involved: under light load a batch is the one message that
-//! arrived, and its latency is one transaction; under heavy load the
+//! timer delays a lone message: under light load a batch is the one message
+//! that arrived, and its latency is one transaction; under heavy load the
 //! messages that arrive while a transaction is in flight form the next
 //! batch, so one commit (one fsync, one round-trip chain) pays for many
 //! messages. The wait is bounded by the commit in flight.
+//!
+//! With several committers, a committer does not start a transaction while
+//! another is in flight unless that one has taken longer than
+//! [`STALLED_AFTER`]: overlapping transactions would split the arrivals
+//! into batches half as large and double the commits, and a commit's fixed
+//! cost is most of its cost while batches are small. The spare committers
+//! are there for the transaction that hangs (waiting on a room lock held by
+//! another pod, or on a slow disk), not for throughput.
 //!
 //! Guarantees are those of [`Store::append`](super::Store::append): an
 //! `Ok` means committed; a message refused on its own merits (its room is
 //! gone) fails alone; when the transaction fails, every message of the
 //! batch gets the error and nothing of it is stored.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use super::{Appended, NewMessage};
 use crate::error::ChatError;
@@ -36,6 +44,11 @@ pub trait AppendBatch: Send + Sync + 'static {
 
 type Reply = oneshot::Sender<Result<Appended, ChatError>>;
 
+/// How long a transaction in flight may take before another committer
+/// starts the next batch beside it. Far above a healthy commit (well under
+/// a millisecond on the reference machine, a few across a network).
+pub const STALLED_AFTER: Duration = Duration::from_millis(10);
+
 /// The queue in front of the committers.
 pub struct GroupCommit {
     queue: mpsc::Sender<(NewMessage, Reply)>,
@@ -47,10 +60,12 @@ impl GroupCommit {
     pub fn start(target: Arc<dyn AppendBatch>, committers: usize, max_batch: usize) -> Self {
         let (queue, receiver) = mpsc::channel(max_batch * committers.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
+        let in_flight = Arc::new(watch::Sender::new(0usize));
         for _ in 0..committers.max(1) {
             tokio::spawn(commit_loop(
                 Arc::clone(&target),
                 Arc::clone(&receiver),
+                Arc::clone(&in_flight),
                 max_batch.max(1),
             ));
         }
@@ -71,22 +86,25 @@ fn stopped() -> ChatError {
     ChatError::Internal(anyhow::anyhow!("the group committer stopped"))
 }
 
+/// `in_flight` counts the transactions being committed.
 async fn commit_loop(
     target: Arc<dyn AppendBatch>,
     receiver: Arc<Mutex<mpsc::Receiver<(NewMessage, Reply)>>>,
+    in_flight: Arc<watch::Sender<usize>>,
     max_batch: usize,
 ) {
     let mut requests = Vec::with_capacity(max_batch);
     let mut batch = Vec::with_capacity(max_batch);
     let mut replies = Vec::with_capacity(max_batch);
+    let mut idle = in_flight.subscribe();
     loop {
         // Only the committer holding the lock waits for work; the others
         // are committing. The lock is released before committing.
-        let received = receiver
-            .lock()
-            .await
-            .recv_many(&mut requests, max_batch)
-            .await;
+        let mut queue = receiver.lock().await;
+        // Messages arriving meanwhile queue up and make the batch larger.
+        let _ = tokio::time::timeout(STALLED_AFTER, idle.wait_for(|&n| n == 0)).await;
+        let received = queue.recv_many(&mut requests, max_batch).await;
+        drop(queue);
         if received == 0 {
             return; // every sender is gone: the store was dropped
         }
@@ -95,13 +113,33 @@ async fn commit_loop(
             replies.push(reply);
         }
         metrics::histogram!("chat_store_batch_size").record(batch.len() as f64);
-        let results = commit(target.as_ref(), &batch).await;
+        let results = {
+            let _counted = InFlight::enter(&in_flight);
+            commit(target.as_ref(), &batch).await
+        };
         for (reply, result) in replies.drain(..).zip(results) {
             // The caller may have gone (connection closed): its message is
             // stored all the same, as with a plain append.
             let _ = reply.send(result);
         }
         batch.clear();
+    }
+}
+
+/// Counts one transaction in flight until dropped, so a committer that
+/// panics mid-commit does not make the others wait for it forever.
+struct InFlight<'a>(&'a watch::Sender<usize>);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -134,5 +172,131 @@ async fn commit(
             }
             results
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use time::OffsetDateTime;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::domain::{RoomId, User, UserId};
+
+    /// Commits take `commit_time` of (paused) tokio time, except that the
+    /// first one waits for `release` when `hang_first` is set. Records each
+    /// batch's size and the most transactions ever in flight together.
+    #[derive(Default)]
+    struct Recorder {
+        commit_time: Duration,
+        hang_first: bool,
+        release: Notify,
+        started: Notify,
+        state: StdMutex<State>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        batches: Vec<usize>,
+        in_flight: usize,
+        most_in_flight: usize,
+    }
+
+    #[async_trait]
+    impl AppendBatch for Recorder {
+        async fn append_batch(
+            &self,
+            batch: &[NewMessage],
+        ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+            let first = {
+                let mut state = self.state.lock().unwrap();
+                state.batches.push(batch.len());
+                state.in_flight += 1;
+                state.most_in_flight = state.most_in_flight.max(state.in_flight);
+                state.batches.len() == 1
+            };
+            self.started.notify_one();
+            if first && self.hang_first {
+                self.release.notified().await;
+            } else {
+                tokio::time::sleep(self.commit_time).await;
+            }
+            self.state.lock().unwrap().in_flight -= 1;
+            Ok(batch
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Ok(Appended::Stored(m.stored(i as u64 + 1))))
+                .collect())
+        }
+    }
+
+    fn message(body: &str) -> NewMessage {
+        NewMessage {
+            room_id: RoomId::parse("lobby").unwrap(),
+            id: uuid::Uuid::now_v7().to_string(),
+            user: User {
+                id: UserId::parse("ada").unwrap(),
+                name: "Ada".into(),
+            },
+            body: body.into(),
+            client_id: None,
+            created_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn send(
+        group: &Arc<GroupCommit>,
+        body: &str,
+    ) -> tokio::task::JoinHandle<Result<Appended, ChatError>> {
+        let group = Arc::clone(group);
+        let message = message(body);
+        tokio::spawn(async move { group.append(message).await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sends_arriving_during_a_healthy_commit_wait_for_it_and_share_the_next() {
+        let recorder = Arc::new(Recorder {
+            commit_time: STALLED_AFTER / 4,
+            ..Recorder::default()
+        });
+        let group = Arc::new(GroupCommit::start(recorder.clone(), 2, 64));
+        let first = send(&group, "first");
+        recorder.started.notified().await;
+        let rest: Vec<_> = (0..5)
+            .map(|i| send(&group, &format!("later {i}")))
+            .collect();
+        assert!(first.await.unwrap().is_ok());
+        for sent in rest {
+            assert!(sent.await.unwrap().is_ok());
+        }
+        let state = recorder.state.lock().unwrap();
+        assert_eq!(state.batches, vec![1, 5], "the later sends form one batch");
+        assert_eq!(
+            state.most_in_flight, 1,
+            "no second transaction beside a healthy one"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_commit_does_not_hold_up_the_next_batch() {
+        let recorder = Arc::new(Recorder {
+            commit_time: STALLED_AFTER / 4,
+            hang_first: true,
+            ..Recorder::default()
+        });
+        let group = Arc::new(GroupCommit::start(recorder.clone(), 2, 64));
+        let first = send(&group, "first");
+        recorder.started.notified().await;
+        let second = send(&group, "second");
+        assert!(
+            second.await.unwrap().is_ok(),
+            "committed beside the hung one"
+        );
+        assert!(!first.is_finished());
+        assert_eq!(recorder.state.lock().unwrap().most_in_flight, 2);
+        recorder.release.notify_one();
+        assert!(first.await.unwrap().is_ok());
     }
 }
