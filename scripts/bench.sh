@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# One benchmark run, set up the way docs/benchmarks.md prescribes.
+#
+#   scripts/bench.sh ingest --connections 2000 --window 1 --rest-workers 0 --duration 15s
+#   scripts/bench.sh fanout --rooms 200 --members 50 --senders 200 --rate 1500 --duration 15s
+#   PODS=2 scripts/bench.sh fanout --rooms 2 --members 1000 --senders 4 --rate 100 --duration 15s
+#   scripts/bench.sh idle --connections 19000 --hold 10s       # --pid of each pod is added
+#
+# Everything after the script's name goes to `chat-bench` (its scenarios and
+# options: `target/release/chat-bench --help`). Each run:
+#   1. builds the release binaries;
+#   2. in cluster mode (the default), creates an empty database and uses a
+#      Redis key prefix of its own (both removed afterwards) on the
+#      PostgreSQL and Redis that scripts/services.sh finds or starts;
+#   3. starts PODS servers (ports 8001, 8002, ...) with the protective limits
+#      raised, pinned to SERVER_CPUS, and waits until they are ready;
+#   4. pins the generator, and PostgreSQL and Redis when they run on this
+#      machine, to LOAD_CPUS (their affinity is reset to every core at exit);
+#   5. runs chat-bench: its JSON line goes to stdout, its summary to stderr,
+#      followed by each core's busy share and each process group's CPU over
+#      the run (so a reader can tell who was saturated).
+#
+# Settings (environment):
+#   MODE         cluster (PostgreSQL + Redis, default) or embedded (SQLite)
+#   PODS         servers to start (default 1); connections are spread over them
+#   SERVER_CPUS  taskset CPU list for the servers (default 0)
+#   LOAD_CPUS    taskset CPU list for the generator, PostgreSQL and Redis
+#                (default: every CPU but SERVER_CPUS's first, or 0 on one CPU)
+#   RUST_LOG     the servers' log filter (default warn, as in the docs' figures)
+#   KEEP_LOGS    set to keep the servers' logs (their directory is printed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[[ $# -ge 1 ]] || {
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+}
+
+MODE=${MODE:-cluster}
+PODS=${PODS:-1}
+SERVER_CPUS=${SERVER_CPUS:-0}
+CPUS=$(nproc)
+if [[ -z ${LOAD_CPUS:-} ]]; then
+    if ((CPUS > 1)); then
+        first=${SERVER_CPUS%%[,-]*}
+        LOAD_CPUS=$(seq 0 $((CPUS - 1)) | grep -vx "$first" | paste -sd,)
+    else
+        LOAD_CPUS=0
+    fi
+fi
+export RUST_LOG=${RUST_LOG:-warn}
+SECRET=bench-secret-bench-secret-bench-secret-0123456789
+RUN=bench_$(date +%s)_$$
+WORK=$(mktemp -d)
+PIDS=()
+
+say() { printf 'bench: %s\n' "$*" >&2; }
+
+cargo build --release --locked --bins >&2
+BIN=$PWD/target/release
+
+# Descriptors for 19,000 connections on each side.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+server_env=(
+    JWT_SECRET=$SECRET
+    SEND_RATE_LIMIT=100000000 CONNECT_RATE_LIMIT=100000000
+    REST_RATE_LIMIT=100000000 FRAME_FLOOD_LIMIT=100000000
+)
+local_pids=()
+if [[ $MODE == cluster ]]; then
+    # shellcheck source=scripts/services.sh
+    source scripts/services.sh
+    psql=$(_chat_svc_psql)
+    "$psql" -q -d "$CHAT_TEST_DATABASE_URL" -c "CREATE DATABASE $RUN"
+    database_url=${CHAT_TEST_DATABASE_URL%/*}/$RUN
+    server_env+=(DATABASE_URL="$database_url" REDIS_URL="$CHAT_TEST_REDIS_URL" REDIS_KEY_PREFIX="$RUN:")
+    # PostgreSQL and Redis on this machine move to the load's CPUs, so the
+    # servers have theirs to themselves as they would beside remote ones.
+    mapfile -t local_pids < <(pgrep -x postgres; pgrep -x redis-server)
+elif [[ $MODE == embedded ]]; then
+    server_env+=(DATABASE_URL="sqlite://$WORK/chat.db")
+else
+    say "MODE must be cluster or embedded, not $MODE"
+    exit 2
+fi
+
+finish() {
+    local status=$?
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for pid in "${local_pids[@]}"; do taskset -a -cp "0-$((CPUS - 1))" "$pid" >/dev/null 2>&1 || true; done
+    if [[ $MODE == cluster ]]; then
+        "$psql" -q -d "$CHAT_TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS $RUN" || true
+        if command -v redis-cli >/dev/null; then
+            redis-cli -u "$CHAT_TEST_REDIS_URL" --scan --pattern "$RUN:*" |
+                xargs -r -n 500 redis-cli -u "$CHAT_TEST_REDIS_URL" del >/dev/null || true
+        fi
+    fi
+    # Our trap replaced the one services.sh set for throwaway servers.
+    if declare -F chat_services_stop >/dev/null; then chat_services_stop; fi
+    if [[ -n ${KEEP_LOGS:-} ]]; then say "server logs in $WORK"; else rm -rf "$WORK"; fi
+    exit "$status"
+}
+trap finish EXIT
+
+for pid in "${local_pids[@]}"; do taskset -a -cp "$LOAD_CPUS" "$pid" >/dev/null 2>&1 || true; done
+
+urls=()
+pid_args=()
+for ((i = 1; i <= PODS; i++)); do
+    port=$((8000 + i))
+    env "${server_env[@]}" taskset -c "$SERVER_CPUS" "$BIN/chat-service" serve \
+        --listen "127.0.0.1:$port" >"$WORK/pod$i.log" 2>&1 &
+    PIDS+=($!)
+    urls+=("http://127.0.0.1:$port")
+    pid_args+=(--pid "$!")
+done
+for url in "${urls[@]}"; do
+    for _ in $(seq 100); do
+        curl -fs -o /dev/null "$url/readyz" && continue 2
+        sleep 0.1
+    done
+    say "$url did not become ready; its log:"
+    cat "$WORK"/pod*.log >&2
+    exit 1
+done
+
+# Busy ticks per CPU, and CPU ticks of a set of processes (threads included).
+cpu_ticks() { awk '/^cpu[0-9]/ { print $1, $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+proc_ticks() {
+    local total=0 pid
+    for pid in "$@"; do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+# The pods' ticks are read before they stop, so only live processes count.
+groups() {
+    echo "servers $(proc_ticks "${PIDS[@]}")"
+    echo "postgres $(proc_ticks $(pgrep -x postgres))"
+    echo "redis $(proc_ticks $(pgrep -x redis-server))"
+}
+
+extra=()
+[[ $1 == idle ]] && extra=("${pid_args[@]}")
+say "$PODS pod(s) on CPU $SERVER_CPUS, load on CPU $LOAD_CPUS, mode $MODE, RUST_LOG=$RUST_LOG"
+cpu_before=$(cpu_ticks)
+groups_before=$(groups)
+started=$EPOCHREALTIME
+JWT_SECRET=$SECRET taskset -c "$LOAD_CPUS" "$BIN/chat-bench" \
+    --url "$(IFS=,; echo "${urls[*]}")" "$@" "${extra[@]}"
+elapsed=$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { print b - a }')
+cpu_after=$(cpu_ticks)
+groups_after=$(groups)
+hz=$(getconf CLK_TCK)
+
+{
+    printf 'cores busy over the run:'
+    paste -d' ' <(echo "$cpu_before") <(echo "$cpu_after") |
+        awk '{ printf " %s %d%%", $1, 100 * ($5 - $2) / ($6 - $3) }'
+    printf '\nCPU over the run, %% of one core:'
+    paste -d' ' <(echo "$groups_before") <(echo "$groups_after") |
+        awk -v hz="$hz" -v t="$elapsed" '{ printf " %s %d%%", $1, 100 * ($4 - $2) / hz / t }'
+    printf ' (generator: see its report)\n'
+} >&2
