@@ -28,6 +28,8 @@
 #                (default: every CPU but SERVER_CPUS's first, or 0 on one CPU)
 #   RUST_LOG     the servers' log filter (default warn, as in the docs' figures)
 #   KEEP_LOGS    set to keep the servers' logs (their directory is printed)
+#   BIN_DIR      run the chat-service and chat-bench found there instead of
+#                building this checkout (to compare two builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,8 +58,12 @@ PIDS=()
 
 say() { printf 'bench: %s\n' "$*" >&2; }
 
-cargo build --release --locked --bins >&2
-BIN=$PWD/target/release
+if [[ -n ${BIN_DIR:-} ]]; then
+    BIN=$(cd "$BIN_DIR" && pwd) # another build's chat-service and chat-bench, for A/B runs
+else
+    cargo build --release --locked --bins >&2
+    BIN=$PWD/target/release
+fi
 
 # Descriptors for 19,000 connections on each side.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

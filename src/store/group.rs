@@ -8,13 +8,13 @@
 //! batch, so one commit (one fsync, one round-trip chain) pays for many
 //! messages. The wait is bounded by the commit in flight.
 //!
-//! With several committers, a committer does not start a transaction while
-//! another is in flight unless that one has taken longer than
-//! [`STALLED_AFTER`]: overlapping transactions would split the arrivals
-//! into batches half as large and double the commits, and a commit's fixed
-//! cost is most of its cost while batches are small. The spare committers
-//! are there for the transaction that hangs (waiting on a room lock held by
-//! another pod, or on a slow disk), not for throughput.
+//! With several committers, the next committer waits for the transaction in
+//! flight to finish, for at most [`STALLED_AFTER`], before it takes a batch:
+//! overlapping transactions would split the arrivals into batches half as
+//! large and double the commits, and a commit's fixed cost is most of its
+//! cost while batches are small. The spare committers are there for the
+//! transaction that hangs (waiting on a room lock held by another pod, or
+//! on a slow disk), not for throughput.
 //!
 //! Guarantees are those of [`Store::append`](super::Store::append): an
 //! `Ok` means committed; a message refused on its own merits (its room is
@@ -44,7 +44,7 @@ pub trait AppendBatch: Send + Sync + 'static {
 
 type Reply = oneshot::Sender<Result<Appended, ChatError>>;
 
-/// How long a transaction in flight may take before another committer
+/// The longest a committer waits for the transaction in flight before it
 /// starts the next batch beside it. Far above a healthy commit (well under
 /// a millisecond on the reference machine, a few across a network).
 pub const STALLED_AFTER: Duration = Duration::from_millis(10);
