@@ -13,6 +13,9 @@
 //!   bound.
 //! - `ingest`: WebSocket and REST sends as fast as acks come back.
 //!
+//! Every send carries a `client_id`, as the web client's do, so the
+//! idempotency index and the retry lookup are part of what is measured.
+//!
 //! The generator keeps its own cost low: one runtime, bodies that carry only
 //! the send time, frames parsed into borrowed fields, and latency histograms
 //! sharded to avoid lock contention. It reports its own CPU use so a reader
@@ -515,6 +518,7 @@ async fn fanout(
                 // Acks still missing this long after the end are given up on.
                 let give_up = end + Duration::from_secs(5);
                 let mut in_flight = std::collections::VecDeque::new();
+                let mut sends = 0u64;
                 loop {
                     if Instant::now() >= end && in_flight.is_empty() {
                         break;
@@ -522,7 +526,8 @@ async fn fanout(
                     tokio::select! {
                         _ = ticker.tick(), if Instant::now() < end => {
                             let now = unix_micros();
-                            let frame = format!(r#"{{"type":"message","body":"t:{now}:{this_phase}"}}"#);
+                            sends += 1;
+                            let frame = format!(r#"{{"type":"message","body":"t:{now}:{this_phase}","client_id":"{this_phase}-{sends}"}}"#);
                             if socket.send(Message::text(frame)).await.is_err() { break; }
                             counts.sent.fetch_add(1, Ordering::Relaxed);
                             in_flight.push_back(now);
@@ -628,14 +633,13 @@ async fn ingest(
             .await?;
         let (acked, refused) = (Arc::clone(&ws_acked), Arc::clone(&refused));
         tasks.push(tokio::spawn(async move {
-            let mut in_flight = 0;
+            let (mut in_flight, mut sends) = (0, 0u64);
             loop {
                 while in_flight < window && Instant::now() < end {
-                    if socket
-                        .send(Message::text(r#"{"type":"message","body":"ingest"}"#))
-                        .await
-                        .is_err()
-                    {
+                    sends += 1;
+                    let frame =
+                        format!(r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#);
+                    if socket.send(Message::text(frame)).await.is_err() {
                         return;
                     }
                     in_flight += 1;
@@ -677,11 +681,13 @@ async fn ingest(
             Arc::clone(&refused),
         );
         tasks.push(tokio::spawn(async move {
+            let mut sends = 0u64;
             while Instant::now() < end {
+                sends += 1;
                 match http
                     .post(&url)
                     .bearer_auth(&token)
-                    .json(&json!({"body": "ingest"}))
+                    .json(&json!({"body": "ingest", "client_id": sends.to_string()}))
                     .send()
                     .await
                 {

@@ -1,7 +1,7 @@
 //! The cluster store: PostgreSQL, shared by every pod.
 //!
 //! Appends go through group commit ([`GroupCommit`]); each batch is one call
-//! of the `chat_append_batch` function (migration 0003), which is its own
+//! of the `chat_append_batch` function (migrations 0003 and 0004), which is its own
 //! transaction. It locks the batch's room rows in id order, so writers of
 //! one room (on any pod) take turns while writers of different rooms
 //! proceed in parallel, gives each new message the room's next seq and
@@ -41,6 +41,10 @@ pub struct PostgresStore {
 /// reference machine that cost PostgreSQL a third more CPU, and the median
 /// send→delivery latency 5–9 ms instead of 3.5–5 (docs/benchmarks.md).
 const COMMITTERS: usize = 2;
+
+/// Run on every connection of the store's pool (see `connect`).
+const SESSION_SETTINGS: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', false), \
+                                set_config('enable_seqscan', 'off', false)";
 const MAX_BATCH: usize = 512;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -67,12 +71,7 @@ impl PostgresStore {
             // resort, where no index applies.
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::Executor::execute(
-                        &mut *conn,
-                        "SELECT set_config('plan_cache_mode', 'force_generic_plan', false), \
-                                set_config('enable_seqscan', 'off', false)",
-                    )
-                    .await?;
+                    sqlx::Executor::execute(&mut *conn, SESSION_SETTINGS).await?;
                     Ok(())
                 })
             })
@@ -555,5 +554,63 @@ mod tests {
             store.last_seq(&RoomId::parse("r2").unwrap()).await.unwrap(),
             1
         );
+    }
+
+    /// The retry lookup must stay an index probe per message however small
+    /// `messages` was when the session planned it: a plan made on the empty
+    /// table once read the whole idempotency index for every batch.
+    #[tokio::test]
+    async fn retries_are_looked_up_per_message_on_a_table_planned_empty() {
+        let schema = PgSchema::new().await;
+        let store = PostgresStore::connect(&schema.url).await.unwrap();
+        store.migrate().await.unwrap();
+        let room = Room {
+            id: RoomId::parse("lobby").unwrap(),
+            kind: RoomKind::Public,
+            name: "lobby".into(),
+            owner_id: None,
+            created_at: OffsetDateTime::now_utc(),
+        };
+        store.create_room(&room, &[]).await.unwrap();
+        // One session, configured as the store's, does every append, so its
+        // first call plans the function while `messages` is empty.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&schema.url)
+            .await
+            .unwrap();
+        sqlx::query(SESSION_SETTINGS).execute(&pool).await.unwrap();
+        let appender = Appender { pool: pool.clone() };
+        const SENDS: i64 = 300;
+        for n in 0..SENDS {
+            let key = format!("k{n}");
+            let message = new_message("lobby", "ann", "hello", Some(&key));
+            let results = appender.append_batch(&[message]).await.unwrap();
+            assert_eq!(stored(&results[0]).seq, n as u64 + 1);
+        }
+        // The session's counts reach the statistics views once flushed.
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut counts = (0, 0);
+        for _ in 0..100 {
+            counts = sqlx::query_as(
+                "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes \
+                 WHERE schemaname = current_schema() AND indexrelname = 'messages_idempotency'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if counts.0 >= SENDS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (scans, read): (i64, i64) = counts;
+        assert!(scans >= SENDS, "one probe per send, saw {scans} scans");
+        // No send was a retry: a probe finds nothing. A scan of the whole
+        // index per batch would have read about SENDS² / 2 entries.
+        assert_eq!(read, 0, "index entries read by {scans} scans");
     }
 }
