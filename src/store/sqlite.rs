@@ -388,3 +388,105 @@ impl AppendBatch for Appender {
         Ok(results)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::{ClientId, RoomKind},
+        store::Page,
+    };
+
+    fn new_message(room: &str, user: &str, body: &str, client_id: Option<&str>) -> NewMessage {
+        NewMessage {
+            room_id: RoomId::parse(room).unwrap(),
+            id: uuid::Uuid::now_v7().to_string(),
+            user: User {
+                id: UserId::parse(user).unwrap(),
+                name: user.to_uppercase(),
+            },
+            body: body.into(),
+            client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
+            created_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn seq_of(result: &Result<Appended, ChatError>) -> (bool, u64, &str) {
+        match result {
+            Ok(Appended::Stored(m)) => (false, m.seq, m.body.as_str()),
+            Ok(Appended::Duplicate(m)) => (true, m.seq, m.body.as_str()),
+            Err(err) => panic!("expected a message, got {err:?}"),
+        }
+    }
+
+    /// The same batch as the PostgreSQL store's test: rooms mixed, a retry
+    /// within the batch, an unknown room, keyless sends, another user's
+    /// same key; then a batch retrying a committed send.
+    #[tokio::test]
+    async fn a_batch_numbers_each_room_in_order_and_answers_repeats_and_unknown_rooms() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        for id in ["r1", "r2"] {
+            let room = Room {
+                id: RoomId::parse(id).unwrap(),
+                kind: RoomKind::Public,
+                name: id.into(),
+                owner_id: None,
+                created_at: OffsetDateTime::now_utc(),
+            };
+            store.create_room(&room, &[]).await.unwrap();
+        }
+        let appender = Appender {
+            writer: store.writer.clone(),
+        };
+
+        let batch = [
+            new_message("r1", "ann", "first", Some("k1")),
+            new_message("r2", "ann", "elsewhere", None),
+            new_message("r1", "ann", "first again", Some("k1")),
+            new_message("nowhere", "ann", "lost", Some("k2")),
+            new_message("r1", "bob", "second", Some("k1")),
+            new_message("r1", "ann", "third", None),
+            new_message("nowhere", "ann", "lost too", None),
+        ];
+        let results = appender.append_batch(&batch).await.unwrap();
+        assert_eq!(seq_of(&results[0]), (false, 1, "first"));
+        assert_eq!(seq_of(&results[1]), (false, 1, "elsewhere"));
+        assert_eq!(seq_of(&results[2]), (true, 1, "first"));
+        assert!(matches!(results[3], Err(ChatError::NotFound(_))));
+        // Another user's k1 is another key.
+        assert_eq!(seq_of(&results[4]), (false, 2, "second"));
+        assert_eq!(seq_of(&results[5]), (false, 3, "third"));
+        assert!(matches!(results[6], Err(ChatError::NotFound(_))));
+
+        let retry = [
+            new_message("r1", "ann", "first, retried", Some("k1")),
+            new_message("r1", "ann", "fourth", Some("k4")),
+        ];
+        let results = appender.append_batch(&retry).await.unwrap();
+        assert_eq!(seq_of(&results[0]), (true, 1, "first"));
+        assert_eq!(seq_of(&results[1]), (false, 4, "fourth"));
+
+        let r1 = RoomId::parse("r1").unwrap();
+        assert_eq!(store.last_seq(&r1).await.unwrap(), 4);
+        let bodies: Vec<String> = store
+            .history(
+                &r1,
+                Page::Oldest {
+                    after: 0,
+                    before: None,
+                },
+                10,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.body)
+            .collect();
+        assert_eq!(bodies, ["first", "second", "third", "fourth"]);
+        let r2 = RoomId::parse("r2").unwrap();
+        assert_eq!(store.last_seq(&r2).await.unwrap(), 1);
+    }
+}
