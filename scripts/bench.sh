@@ -142,7 +142,7 @@ proc_ticks() {
     echo "$total"
 }
 # The pods' ticks are read before they stop, so only live processes count.
-groups() {
+group_ticks() {
     echo "servers $(proc_ticks "${PIDS[@]}")"
     echo "postgres $(proc_ticks $(pgrep -x postgres))"
     echo "redis $(proc_ticks $(pgrep -x redis-server))"
@@ -152,13 +152,13 @@ extra=()
 [[ $1 == idle ]] && extra=("${pid_args[@]}")
 say "$PODS pod(s) on CPU $SERVER_CPUS, load on CPU $LOAD_CPUS, mode $MODE, RUST_LOG=$RUST_LOG"
 cpu_before=$(cpu_ticks)
-groups_before=$(groups)
+groups_before=$(group_ticks)
 started=$EPOCHREALTIME
 JWT_SECRET=$SECRET taskset -c "$LOAD_CPUS" "$BIN/chat-bench" \
     --url "$(IFS=,; echo "${urls[*]}")" "$@" "${extra[@]}"
 elapsed=$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { print b - a }')
 cpu_after=$(cpu_ticks)
-groups_after=$(groups)
+groups_after=$(group_ticks)
 hz=$(getconf CLK_TCK)
 
 {

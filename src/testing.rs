@@ -1,11 +1,43 @@
-//! Helpers for unit tests that talk to a real Redis or PostgreSQL (never
-//! compiled into the service). They are `CHAT_TEST_REDIS_URL` and
-//! `CHAT_TEST_DATABASE_URL`, or the local defaults; a missing service fails
-//! the test, it never skips it.
+//! Helpers for unit tests (never compiled into the service): values the
+//! store tests build, and a real Redis or PostgreSQL. The services are
+//! `CHAT_TEST_REDIS_URL` and `CHAT_TEST_DATABASE_URL`, or the local
+//! defaults; a missing service fails the test, it never skips it.
 
 use std::time::Duration;
 
-use crate::redis_conn::{self, RedisConn};
+use time::OffsetDateTime;
+
+use crate::{
+    domain::{ClientId, Room, RoomId, RoomKind, User, UserId},
+    redis_conn::{self, RedisConn},
+    store::NewMessage,
+};
+
+/// A message from `user` (named in capitals) to `room`, sent now.
+pub fn new_message(room: &str, user: &str, body: &str, client_id: Option<&str>) -> NewMessage {
+    NewMessage {
+        room_id: RoomId::parse(room).unwrap(),
+        id: uuid::Uuid::now_v7().to_string(),
+        user: User {
+            id: UserId::parse(user).unwrap(),
+            name: user.to_uppercase(),
+        },
+        body: body.into(),
+        client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
+        created_at: OffsetDateTime::now_utc(),
+    }
+}
+
+/// A public room named after its id, created now.
+pub fn public_room(id: &str) -> Room {
+    Room {
+        id: RoomId::parse(id).unwrap(),
+        kind: RoomKind::Public,
+        name: id.into(),
+        owner_id: None,
+        created_at: OffsetDateTime::now_utc(),
+    }
+}
 
 pub fn redis_url() -> String {
     std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -179,11 +179,10 @@ async fn commit(
 mod tests {
     use std::sync::Mutex as StdMutex;
 
-    use time::OffsetDateTime;
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::domain::{RoomId, User, UserId};
+    use crate::testing::new_message;
 
     /// Commits take `commit_time` of (paused) tokio time, except that the
     /// first one waits for `release` when `hang_first` is set. Records each
@@ -232,26 +231,12 @@ mod tests {
         }
     }
 
-    fn message(body: &str) -> NewMessage {
-        NewMessage {
-            room_id: RoomId::parse("lobby").unwrap(),
-            id: uuid::Uuid::now_v7().to_string(),
-            user: User {
-                id: UserId::parse("ada").unwrap(),
-                name: "Ada".into(),
-            },
-            body: body.into(),
-            client_id: None,
-            created_at: OffsetDateTime::now_utc(),
-        }
-    }
-
     fn send(
         group: &Arc<GroupCommit>,
         body: &str,
     ) -> tokio::task::JoinHandle<Result<Appended, ChatError>> {
         let group = Arc::clone(group);
-        let message = message(body);
+        let message = new_message("lobby", "ada", body, None);
         tokio::spawn(async move { group.append(message).await })
     }
 

@@ -41,11 +41,11 @@ pub struct PostgresStore {
 /// reference machine that cost PostgreSQL a third more CPU, and the median
 /// send→delivery latency 5–9 ms instead of 3.5–5 (docs/benchmarks.md).
 const COMMITTERS: usize = 2;
+const MAX_BATCH: usize = 512;
 
 /// Run on every connection of the store's pool (see `connect`).
 const SESSION_SETTINGS: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', false), \
                                 set_config('enable_seqscan', 'off', false)";
-const MAX_BATCH: usize = 512;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -443,24 +443,7 @@ impl AppendBatch for Appender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        domain::{ClientId, RoomKind},
-        testing::PgSchema,
-    };
-
-    fn new_message(room: &str, user: &str, body: &str, client_id: Option<&str>) -> NewMessage {
-        NewMessage {
-            room_id: RoomId::parse(room).unwrap(),
-            id: uuid::Uuid::now_v7().to_string(),
-            user: User {
-                id: UserId::parse(user).unwrap(),
-                name: user.to_uppercase(),
-            },
-            body: body.into(),
-            client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
-            created_at: OffsetDateTime::now_utc(),
-        }
-    }
+    use crate::testing::{PgSchema, new_message, public_room};
 
     fn stored(result: &Result<Appended, ChatError>) -> &Message {
         match result {
@@ -484,14 +467,7 @@ mod tests {
         let store = PostgresStore::connect(&schema.url).await.unwrap();
         store.migrate().await.unwrap();
         for id in ["r1", "r2"] {
-            let room = Room {
-                id: RoomId::parse(id).unwrap(),
-                kind: RoomKind::Public,
-                name: id.into(),
-                owner_id: None,
-                created_at: OffsetDateTime::now_utc(),
-            };
-            store.create_room(&room, &[]).await.unwrap();
+            store.create_room(&public_room(id), &[]).await.unwrap();
         }
         let appender = Appender {
             pool: store.pool.clone(),
@@ -564,14 +540,7 @@ mod tests {
         let schema = PgSchema::new().await;
         let store = PostgresStore::connect(&schema.url).await.unwrap();
         store.migrate().await.unwrap();
-        let room = Room {
-            id: RoomId::parse("lobby").unwrap(),
-            kind: RoomKind::Public,
-            name: "lobby".into(),
-            owner_id: None,
-            created_at: OffsetDateTime::now_utc(),
-        };
-        store.create_room(&room, &[]).await.unwrap();
+        store.create_room(&public_room("lobby"), &[]).await.unwrap();
         // One session, configured as the store's, does every append, so its
         // first call plans the function while `messages` is empty.
         let pool = PgPoolOptions::new()

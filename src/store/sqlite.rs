@@ -393,23 +393,9 @@ impl AppendBatch for Appender {
 mod tests {
     use super::*;
     use crate::{
-        domain::{ClientId, RoomKind},
         store::Page,
+        testing::{new_message, public_room},
     };
-
-    fn new_message(room: &str, user: &str, body: &str, client_id: Option<&str>) -> NewMessage {
-        NewMessage {
-            room_id: RoomId::parse(room).unwrap(),
-            id: uuid::Uuid::now_v7().to_string(),
-            user: User {
-                id: UserId::parse(user).unwrap(),
-                name: user.to_uppercase(),
-            },
-            body: body.into(),
-            client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
-            created_at: OffsetDateTime::now_utc(),
-        }
-    }
 
     fn seq_of(result: &Result<Appended, ChatError>) -> (bool, u64, &str) {
         match result {
@@ -429,14 +415,7 @@ mod tests {
         let store = SqliteStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
         for id in ["r1", "r2"] {
-            let room = Room {
-                id: RoomId::parse(id).unwrap(),
-                kind: RoomKind::Public,
-                name: id.into(),
-                owner_id: None,
-                created_at: OffsetDateTime::now_utc(),
-            };
-            store.create_room(&room, &[]).await.unwrap();
+            store.create_room(&public_room(id), &[]).await.unwrap();
         }
         let appender = Appender {
             writer: store.writer.clone(),
