@@ -4,7 +4,10 @@
 #   scripts/bench.sh ingest --connections 2000 --window 1 --rest-workers 0 --duration 15s
 #   scripts/bench.sh fanout --rooms 200 --members 50 --senders 200 --rate 1500 --duration 15s
 #   PODS=2 scripts/bench.sh fanout --rooms 2 --members 1000 --senders 4 --rate 100 --duration 15s
-#   scripts/bench.sh idle --connections 19000 --hold 10s       # --pid of each pod is added
+#   scripts/bench.sh idle --connections 19000 --hold 10s
+#
+# The --pid of each pod is added: chat-bench reports the pods' RSS (idle) or
+# their CPU over each measured phase (fanout, ingest).
 #
 # Everything after the script's name goes to `chat-bench` (its scenarios and
 # options: `target/release/chat-bench --help`). Each run:
@@ -148,8 +151,9 @@ group_ticks() {
     echo "redis $(proc_ticks $(pgrep -x redis-server))"
 }
 
-extra=()
-[[ $1 == idle ]] && extra=("${pid_args[@]}")
+# Each pod's PID: chat-bench reports their RSS (idle) or their CPU over each
+# measured phase (fanout, ingest).
+extra=("${pid_args[@]}")
 say "$PODS pod(s) on CPU $SERVER_CPUS, load on CPU $LOAD_CPUS, mode $MODE, RUST_LOG=$RUST_LOG"
 cpu_before=$(cpu_ticks)
 groups_before=$(group_ticks)

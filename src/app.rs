@@ -26,7 +26,7 @@ use crate::{
     bus::{Bus, Event, Inbound, WireUser, local::LocalBus, redis::RedisBus},
     chat::{Chat, Limits},
     config::ServeConfig,
-    hub::Hub,
+    hub::{Coalescing, Hub},
     limiter::{Limiter, memory::MemoryLimiter, redis::RedisLimiter},
     presence::{Presence, memory::MemoryPresence, redis::RedisPresence},
     store::{self, Store, cached::CachedStore, metered::MeteredStore},
@@ -212,6 +212,10 @@ impl Application {
             Arc::clone(&backends.store),
             Arc::clone(&backends.bus),
             Duration::from_millis(50),
+            Coalescing {
+                min_connections: config.big_room_connections,
+                linger: config.big_room_linger,
+            },
         );
         let cluster = backends.inbound.is_some();
         if let Some(inbound) = backends.inbound {

@@ -235,6 +235,22 @@ pub struct ServeConfig {
     #[arg(long, global = true, env = "OUTBOUND_QUEUE", default_value_t = 256)]
     pub outbound_queue: usize,
 
+    /// Rooms with at least this many connections on one instance batch their
+    /// fan-out (see `BIG_ROOM_LINGER`).
+    #[arg(
+        long,
+        global = true,
+        env = "BIG_ROOM_CONNECTIONS",
+        default_value_t = 200
+    )]
+    pub big_room_connections: usize,
+
+    /// In a big room, an event that follows the room's previous fan-out
+    /// within this long waits for the end of it and goes out with the
+    /// others that arrived meanwhile, one write per connection (0 = never).
+    #[arg(long, global = true, env = "BIG_ROOM_LINGER", default_value = "20ms", value_parser = duration)]
+    pub big_room_linger: Duration,
+
     /// Frames one connection may send per 10 s before it is closed for abuse (4029).
     #[arg(long, global = true, env = "FRAME_FLOOD_LIMIT", default_value_t = 200)]
     pub frame_flood_limit: u32,

@@ -14,17 +14,28 @@
 //! - **serialises each event once** and hands the same bytes to every
 //!   connection's bounded outbound queue. A connection whose queue is full is
 //!   closed as too slow (4008) rather than slowing the room down.
+//! - **batches busy big rooms** ([`Coalescing`]): in a room with many
+//!   connections here, an event that follows the room's previous fan-out
+//!   within the linger is held back and goes out with the others held at the
+//!   end of it, so each connection gets them in one write. A fan-out costs a
+//!   system call per connection, whatever it carries; a quiet room, and any
+//!   event after a pause, still goes out at once. Held events keep their
+//!   order, and a connection joining the room first gets what is held for
+//!   the others, so it can neither miss nor repeat one.
 //!
 //! Locks: the room map and each room's state are std mutexes, held only for
 //! map and queue operations, never across an await.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, Weak},
     time::Duration,
 };
 
-use tokio::sync::{Notify, OnceCell};
+use tokio::{
+    sync::{Notify, OnceCell},
+    time::Instant,
+};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::{
@@ -95,13 +106,51 @@ pub struct Connection {
     pub closer: Closer,
 }
 
+/// When a room's fan-out is batched (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Coalescing {
+    /// Rooms with fewer connections on this instance never hold an event.
+    pub min_connections: usize,
+    /// The longest an event is held; zero turns batching off.
+    pub linger: Duration,
+}
+
+impl Coalescing {
+    pub const OFF: Self = Self {
+        min_connections: usize::MAX,
+        linger: Duration::ZERO,
+    };
+}
+
 struct HubRoom {
     /// Set once the bus watches the room and `delivered` is initialised.
     ready: OnceCell<()>,
     state: Mutex<RoomState>,
 }
 
-#[derive(Default)]
+impl HubRoom {
+    fn new(coalescing: Coalescing) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            ready: OnceCell::new(),
+            state: Mutex::new(RoomState {
+                initialized: false,
+                closed: false,
+                delivered: 0,
+                pending: BTreeMap::new(),
+                filling: false,
+                connections: Vec::new(),
+                fan_out: FanOut {
+                    room: this.clone(),
+                    coalescing,
+                    held: Vec::new(),
+                    last: None,
+                    flush_scheduled: false,
+                },
+            }),
+        })
+    }
+}
+
 struct RoomState {
     initialized: bool,
     /// Removed from the map: joiners must start over with a fresh room.
@@ -113,6 +162,29 @@ struct RoomState {
     /// A gap-filling task is running for this room.
     filling: bool,
     connections: Vec<Arc<Connection>>,
+    fan_out: FanOut,
+}
+
+/// A room's batching state.
+struct FanOut {
+    /// The room itself, for the task that flushes what is held.
+    room: Weak<HubRoom>,
+    coalescing: Coalescing,
+    /// Frames waiting for the flush, oldest first.
+    held: Vec<Frame>,
+    /// When frames last went out to the room's connections.
+    last: Option<Instant>,
+    /// A task will flush `held` (at `last` + linger).
+    flush_scheduled: bool,
+}
+
+/// One event's bytes on their way to a room's connections.
+struct Frame {
+    bytes: Utf8Bytes,
+    skip_user: Option<String>,
+    /// Messages count as deliveries, timed from their receipt when known.
+    message: bool,
+    received_at_us: Option<i64>,
 }
 
 pub struct Hub {
@@ -126,19 +198,26 @@ pub struct Hub {
     /// gaps close by themselves within microseconds (two commits published in
     /// the other order).
     gap_wait: Duration,
+    coalescing: Coalescing,
 }
 
 /// Rows fetched per store read while filling a gap.
 const GAP_FILL_BATCH: u32 = 500;
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, gap_wait: Duration) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        gap_wait: Duration,
+        coalescing: Coalescing,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             bus,
             rooms: Mutex::new(HashMap::new()),
             watching: tokio::sync::Mutex::new(()),
             gap_wait,
+            coalescing,
         })
     }
 
@@ -156,12 +235,7 @@ impl Hub {
                     .lock()
                     .expect("hub lock")
                     .entry(room_id.clone())
-                    .or_insert_with(|| {
-                        Arc::new(HubRoom {
-                            ready: OnceCell::new(),
-                            state: Mutex::new(RoomState::default()),
-                        })
-                    }),
+                    .or_insert_with(|| HubRoom::new(self.coalescing)),
             );
             if let Err(err) = room
                 .ready
@@ -175,6 +249,9 @@ impl Hub {
             if state.closed {
                 continue;
             }
+            // What is held counts as delivered: the others get it now, and
+            // the newcomer's history ends after it.
+            state.flush();
             state.connections.push(conn);
             return Ok(state.delivered);
         }
@@ -258,25 +335,36 @@ impl Hub {
                     id,
                     seq: *seq,
                 };
-                Self::broadcast(&mut room.state.lock().expect("room lock"), &frame, None);
+                Self::announce(&room, &frame, None);
             }
             Event::Typing { room_id, user } => {
                 let frame = ServerFrame::Typing { room_id, user };
-                Self::broadcast(
-                    &mut room.state.lock().expect("room lock"),
-                    &frame,
-                    Some(&user.id),
-                );
+                Self::announce(&room, &frame, Some(&user.id));
             }
             Event::Join { room_id, user } => {
                 let frame = ServerFrame::Join { room_id, user };
-                Self::broadcast(&mut room.state.lock().expect("room lock"), &frame, None);
+                Self::announce(&room, &frame, None);
             }
             Event::Leave { room_id, user } => {
                 let frame = ServerFrame::Leave { room_id, user };
-                Self::broadcast(&mut room.state.lock().expect("room lock"), &frame, None);
+                Self::announce(&room, &frame, None);
             }
         }
+    }
+
+    /// Sends a frame that is not a message (no seq, no ordering) to the
+    /// room, but not to the skipped user's connections.
+    fn announce(room: &HubRoom, frame: &ServerFrame<'_>, skip_user: Option<&str>) {
+        let mut state = room.state.lock().expect("room lock");
+        if state.connections.is_empty() {
+            return;
+        }
+        state.broadcast(Frame {
+            bytes: Utf8Bytes::from(frame.to_json()),
+            skip_user: skip_user.map(str::to_owned),
+            message: false,
+            received_at_us: None,
+        });
     }
 
     /// Puts a message into its room's order, delivering whatever became
@@ -324,12 +412,15 @@ impl Hub {
     /// Hands the next message in seq order to every connection.
     fn deliver(state: &mut RoomState, message: &WireMessage) {
         state.delivered = message.seq;
-        let recipients = Self::broadcast(state, &ServerFrame::for_message(message), None);
-        metrics::counter!("chat_deliveries_total").increment(recipients);
-        if let Some(received) = message.received_at_us {
-            let latency = (crate::chat::unix_micros() - received).max(0) as f64 / 1e6;
-            metrics::histogram!("chat_send_delivery_seconds").record(latency);
+        if state.connections.is_empty() {
+            return;
         }
+        state.broadcast(Frame {
+            bytes: Utf8Bytes::from(ServerFrame::for_message(message).to_json()),
+            skip_user: None,
+            message: true,
+            received_at_us: message.received_at_us,
+        });
     }
 
     /// Reads the missing messages from the store until no gap is left.
@@ -386,35 +477,6 @@ impl Hub {
         }
     }
 
-    /// Sends one frame to every connection of the room (but the skipped
-    /// user's), serialised once. Full queues close their connection (4008).
-    /// Returns how many connections got it.
-    fn broadcast(state: &mut RoomState, frame: &ServerFrame<'_>, skip_user: Option<&str>) -> u64 {
-        if state.connections.is_empty() {
-            return 0;
-        }
-        let mut recipients = 0;
-        // The one allocation of the fan-out: every queue shares these bytes.
-        let bytes = Utf8Bytes::from(frame.to_json());
-        state.connections.retain(|conn| {
-            if skip_user.is_some_and(|u| u == conn.user_id.as_str()) {
-                return true;
-            }
-            match conn.outbox.push(bytes.clone()) {
-                Pushed::Queued => {
-                    recipients += 1;
-                    true
-                }
-                Pushed::Full => {
-                    conn.closer.close(CloseReason::TooSlow);
-                    false
-                }
-                Pushed::Closed => false,
-            }
-        });
-        recipients
-    }
-
     /// Checks every watched room against the store and fills what is
     /// missing (after a bus outage, when events may have been lost).
     pub async fn catch_up(self: &Arc<Self>) {
@@ -449,5 +511,261 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+impl RoomState {
+    /// Sends a frame to the room's connections now, or holds it for the
+    /// room's next flush when the room is busy and big (see [`Coalescing`]).
+    fn broadcast(&mut self, frame: Frame) {
+        let now = Instant::now();
+        let fan_out = &mut self.fan_out;
+        let linger = fan_out.coalescing.linger;
+        let hold = !linger.is_zero()
+            && self.connections.len() >= fan_out.coalescing.min_connections
+            && (!fan_out.held.is_empty() || fan_out.last.is_some_and(|at| now < at + linger));
+        if !hold {
+            fan_out.last = Some(now);
+            push(&mut self.connections, std::slice::from_ref(&frame));
+            return;
+        }
+        fan_out.held.push(frame);
+        if !fan_out.flush_scheduled {
+            fan_out.flush_scheduled = true;
+            let room = fan_out.room.clone();
+            let at = fan_out.last.map_or(now, |last| last + linger);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                if let Some(room) = room.upgrade() {
+                    let mut state = room.state.lock().expect("room lock");
+                    state.fan_out.flush_scheduled = false;
+                    state.flush();
+                }
+            });
+        }
+    }
+
+    /// Sends what is held.
+    fn flush(&mut self) {
+        if self.fan_out.held.is_empty() {
+            return;
+        }
+        self.fan_out.last = Some(Instant::now());
+        let held = std::mem::take(&mut self.fan_out.held);
+        push(&mut self.connections, &held);
+    }
+}
+
+/// Queues frames, in order, on each connection (but the skipped user's);
+/// a connection whose queue fills is closed as too slow (4008) and dropped.
+fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
+    let mut deliveries = 0;
+    connections.retain(|conn| {
+        for frame in frames {
+            if frame.skip_user.as_deref() == Some(conn.user_id.as_str()) {
+                continue;
+            }
+            match conn.outbox.push(frame.bytes.clone()) {
+                Pushed::Queued => deliveries += u64::from(frame.message),
+                Pushed::Full => {
+                    conn.closer.close(CloseReason::TooSlow);
+                    return false;
+                }
+                Pushed::Closed => return false,
+            }
+        }
+        true
+    });
+    metrics::counter!("chat_deliveries_total").increment(deliveries);
+    let now = crate::chat::unix_micros();
+    for received in frames.iter().filter_map(|f| f.received_at_us) {
+        let latency = (now - received).max(0) as f64 / 1e6;
+        metrics::histogram!("chat_send_delivery_seconds").record(latency);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        bus::{WireUser, local::LocalBus},
+        store::sqlite::SqliteStore,
+        testing::public_room,
+    };
+
+    const LINGER: Duration = Duration::from_millis(10);
+
+    struct Room {
+        hub: Arc<Hub>,
+        id: RoomId,
+        connections: Vec<Arc<Connection>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Room {
+        /// A hub whose rooms of `min_connections` or more batch, and one
+        /// room with `connections` users in it (`u0`, `u1`, ...).
+        async fn new(min_connections: usize, connections: usize) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+            let store = SqliteStore::connect(&url).await.unwrap();
+            store.migrate().await.unwrap();
+            store.create_room(&public_room("r"), &[]).await.unwrap();
+            let coalescing = Coalescing {
+                min_connections,
+                linger: LINGER,
+            };
+            let hub = Hub::new(
+                Arc::new(store),
+                Arc::new(LocalBus),
+                Duration::from_millis(50),
+                coalescing,
+            );
+            let mut room = Self {
+                hub,
+                id: RoomId::parse("r").unwrap(),
+                connections: Vec::new(),
+                _dir: dir,
+            };
+            for n in 0..connections {
+                room.join(n).await;
+            }
+            room
+        }
+
+        async fn join(&mut self, n: usize) -> u64 {
+            let conn = Arc::new(Connection {
+                id: n as u64,
+                user_id: UserId::parse(&format!("u{n}")).unwrap(),
+                outbox: Outbox::new(64),
+                closer: Closer::default(),
+            });
+            self.connections.push(Arc::clone(&conn));
+            self.hub.join(&self.id, conn).await.unwrap()
+        }
+
+        fn message(&self, seq: u64) {
+            self.hub.dispatch(&Event::Message(WireMessage {
+                room_id: "r".into(),
+                id: format!("m{seq}"),
+                seq,
+                user: user("u0"),
+                body: format!("body {seq}"),
+                client_id: None,
+                created_at: 0,
+                deleted: false,
+                received_at_us: None,
+            }));
+        }
+
+        fn typing(&self, from: &str) {
+            self.hub.dispatch(&Event::Typing {
+                room_id: "r".into(),
+                user: user(from),
+            });
+        }
+
+        /// What each connection was handed since the last look: message
+        /// bodies, and `typing` for typing notices.
+        fn received(&self) -> Vec<Vec<String>> {
+            self.connections
+                .iter()
+                .map(|conn| {
+                    let mut seen = Vec::new();
+                    conn.outbox.take(usize::MAX, |frame| {
+                        let value: serde_json::Value =
+                            serde_json::from_str(frame.as_str()).unwrap();
+                        seen.push(match value["type"].as_str().unwrap() {
+                            "message" => value["body"].as_str().unwrap().to_owned(),
+                            other => other.to_owned(),
+                        });
+                    });
+                    seen
+                })
+                .collect()
+        }
+    }
+
+    fn user(id: &str) -> WireUser {
+        WireUser {
+            id: id.into(),
+            name: id.to_uppercase(),
+        }
+    }
+
+    fn each(connections: usize, frames: &[&str]) -> Vec<Vec<String>> {
+        let frames: Vec<String> = frames.iter().map(|f| f.to_string()).collect();
+        vec![frames; connections]
+    }
+
+    /// Lets the runtime run whatever the last time step woke.
+    async fn advance(by: Duration) {
+        tokio::time::advance(by).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_big_room_holds_what_follows_a_fan_out_and_sends_it_together_in_order() {
+        let room = Room::new(3, 3).await;
+        tokio::time::pause();
+
+        room.message(1);
+        assert_eq!(
+            room.received(),
+            each(3, &["body 1"]),
+            "the first goes at once"
+        );
+
+        room.message(2);
+        room.typing("u1");
+        room.message(3);
+        advance(LINGER - Duration::from_millis(1)).await;
+        assert_eq!(room.received(), each(3, &[]), "held until the linger ends");
+
+        advance(Duration::from_millis(2)).await;
+        let mut expected = each(3, &["body 2", "typing", "body 3"]);
+        expected[1] = vec!["body 2".into(), "body 3".into()]; // u1 typed
+        assert_eq!(room.received(), expected);
+
+        advance(LINGER * 2).await;
+        room.message(4);
+        assert_eq!(
+            room.received(),
+            each(3, &["body 4"]),
+            "after a pause, at once again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_small_room_never_holds_anything() {
+        let room = Room::new(3, 2).await;
+        tokio::time::pause();
+        room.message(1);
+        room.message(2);
+        assert_eq!(room.received(), each(2, &["body 1", "body 2"]));
+    }
+
+    #[tokio::test]
+    async fn a_connection_joining_while_frames_are_held_gets_each_message_once() {
+        let mut room = Room::new(3, 3).await;
+        tokio::time::pause();
+        room.message(1);
+        room.message(2);
+        assert_eq!(room.received(), each(3, &["body 1"]));
+
+        // Message 2 is held; the newcomer's history must include it, and
+        // the others must have it by then.
+        assert_eq!(room.join(3).await, 2);
+        let mut expected = each(4, &["body 2"]);
+        expected[3] = Vec::new();
+        assert_eq!(room.received(), expected);
+
+        advance(LINGER * 2).await;
+        assert_eq!(room.received(), each(4, &[]), "nothing is sent twice");
+        room.message(3);
+        advance(LINGER * 2).await;
+        assert_eq!(room.received(), each(4, &["body 3"]));
     }
 }

@@ -91,6 +91,7 @@ pub fn init(format: LogFormat) -> Telemetry {
     });
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let max_level = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
     let registry = tracing_subscriber::registry()
         .with(filter)
         .with(payload_cap())
@@ -106,9 +107,28 @@ pub fn init(format: LogFormat) -> Telemetry {
             )
             .try_init(),
     };
-    let _ = result; // already initialised: keep the first
+    if result.is_ok() {
+        // `log` records (tungstenite writes a few per frame) are checked
+        // against this before anything else. The subscriber set it from the
+        // layers' combined hint, which `payload_cap`'s open default makes
+        // TRACE, so each record went through the whole dispatch only to be
+        // dropped by `RUST_LOG`: 2 % of a busy server's CPU.
+        log::set_max_level(log_level(max_level));
+    }
+    // Already initialised: keep the first.
     describe_metrics();
     Telemetry { provider }
+}
+
+fn log_level(level: LevelFilter) -> log::LevelFilter {
+    match level.into_level() {
+        None => log::LevelFilter::Off,
+        Some(tracing::Level::ERROR) => log::LevelFilter::Error,
+        Some(tracing::Level::WARN) => log::LevelFilter::Warn,
+        Some(tracing::Level::INFO) => log::LevelFilter::Info,
+        Some(tracing::Level::DEBUG) => log::LevelFilter::Debug,
+        Some(tracing::Level::TRACE) => log::LevelFilter::Trace,
+    }
 }
 
 /// Libraries whose trace-level logs print whole WebSocket frames (a

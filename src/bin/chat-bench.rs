@@ -6,7 +6,7 @@
 //! stdout and a readable summary on stderr. Scenarios:
 //!
 //! - `idle`: open N connections, hold them, report how many stayed open and
-//!   the servers' RSS per connection (`--pid`).
+//!   the servers' RSS per connection (given their `--pid`s).
 //! - `fanout`: rooms × members, senders at a fixed total rate; reports sent,
 //!   acked, delivered vs expected (loss), deliveries/s and latency
 //!   percentiles; `--find-max` raises the rate until loss or p99 crosses the
@@ -18,9 +18,11 @@
 //!
 //! The generator keeps its own cost low: one runtime, bodies that carry only
 //! the send time, frames parsed into borrowed fields, and latency histograms
-//! sharded to avoid lock contention. It reports its own CPU use so a reader
-//! can tell who was saturated. The server must run with limits raised for
-//! load (see docs/benchmarks.md).
+//! sharded to avoid lock contention. It reports its own CPU use, and that
+//! of the servers given with `--pid`, over each measured phase (setup
+//! excluded), so a reader can tell who was saturated. Fan-out phases start
+//! once the setup's `join` announcements have stopped arriving. The server
+//! must run with limits raised for load (see docs/benchmarks.md).
 
 use std::{
     sync::{
@@ -55,6 +57,10 @@ struct Args {
     /// The service's JWT secret (tokens are minted locally).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     jwt_secret: String,
+    /// Server PIDs (repeatable): their RSS for `idle`, their CPU over each
+    /// measured phase for `fanout` and `ingest`.
+    #[arg(long = "pid", global = true)]
+    pids: Vec<u32>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -71,9 +77,6 @@ enum Scenario {
         /// all in `global`, where every arrival is announced to everyone.
         #[arg(long, default_value_t = 50)]
         room_size: usize,
-        /// Server PIDs whose RSS to measure (repeatable).
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
     },
     /// Rooms × members, senders at a fixed total rate.
     Fanout {
@@ -144,6 +147,50 @@ fn own_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// A process's CPU time so far (user + system), in seconds.
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / 100.0
+}
+
+/// CPU use of the generator and the given servers over one measured phase.
+struct CpuMeter {
+    started: Instant,
+    own: f64,
+    servers: Vec<(u32, f64)>,
+}
+
+impl CpuMeter {
+    fn start(pids: &[u32]) -> Self {
+        Self {
+            started: Instant::now(),
+            own: own_cpu_seconds(),
+            servers: pids.iter().map(|&pid| (pid, cpu_seconds_of(pid))).collect(),
+        }
+    }
+
+    /// Percent of one core each used since `start`.
+    fn report(&self) -> serde_json::Value {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let percent = |seconds: f64| (1000.0 * seconds / wall).round() / 10.0;
+        let servers: Vec<serde_json::Value> = self
+            .servers
+            .iter()
+            .map(|&(pid, before)| {
+                json!({"pid": pid, "percent_of_one_core": percent(cpu_seconds_of(pid) - before)})
+            })
+            .collect();
+        json!({
+            "wall_seconds": wall,
+            "generator_percent_of_one_core": percent(own_cpu_seconds() - self.own),
+            "servers": servers,
+        })
+    }
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -206,6 +253,7 @@ struct Bench {
     keys: JwtKeys,
     http: reqwest::Client,
     run_id: String,
+    pids: Vec<u32>,
 }
 
 type Socket =
@@ -269,6 +317,7 @@ async fn main() -> anyhow::Result<()> {
         keys: JwtKeys::new(&Secret::new(args.jwt_secret.clone()), &config),
         http: reqwest::Client::new(),
         run_id: format!("{:x}", unix_micros()),
+        pids: args.pids.clone(),
     });
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
@@ -277,8 +326,7 @@ async fn main() -> anyhow::Result<()> {
             connections,
             hold,
             room_size,
-            pids,
-        } => idle(&bench, connections, hold, room_size, &pids).await?,
+        } => idle(&bench, connections, hold, room_size, &args.pids).await?,
         Scenario::Fanout {
             rooms,
             members,
@@ -414,6 +462,23 @@ struct Counts {
     acked: AtomicU64,
     refused: AtomicU64,
     delivered: AtomicU64,
+    /// Every frame the members received, setup included (never reset).
+    frames: AtomicU64,
+}
+
+/// Waits until the members stop receiving frames (for half a second, at
+/// most a minute): every arrival of the setup was announced to its whole
+/// room, and a phase that starts before those frames are out measures their
+/// backlog.
+async fn settle(frames: &AtomicU64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let before = frames.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if frames.load(Ordering::Relaxed) == before || Instant::now() > deadline {
+            return;
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -463,6 +528,7 @@ async fn fanout(
                                 if matches!(frame, None | Some(Err(_))) { return; }
                                 continue;
                             };
+                            counts.frames.fetch_add(1, Ordering::Relaxed);
                             let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
                             if frame.kind != "message" { continue; }
                             let Some((t, p)) = frame.body.and_then(|b| b.strip_prefix("t:")).and_then(|b| b.split_once(':')) else { continue };
@@ -488,6 +554,8 @@ async fn fanout(
         n += 1;
     }
 
+    settle(&counts.frames).await;
+
     let mut phases = Vec::new();
     let mut current = rate;
     let mut best: Option<f64> = None;
@@ -501,6 +569,7 @@ async fn fanout(
         ack.reset();
         let this_phase = phase.fetch_add(1, Ordering::Relaxed) + 1;
         let started = Instant::now();
+        let cpu = CpuMeter::start(&bench.pids);
         let per_sender = current / sockets.len() as f64;
         let period = Duration::from_secs_f64(1.0 / per_sender.max(0.001));
         let senders = sockets.len();
@@ -582,6 +651,7 @@ async fn fanout(
             "elapsed_seconds": elapsed,
             "send_to_delivery": percentiles(&latency),
             "send_to_ack": percentiles(&ack.merged()),
+            "cpu": cpu.report(),
         });
         let passed =
             loss == 0 && p99_ms <= max_p99_ms && counts.refused.load(Ordering::Relaxed) == 0;
@@ -623,14 +693,28 @@ async fn ingest(
     let ws_acked = Arc::new(AtomicU64::new(0));
     let rest_acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
-    let end = Instant::now() + duration;
-    let mut tasks = Vec::new();
+    // Everything is connected before anything is sent, so the whole run
+    // has every sender at work.
+    let mut sockets = Vec::with_capacity(connections);
     for c in 0..connections {
         let room = format!("ingest-{}-{c}", bench.run_id);
         bench.create_room(&room).await?;
-        let mut socket = bench
-            .connect(c, &room, &format!("w-{}-{c}", bench.run_id))
-            .await?;
+        sockets.push(
+            bench
+                .connect(c, &room, &format!("w-{}-{c}", bench.run_id))
+                .await?,
+        );
+    }
+    let mut rest_rooms = Vec::with_capacity(rest_workers);
+    for w in 0..rest_workers {
+        let room = format!("ingest-{}-rest-{w}", bench.run_id);
+        bench.create_room(&room).await?;
+        rest_rooms.push(room);
+    }
+    let cpu = CpuMeter::start(&bench.pids);
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for mut socket in sockets {
         let (acked, refused) = (Arc::clone(&ws_acked), Arc::clone(&refused));
         tasks.push(tokio::spawn(async move {
             let (mut in_flight, mut sends) = (0, 0u64);
@@ -670,9 +754,7 @@ async fn ingest(
             }
         }));
     }
-    for w in 0..rest_workers {
-        let room = format!("ingest-{}-rest-{w}", bench.run_id);
-        bench.create_room(&room).await?;
+    for (w, room) in rest_rooms.iter().enumerate() {
         let url = format!("{}/api/v1/rooms/{room}/messages", bench.url(w));
         let token = bench.token(&format!("r-{}-{w}", bench.run_id), &[])?;
         let (http, acked, refused) = (
@@ -697,11 +779,14 @@ async fn ingest(
             }
         }));
     }
-    let started = Instant::now();
     for task in tasks {
         let _ = task.await;
     }
-    let elapsed = started.elapsed().as_secs_f64().max(duration.as_secs_f64());
+    let report = cpu.report();
+    let elapsed = report["wall_seconds"]
+        .as_f64()
+        .unwrap_or(0.0)
+        .max(duration.as_secs_f64());
     let (ws, rest) = (
         ws_acked.load(Ordering::Relaxed),
         rest_acked.load(Ordering::Relaxed),
@@ -716,5 +801,6 @@ async fn ingest(
         "rest_acked": rest,
         "refused": refused.load(Ordering::Relaxed),
         "acked_per_second": (ws + rest) as f64 / elapsed,
+        "cpu": report,
     }))
 }

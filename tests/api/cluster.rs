@@ -20,6 +20,28 @@ pub async fn pods(
     pods
 }
 
+/// Two senders on each pod, each sending `each` messages to the room, one
+/// at a time (the next once the previous is acked).
+async fn two_senders_per_pod(
+    pods: &[TestApp],
+    room: &str,
+    each: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut senders = Vec::new();
+    for (p, pod) in pods.iter().enumerate() {
+        for s in 0..2 {
+            let (mut client, _) = pod.join(room, &pod.token(&format!("s{p}{s}"))).await;
+            senders.push(tokio::spawn(async move {
+                for i in 0..each {
+                    client.say(&format!("{p}.{s}.{i}"), None).await;
+                    client.next_of("ack").await;
+                }
+            }));
+        }
+    }
+    senders
+}
+
 #[tokio::test]
 async fn a_message_sent_on_one_pod_reaches_connections_on_the_others() {
     let pods = pods(2, |_| {}).await;
@@ -59,19 +81,7 @@ async fn concurrent_senders_on_different_pods_give_one_gap_free_order_everywhere
         watchers.push(pod.join(&room, &pod.token("watcher")).await.0);
     }
     const EACH: usize = 30;
-    let mut senders = Vec::new();
-    for (p, pod) in pods.iter().enumerate() {
-        for s in 0..2 {
-            let (mut client, _) = pod.join(&room, &pod.token(&format!("s{p}{s}"))).await;
-            senders.push(tokio::spawn(async move {
-                for i in 0..EACH {
-                    client.say(&format!("{p}.{s}.{i}"), None).await;
-                    client.next_of("ack").await;
-                }
-            }));
-        }
-    }
-    for sender in senders {
+    for sender in two_senders_per_pod(&pods, &room, EACH).await {
         sender.await.unwrap();
     }
     let total = (pods.len() * 2 * EACH) as u64;
@@ -80,6 +90,57 @@ async fn concurrent_senders_on_different_pods_give_one_gap_free_order_everywhere
             assert_eq!(watcher.next_of("message").await["seq"], expected);
         }
         watcher
+            .expect_none_of("message", Duration::from_millis(300))
+            .await;
+    }
+}
+
+/// With every room's fan-out batched (each event after another within the
+/// linger is held for the flush), every connection on every pod still gets
+/// each message once, in seq order, and so does one that joins while
+/// messages are being held: its history ends where its live messages start.
+#[tokio::test]
+async fn batched_fan_out_keeps_one_gap_free_order_on_every_pod_and_for_late_joiners() {
+    let pods = pods(2, |c| {
+        c.send_rate_limit = 10_000;
+        c.big_room_connections = 1;
+        c.big_room_linger = Duration::from_millis(20);
+    })
+    .await;
+    let room = pods[0]
+        .create_room(&pods[0].token("owner"), "stadium", "public", &[])
+        .await;
+    let mut watchers = Vec::new();
+    for pod in &pods {
+        watchers.push(pod.join(&room, &pod.token("watcher")).await.0);
+    }
+    const EACH: usize = 40;
+    let senders = two_senders_per_pod(&pods, &room, EACH).await;
+    // Joins mid-stream, on both pods.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut late = Vec::new();
+    for pod in &pods {
+        let (client, ready) = pod.join(&room, &pod.token("late")).await;
+        late.push((client, ready["last_seq"].as_u64().unwrap()));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let total = (pods.len() * 2 * EACH) as u64;
+    assert!(
+        late.iter().any(|(_, last)| *last > 0 && *last < total),
+        "the late joiners should arrive mid-stream: {:?}",
+        late.iter().map(|(_, last)| last).collect::<Vec<_>>()
+    );
+    let everyone = watchers
+        .iter_mut()
+        .map(|w| (w, 0))
+        .chain(late.iter_mut().map(|(c, last)| (c, *last)));
+    for (client, after) in everyone {
+        for expected in after + 1..=total {
+            assert_eq!(client.next_of("message").await["seq"], expected);
+        }
+        client
             .expect_none_of("message", Duration::from_millis(300))
             .await;
     }
