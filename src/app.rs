@@ -215,6 +215,7 @@ impl Application {
             Coalescing {
                 min_connections: config.big_room_connections,
                 linger: config.big_room_linger,
+                lag: config.big_room_lag,
             },
         );
         let cluster = backends.inbound.is_some();

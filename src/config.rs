@@ -236,7 +236,7 @@ pub struct ServeConfig {
     pub outbound_queue: usize,
 
     /// Rooms with at least this many connections on one instance batch their
-    /// fan-out (see `BIG_ROOM_LINGER`).
+    /// fan-out when the instance falls behind (see `BIG_ROOM_LINGER`).
     #[arg(
         long,
         global = true,
@@ -250,6 +250,12 @@ pub struct ServeConfig {
     /// others that arrived meanwhile, one write per connection (0 = never).
     #[arg(long, global = true, env = "BIG_ROOM_LINGER", default_value = "20ms", value_parser = duration)]
     pub big_room_linger: Duration,
+
+    /// A big room batches for a second after one of its messages reached
+    /// this instance's fan-out more than this long after its send was
+    /// received, i.e. while the instance is falling behind (0 = always).
+    #[arg(long, global = true, env = "BIG_ROOM_LAG", default_value = "5ms", value_parser = duration)]
+    pub big_room_lag: Duration,
 
     /// Frames one connection may send per 10 s before it is closed for abuse (4029).
     #[arg(long, global = true, env = "FRAME_FLOOD_LIMIT", default_value_t = 200)]

@@ -14,14 +14,16 @@
 //! - **serialises each event once** and hands the same bytes to every
 //!   connection's bounded outbound queue. A connection whose queue is full is
 //!   closed as too slow (4008) rather than slowing the room down.
-//! - **batches busy big rooms** ([`Coalescing`]): in a room with many
-//!   connections here, an event that follows the room's previous fan-out
-//!   within the linger is held back and goes out with the others held at the
-//!   end of it, so each connection gets them in one write. A fan-out costs a
-//!   system call per connection, whatever it carries; a quiet room, and any
-//!   event after a pause, still goes out at once. Held events keep their
-//!   order, and a connection joining the room first gets what is held for
-//!   the others, so it can neither miss nor repeat one.
+//! - **batches big rooms when the pod falls behind** ([`Coalescing`]): a
+//!   fan-out costs a system call per connection, whatever it carries. In a
+//!   room with many connections here, once its messages reach the hub late
+//!   (the pod is not keeping up; it stays so for a second), an event that
+//!   follows the room's previous fan-out within the linger is held back and
+//!   goes out with the others held at the end of it, so each connection gets
+//!   them in one write. While the pod keeps up, and after a pause, events go
+//!   out at once. Held events keep their order, and a connection joining the
+//!   room first gets what is held for the others, so it can neither miss nor
+//!   repeat one.
 //!
 //! Locks: the room map and each room's state are std mutexes, held only for
 //! map and queue operations, never across an await.
@@ -113,12 +115,17 @@ pub struct Coalescing {
     pub min_connections: usize,
     /// The longest an event is held; zero turns batching off.
     pub linger: Duration,
+    /// A message that reaches the hub more than this long after its send
+    /// was received marks its room as behind for [`BEHIND_FOR`], and only a
+    /// room that is behind holds events. Zero: big rooms are always behind.
+    pub lag: Duration,
 }
 
 impl Coalescing {
     pub const OFF: Self = Self {
         min_connections: usize::MAX,
         linger: Duration::ZERO,
+        lag: Duration::ZERO,
     };
 }
 
@@ -144,6 +151,7 @@ impl HubRoom {
                     coalescing,
                     held: Vec::new(),
                     last: None,
+                    behind_until: None,
                     flush_scheduled: false,
                 },
             }),
@@ -174,6 +182,9 @@ struct FanOut {
     held: Vec<Frame>,
     /// When frames last went out to the room's connections.
     last: Option<Instant>,
+    /// The room counts as behind until then: a message reached the hub
+    /// later than the lag less than [`BEHIND_FOR`] ago.
+    behind_until: Option<Instant>,
     /// A task will flush `held` (at `last` + linger).
     flush_scheduled: bool,
 }
@@ -200,6 +211,10 @@ pub struct Hub {
     gap_wait: Duration,
     coalescing: Coalescing,
 }
+
+/// How long a room keeps batching after its last late message: batching
+/// is what lets a pod catch up, so it must outlast the catching up.
+const BEHIND_FOR: Duration = Duration::from_secs(1);
 
 /// Rows fetched per store read while filling a gap.
 const GAP_FILL_BATCH: u32 = 500;
@@ -516,14 +531,30 @@ impl Hub {
 
 impl RoomState {
     /// Sends a frame to the room's connections now, or holds it for the
-    /// room's next flush when the room is busy and big (see [`Coalescing`]).
+    /// room's next flush when the room is big, busy and behind (see
+    /// [`Coalescing`]).
     fn broadcast(&mut self, frame: Frame) {
         let now = Instant::now();
         let fan_out = &mut self.fan_out;
-        let linger = fan_out.coalescing.linger;
-        let hold = !linger.is_zero()
-            && self.connections.len() >= fan_out.coalescing.min_connections
-            && (!fan_out.held.is_empty() || fan_out.last.is_some_and(|at| now < at + linger));
+        let Coalescing {
+            min_connections,
+            linger,
+            lag,
+        } = fan_out.coalescing;
+        let big = !linger.is_zero() && self.connections.len() >= min_connections;
+        if let Some(received) = frame.received_at_us.filter(|_| big) {
+            // How late a message gets here tells whether the pod (its
+            // store, its bus, its core) keeps up with the room.
+            let late_us = crate::chat::unix_micros() - received;
+            if late_us > i64::try_from(lag.as_micros()).unwrap_or(i64::MAX) {
+                fan_out.behind_until = Some(now + BEHIND_FOR);
+            }
+        }
+        let behind = lag.is_zero() || fan_out.behind_until.is_some_and(|until| now < until);
+        // Once something is held, everything after it waits too (even if
+        // the room has shrunk meanwhile): order comes first.
+        let hold = !fan_out.held.is_empty()
+            || (big && behind && fan_out.last.is_some_and(|at| now < at + linger));
         if !hold {
             fan_out.last = Some(now);
             push(&mut self.connections, std::slice::from_ref(&frame));
@@ -594,6 +625,8 @@ mod tests {
     };
 
     const LINGER: Duration = Duration::from_millis(10);
+    /// Batching whenever a big room is busy, late or not.
+    const ALWAYS: Duration = Duration::ZERO;
 
     struct Room {
         hub: Arc<Hub>,
@@ -603,9 +636,10 @@ mod tests {
     }
 
     impl Room {
-        /// A hub whose rooms of `min_connections` or more batch, and one
-        /// room with `connections` users in it (`u0`, `u1`, ...).
-        async fn new(min_connections: usize, connections: usize) -> Self {
+        /// A hub whose rooms of `min_connections` or more batch once their
+        /// messages arrive `lag` late, and one room with `connections` users
+        /// in it (`u0`, `u1`, ...).
+        async fn new(min_connections: usize, connections: usize, lag: Duration) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let url = format!("sqlite://{}", dir.path().join("chat.db").display());
             let store = SqliteStore::connect(&url).await.unwrap();
@@ -614,6 +648,7 @@ mod tests {
             let coalescing = Coalescing {
                 min_connections,
                 linger: LINGER,
+                lag,
             };
             let hub = Hub::new(
                 Arc::new(store),
@@ -645,6 +680,16 @@ mod tests {
         }
 
         fn message(&self, seq: u64) {
+            self.dispatch_message(seq, None);
+        }
+
+        /// A message whose send was received `late` ago.
+        fn late_message(&self, seq: u64, late: Duration) {
+            let received = crate::chat::unix_micros() - late.as_micros() as i64;
+            self.dispatch_message(seq, Some(received));
+        }
+
+        fn dispatch_message(&self, seq: u64, received_at_us: Option<i64>) {
             self.hub.dispatch(&Event::Message(WireMessage {
                 room_id: "r".into(),
                 id: format!("m{seq}"),
@@ -654,7 +699,7 @@ mod tests {
                 client_id: None,
                 created_at: 0,
                 deleted: false,
-                received_at_us: None,
+                received_at_us,
             }));
         }
 
@@ -708,7 +753,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_big_room_holds_what_follows_a_fan_out_and_sends_it_together_in_order() {
-        let room = Room::new(3, 3).await;
+        let room = Room::new(3, 3, ALWAYS).await;
         tokio::time::pause();
 
         room.message(1);
@@ -739,8 +784,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_big_room_holds_nothing_while_its_messages_arrive_on_time() {
+        let lag = Duration::from_millis(5);
+        let room = Room::new(3, 3, lag).await;
+        tokio::time::pause();
+        room.late_message(1, Duration::ZERO);
+        room.late_message(2, Duration::from_millis(1));
+        room.typing("u1");
+        let mut expected = each(3, &["body 1", "body 2", "typing"]);
+        expected[1].pop();
+        assert_eq!(room.received(), expected, "all at once");
+
+        // A late message shows the pod is behind: the room batches, until
+        // its messages have been on time for a while.
+        room.late_message(3, lag * 3);
+        room.late_message(4, Duration::ZERO);
+        assert_eq!(room.received(), each(3, &[]), "held");
+        advance(LINGER + Duration::from_millis(1)).await;
+        assert_eq!(room.received(), each(3, &["body 3", "body 4"]));
+        room.late_message(5, Duration::ZERO);
+        assert_eq!(room.received(), each(3, &[]), "still catching up");
+        advance(LINGER + Duration::from_millis(1)).await;
+        assert_eq!(room.received(), each(3, &["body 5"]));
+
+        advance(BEHIND_FOR).await;
+        room.late_message(6, Duration::ZERO);
+        room.late_message(7, Duration::ZERO);
+        assert_eq!(room.received(), each(3, &["body 6", "body 7"]), "caught up");
+    }
+
+    #[tokio::test]
+    async fn a_room_shrinking_while_frames_are_held_keeps_their_order() {
+        let room = Room::new(3, 3, ALWAYS).await;
+        tokio::time::pause();
+        room.message(1);
+        room.message(2);
+        room.hub.leave(&room.id, 2);
+        room.message(3);
+        assert_eq!(room.received(), each(3, &["body 1"]), "2 and 3 held");
+        advance(LINGER * 2).await;
+        let mut expected = each(3, &["body 2", "body 3"]);
+        expected[2] = Vec::new(); // it left
+        assert_eq!(room.received(), expected);
+    }
+
+    #[tokio::test]
     async fn a_small_room_never_holds_anything() {
-        let room = Room::new(3, 2).await;
+        let room = Room::new(3, 2, ALWAYS).await;
         tokio::time::pause();
         room.message(1);
         room.message(2);
@@ -749,7 +839,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_joining_while_frames_are_held_gets_each_message_once() {
-        let mut room = Room::new(3, 3).await;
+        let mut room = Room::new(3, 3, ALWAYS).await;
         tokio::time::pause();
         room.message(1);
         room.message(2);
