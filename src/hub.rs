@@ -333,7 +333,9 @@ impl Hub {
             return; // nobody here is in that room
         };
         match event {
-            Event::Message(message) => self.ingest(&room, room_id, message),
+            Event::Message(message) => {
+                self.ingest(&room, room_id, message);
+            }
             Event::Revoked { user_id, .. } => {
                 let state = room.state.lock().expect("room lock");
                 for conn in state
@@ -387,17 +389,26 @@ impl Hub {
     /// The message is only copied when it has to wait (out of order, or the
     /// room is still initialising); the usual next-in-line message goes out
     /// straight from the caller's borrow.
-    fn ingest(self: &Arc<Self>, room: &Arc<HubRoom>, room_id: RoomId, message: &WireMessage) {
+    /// Returns whether the message was new here (neither delivered nor
+    /// already waiting).
+    fn ingest(
+        self: &Arc<Self>,
+        room: &Arc<HubRoom>,
+        room_id: RoomId,
+        message: &WireMessage,
+    ) -> bool {
         let mut state = room.state.lock().expect("room lock");
         if state.initialized && message.seq <= state.delivered {
-            return; // already delivered (a retry, or our own event echoed)
+            return false; // already delivered (a retry, or our own event echoed)
         }
         if state.initialized && message.seq == state.delivered + 1 {
             Self::deliver(&mut state, message);
         } else {
-            state.pending.insert(message.seq, message.clone());
+            if state.pending.insert(message.seq, message.clone()).is_some() {
+                return false; // already waiting for the gap before it
+            }
             if !state.initialized {
-                return; // init_room drains once it knows where history ends
+                return true; // init_room drains once it knows where history ends
             }
         }
         Self::drain(&mut state);
@@ -407,6 +418,7 @@ impl Hub {
             let room = Arc::clone(room);
             tokio::spawn(async move { hub.fill_gaps(room_id, room).await });
         }
+        true
     }
 
     /// Delivers pending messages while the next one is there.
@@ -517,10 +529,12 @@ impl Hub {
                 };
                 match self.store.history(&room_id, page, GAP_FILL_BATCH).await {
                     Ok(messages) if !messages.is_empty() => {
-                        metrics::counter!("chat_gap_fills_total").increment(messages.len() as u64);
-                        for message in &messages {
-                            self.ingest(&room, room_id.clone(), &WireMessage::from(message));
-                        }
+                        // Only what the bus had not brought counts as filled.
+                        let filled = messages
+                            .iter()
+                            .filter(|m| self.ingest(&room, room_id.clone(), &WireMessage::from(*m)))
+                            .count();
+                        metrics::counter!("chat_gap_fills_total").increment(filled as u64);
                     }
                     _ => break,
                 }
@@ -621,7 +635,7 @@ mod tests {
     use crate::{
         bus::{WireUser, local::LocalBus},
         store::sqlite::SqliteStore,
-        testing::public_room,
+        testing::{new_message, public_room},
     };
 
     const LINGER: Duration = Duration::from_millis(10);
@@ -650,12 +664,9 @@ mod tests {
                 linger: LINGER,
                 lag,
             };
-            let hub = Hub::new(
-                Arc::new(store),
-                Arc::new(LocalBus),
-                Duration::from_millis(50),
-                coalescing,
-            );
+            // Gaps are filled only when a test asks (`catch_up`).
+            let gap_wait = Duration::from_secs(3600);
+            let hub = Hub::new(Arc::new(store), Arc::new(LocalBus), gap_wait, coalescing);
             let mut room = Self {
                 hub,
                 id: RoomId::parse("r").unwrap(),
@@ -826,6 +837,37 @@ mod tests {
         let mut expected = each(3, &["body 2", "body 3"]);
         expected[2] = Vec::new(); // it left
         assert_eq!(room.received(), expected);
+    }
+
+    #[tokio::test]
+    async fn catching_up_counts_as_filled_only_what_the_bus_had_not_brought() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let room = Room::new(usize::MAX, 1, ALWAYS).await;
+        for n in 1..=3 {
+            let message = new_message("r", "u0", &format!("stored {n}"), None);
+            room.hub.store.append(message).await.unwrap();
+        }
+        // The bus brought the third message but lost the first two.
+        room.message(3);
+        room.hub.catch_up().await;
+
+        assert_eq!(
+            room.received(),
+            each(1, &["stored 1", "stored 2", "body 3"])
+        );
+        let filled: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "chat_gap_fills_total")
+            .map(|(.., value)| value)
+            .collect();
+        assert_eq!(
+            filled,
+            vec![metrics_util::debugging::DebugValue::Counter(2)]
+        );
     }
 
     #[tokio::test]
