@@ -575,6 +575,7 @@ impl RoomState {
             return;
         }
         fan_out.held.push(frame);
+        metrics::counter!("chat_fanout_held_total").increment(1);
         if !fan_out.flush_scheduled {
             fan_out.flush_scheduled = true;
             let room = fan_out.room.clone();
@@ -796,6 +797,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_big_room_holds_nothing_while_its_messages_arrive_on_time() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _recording = metrics::set_default_local_recorder(&recorder);
         let lag = Duration::from_millis(5);
         let room = Room::new(3, 3, lag).await;
         tokio::time::pause();
@@ -805,6 +809,7 @@ mod tests {
         let mut expected = each(3, &["body 1", "body 2", "typing"]);
         expected[1].pop();
         assert_eq!(room.received(), expected, "all at once");
+        assert_eq!(counter(&snapshotter, "chat_fanout_held_total"), None);
 
         // A late message shows the pod is behind: the room batches, until
         // its messages have been on time for a while.
@@ -822,6 +827,7 @@ mod tests {
         room.late_message(6, Duration::ZERO);
         room.late_message(7, Duration::ZERO);
         assert_eq!(room.received(), each(3, &["body 6", "body 7"]), "caught up");
+        assert_eq!(counter(&snapshotter, "chat_fanout_held_total"), Some(3));
     }
 
     #[tokio::test]
@@ -857,17 +863,20 @@ mod tests {
             room.received(),
             each(1, &["stored 1", "stored 2", "body 3"])
         );
-        let filled: Vec<_> = snapshotter
+        assert_eq!(counter(&snapshotter, "chat_gap_fills_total"), Some(2));
+    }
+
+    /// A counter's value as recorded, if it was ever touched.
+    fn counter(snapshotter: &metrics_util::debugging::Snapshotter, name: &str) -> Option<u64> {
+        snapshotter
             .snapshot()
             .into_vec()
             .into_iter()
-            .filter(|(key, ..)| key.key().name() == "chat_gap_fills_total")
-            .map(|(.., value)| value)
-            .collect();
-        assert_eq!(
-            filled,
-            vec![metrics_util::debugging::DebugValue::Counter(2)]
-        );
+            .find(|(key, ..)| key.key().name() == name)
+            .map(|(.., value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => n,
+                other => panic!("{name} is not a counter: {other:?}"),
+            })
     }
 
     #[tokio::test]

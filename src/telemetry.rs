@@ -274,6 +274,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "Messages delivered from the database because their bus event was late or lost",
     ),
     (
+        "chat_fanout_held_total",
+        MetricKind::Counter,
+        "",
+        "Events held for a big room's batched fan-out because the pod was behind",
+    ),
+    (
         "chat_db_query_seconds",
         MetricKind::Histogram,
         "op",
