@@ -21,8 +21,10 @@
 //! sharded to avoid lock contention. It reports its own CPU use, and that
 //! of the servers given with `--pid`, over each measured phase (setup
 //! excluded), so a reader can tell who was saturated. Fan-out phases start
-//! once the setup's `join` announcements have stopped arriving. The server
-//! must run with limits raised for load (see docs/benchmarks.md).
+//! once the setup's `join` announcements have stopped arriving; the report's
+//! `setup` says how long that took, how many frames it caused and the CPU it
+//! cost (with `--join-concurrency`, a join storm). The server must run with
+//! limits raised for load (see docs/benchmarks.md).
 
 use std::{
     sync::{
@@ -79,26 +81,7 @@ enum Scenario {
         room_size: usize,
     },
     /// Rooms × members, senders at a fixed total rate.
-    Fanout {
-        #[arg(long, default_value_t = 20)]
-        rooms: usize,
-        #[arg(long, default_value_t = 50)]
-        members: usize,
-        /// Sending connections (spread over the rooms; not counted as members).
-        #[arg(long, default_value_t = 20)]
-        senders: usize,
-        /// Messages per second, all senders together.
-        #[arg(long, default_value_t = 200.0)]
-        rate: f64,
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        /// Raise the rate by 1.5× per step until loss or p99 crosses the bound.
-        #[arg(long)]
-        find_max: bool,
-        /// p99 bound for --find-max, in milliseconds.
-        #[arg(long, default_value_t = 50.0)]
-        max_p99_ms: f64,
-    },
+    Fanout(FanoutArgs),
     /// Sends as fast as acks come back, over WebSocket and REST.
     Ingest {
         /// WebSocket connections, each in its own room.
@@ -113,6 +96,33 @@ enum Scenario {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct FanoutArgs {
+    #[arg(long, default_value_t = 20)]
+    rooms: usize,
+    #[arg(long, default_value_t = 50)]
+    members: usize,
+    /// Sending connections (spread over the rooms; not counted as members).
+    #[arg(long, default_value_t = 20)]
+    senders: usize,
+    /// Messages per second, all senders together.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Raise the rate by 1.5× per step until loss or p99 crosses the bound.
+    #[arg(long)]
+    find_max: bool,
+    /// p99 bound for --find-max, in milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    max_p99_ms: f64,
+    /// Members connecting at once during set-up (1: one after another).
+    /// Each arrival is announced to its room, so many at once is a join
+    /// storm; the report's `setup` says how long it took to settle.
+    #[arg(long, default_value_t = 1)]
+    join_concurrency: usize,
 }
 
 /// The fields of a server frame the generator reads; the rest is skipped.
@@ -327,20 +337,7 @@ async fn main() -> anyhow::Result<()> {
             hold,
             room_size,
         } => idle(&bench, connections, hold, room_size, &args.pids).await?,
-        Scenario::Fanout {
-            rooms,
-            members,
-            senders,
-            rate,
-            duration,
-            find_max,
-            max_p99_ms,
-        } => {
-            fanout(
-                &bench, rooms, members, senders, rate, duration, find_max, max_p99_ms,
-            )
-            .await?
-        }
+        Scenario::Fanout(fanout_args) => fanout(&bench, fanout_args).await?,
         Scenario::Ingest {
             connections,
             window,
@@ -464,34 +461,41 @@ struct Counts {
     delivered: AtomicU64,
     /// Every frame the members received, setup included (never reset).
     frames: AtomicU64,
+    /// When a member last received a frame (µs since the epoch).
+    last_frame_us: AtomicU64,
 }
 
-/// Waits until the members stop receiving frames (for half a second, at
-/// most a minute): every arrival of the setup was announced to its whole
-/// room, and a phase that starts before those frames are out measures their
-/// backlog.
-async fn settle(frames: &AtomicU64) {
+/// How long the members must have received nothing for the setup to count
+/// as settled.
+const SETTLED_AFTER: Duration = Duration::from_millis(500);
+
+/// Waits until the members stop receiving frames (at most a minute): every
+/// arrival of the setup was announced to its whole room, and a phase that
+/// starts before those frames are out measures their backlog. Returns when
+/// the last frame came (µs since the epoch).
+async fn settle(counts: &Counts) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let before = frames.load(Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if frames.load(Ordering::Relaxed) == before || Instant::now() > deadline {
-            return;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let last = counts.last_frame_us.load(Ordering::Relaxed);
+        let quiet = Duration::from_micros(unix_micros().saturating_sub(last));
+        if quiet >= SETTLED_AFTER || Instant::now() > deadline {
+            return last;
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fanout(
-    bench: &Arc<Bench>,
-    rooms: usize,
-    members: usize,
-    senders: usize,
-    rate: f64,
-    duration: Duration,
-    find_max: bool,
-    max_p99_ms: f64,
-) -> anyhow::Result<serde_json::Value> {
+async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
+    let FanoutArgs {
+        rooms,
+        members,
+        senders,
+        rate,
+        duration,
+        find_max,
+        max_p99_ms,
+        join_concurrency,
+    } = args;
     let room_ids: Vec<String> = (0..rooms)
         .map(|r| format!("bench-{}-{r}", bench.run_id))
         .collect();
@@ -506,42 +510,51 @@ async fn fanout(
     let phase = Arc::new(AtomicU64::new(0));
     let (stop, stopped) = watch::channel(false);
     let mut receivers = Vec::new();
-    let mut n = 0;
-    for room in &room_ids {
-        for m in 0..members {
-            let mut socket = bench
+    let setup_started = unix_micros();
+    let setup_cpu = CpuMeter::start(&bench.pids);
+    let joins = room_ids
+        .iter()
+        .flat_map(|room| (0..members).map(move |m| (room, m)))
+        .enumerate()
+        .map(|(n, (room, m))| async move {
+            let socket = bench
                 .connect(n, room, &format!("m-{}-{n}", bench.run_id))
-                .await?;
-            n += 1;
-            let (counts, delivery, phase, mut stopped) = (
-                Arc::clone(&counts),
-                Arc::clone(&delivery),
-                Arc::clone(&phase),
-                stopped.clone(),
-            );
-            receivers.push(tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stopped.changed() => return,
-                        frame = socket.next() => {
-                            let Some(Ok(Message::Text(text))) = frame else {
-                                if matches!(frame, None | Some(Err(_))) { return; }
-                                continue;
-                            };
-                            counts.frames.fetch_add(1, Ordering::Relaxed);
-                            let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
-                            if frame.kind != "message" { continue; }
-                            let Some((t, p)) = frame.body.and_then(|b| b.strip_prefix("t:")).and_then(|b| b.split_once(':')) else { continue };
-                            if p.parse::<u64>().ok() != Some(phase.load(Ordering::Relaxed)) { continue; }
-                            if let Ok(t) = t.parse::<u64>() {
-                                delivery.record(m, unix_micros().saturating_sub(t));
-                                counts.delivered.fetch_add(1, Ordering::Relaxed);
-                            }
+                .await;
+            (m, socket)
+        });
+    let mut joins = futures_util::stream::iter(joins).buffer_unordered(join_concurrency.max(1));
+    let mut n = rooms * members;
+    while let Some((m, socket)) = joins.next().await {
+        let mut socket = socket?;
+        let (counts, delivery, phase, mut stopped) = (
+            Arc::clone(&counts),
+            Arc::clone(&delivery),
+            Arc::clone(&phase),
+            stopped.clone(),
+        );
+        receivers.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    frame = socket.next() => {
+                        let Some(Ok(Message::Text(text))) = frame else {
+                            if matches!(frame, None | Some(Err(_))) { return; }
+                            continue;
+                        };
+                        counts.frames.fetch_add(1, Ordering::Relaxed);
+                        counts.last_frame_us.store(unix_micros(), Ordering::Relaxed);
+                        let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
+                        if frame.kind != "message" { continue; }
+                        let Some((t, p)) = frame.body.and_then(|b| b.strip_prefix("t:")).and_then(|b| b.split_once(':')) else { continue };
+                        if p.parse::<u64>().ok() != Some(phase.load(Ordering::Relaxed)) { continue; }
+                        if let Ok(t) = t.parse::<u64>() {
+                            delivery.record(m, unix_micros().saturating_sub(t));
+                            counts.delivered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
-            }));
-        }
+            }
+        }));
     }
     let mut sender_sockets = Vec::new();
     for s in 0..senders.max(1) {
@@ -554,7 +567,14 @@ async fn fanout(
         n += 1;
     }
 
-    settle(&counts.frames).await;
+    let last_frame = settle(&counts).await;
+    // From the first connection to the last frame the setup caused.
+    let setup = json!({
+        "join_concurrency": join_concurrency.max(1),
+        "seconds": last_frame.saturating_sub(setup_started) as f64 / 1e6,
+        "frames": counts.frames.load(Ordering::Relaxed),
+        "cpu": setup_cpu.report(),
+    });
 
     let mut phases = Vec::new();
     let mut current = rate;
@@ -673,6 +693,7 @@ async fn fanout(
         "members": members,
         "senders": senders,
         "duration_seconds": duration.as_secs_f64(),
+        "setup": setup,
         "result": phases.first().cloned(),
     });
     if find_max {

@@ -65,9 +65,18 @@ async fn every_scenario_runs_and_reports() {
             "40",
             "--duration",
             "500ms",
+            "--join-concurrency",
+            "3",
         ],
     )
     .await;
+    // The senders join after the members: each member hears its sender's
+    // arrival at least.
+    assert!(
+        fanout["setup"]["frames"].as_u64().unwrap() >= 2 * 3,
+        "{fanout}"
+    );
+    assert!(fanout["setup"]["seconds"].as_f64().is_some(), "{fanout}");
     let result = &fanout["result"];
     assert!(result["acked"].as_u64().unwrap() > 0, "{fanout}");
     assert_eq!(result["loss"], 0, "{fanout}");
