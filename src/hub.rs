@@ -121,14 +121,6 @@ pub struct Coalescing {
     pub lag: Duration,
 }
 
-impl Coalescing {
-    pub const OFF: Self = Self {
-        min_connections: usize::MAX,
-        linger: Duration::ZERO,
-        lag: Duration::ZERO,
-    };
-}
-
 struct HubRoom {
     /// Set once the bus watches the room and `delivered` is initialised.
     ready: OnceCell<()>,
@@ -548,7 +540,6 @@ impl RoomState {
     /// room's next flush when the room is big, busy and behind (see
     /// [`Coalescing`]).
     fn broadcast(&mut self, frame: Frame) {
-        let now = Instant::now();
         let fan_out = &mut self.fan_out;
         let Coalescing {
             min_connections,
@@ -556,6 +547,12 @@ impl RoomState {
             lag,
         } = fan_out.coalescing;
         let big = !linger.is_zero() && self.connections.len() >= min_connections;
+        if !big && fan_out.held.is_empty() {
+            // A small room (the common case) never holds: no clock to read.
+            push(&mut self.connections, std::slice::from_ref(&frame));
+            return;
+        }
+        let now = Instant::now();
         if let Some(received) = frame.received_at_us.filter(|_| big) {
             // How late a message gets here tells whether the pod (its
             // store, its bus, its core) keeps up with the room.
@@ -623,8 +620,9 @@ fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
         true
     });
     metrics::counter!("chat_deliveries_total").increment(deliveries);
-    let now = crate::chat::unix_micros();
+    let mut now = None;
     for received in frames.iter().filter_map(|f| f.received_at_us) {
+        let now = *now.get_or_insert_with(crate::chat::unix_micros);
         let latency = (now - received).max(0) as f64 / 1e6;
         metrics::histogram!("chat_send_delivery_seconds").record(latency);
     }

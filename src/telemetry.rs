@@ -29,6 +29,7 @@ use opentelemetry::{
     trace::{TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_log::AsLog;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter,
@@ -113,22 +114,11 @@ pub fn init(format: LogFormat) -> Telemetry {
         // layers' combined hint, which `payload_cap`'s open default makes
         // TRACE, so each record went through the whole dispatch only to be
         // dropped by `RUST_LOG`: 2 % of a busy server's CPU.
-        log::set_max_level(log_level(max_level));
+        tracing_log::log::set_max_level(max_level.as_log());
     }
     // Already initialised: keep the first.
     describe_metrics();
     Telemetry { provider }
-}
-
-fn log_level(level: LevelFilter) -> log::LevelFilter {
-    match level.into_level() {
-        None => log::LevelFilter::Off,
-        Some(tracing::Level::ERROR) => log::LevelFilter::Error,
-        Some(tracing::Level::WARN) => log::LevelFilter::Warn,
-        Some(tracing::Level::INFO) => log::LevelFilter::Info,
-        Some(tracing::Level::DEBUG) => log::LevelFilter::Debug,
-        Some(tracing::Level::TRACE) => log::LevelFilter::Trace,
-    }
 }
 
 /// Libraries whose trace-level logs print whole WebSocket frames (a

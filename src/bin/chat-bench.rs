@@ -141,9 +141,10 @@ fn unix_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// The generator's own CPU time (user + system), from /proc.
-fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// A process's CPU time so far (user + system), in seconds, from its
+/// `/proc/…/stat` (0 if it cannot be read).
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     // Fields after the command name (which is in parentheses).
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -157,13 +158,14 @@ fn own_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// A process's CPU time so far (user + system), in seconds.
+/// The generator's own CPU time.
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds("/proc/self/stat")
+}
+
+/// A server's CPU time.
 fn cpu_seconds_of(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / 100.0
+    cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
 /// CPU use of the generator and the given servers over one measured phase.
@@ -182,9 +184,13 @@ impl CpuMeter {
         }
     }
 
+    fn wall_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
     /// Percent of one core each used since `start`.
     fn report(&self) -> serde_json::Value {
-        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let wall = self.wall_seconds();
         let percent = |seconds: f64| (1000.0 * seconds / wall).round() / 10.0;
         let servers: Vec<serde_json::Value> = self
             .servers
@@ -803,11 +809,7 @@ async fn ingest(
     for task in tasks {
         let _ = task.await;
     }
-    let report = cpu.report();
-    let elapsed = report["wall_seconds"]
-        .as_f64()
-        .unwrap_or(0.0)
-        .max(duration.as_secs_f64());
+    let elapsed = cpu.wall_seconds().max(duration.as_secs_f64());
     let (ws, rest) = (
         ws_acked.load(Ordering::Relaxed),
         rest_acked.load(Ordering::Relaxed),
@@ -822,6 +824,6 @@ async fn ingest(
         "rest_acked": rest,
         "refused": refused.load(Ordering::Relaxed),
         "acked_per_second": (ws + rest) as f64 / elapsed,
-        "cpu": report,
+        "cpu": cpu.report(),
     }))
 }

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use serde_json::json;
 
-use crate::helpers::{Backend, Closed, TestApp};
+use crate::helpers::{Backend, Closed, TestApp, WsClient};
 
 /// `n` pods sharing a fresh schema and key prefix.
 pub async fn pods(
@@ -18,6 +18,29 @@ pub async fn pods(
         pods.push(TestApp::spawn_on(Arc::clone(&backend), tweak).await);
     }
     pods
+}
+
+/// A public room, created on the first pod, with a watcher on every pod.
+async fn room_watched_on_every_pod(pods: &[TestApp], name: &str) -> (String, Vec<WsClient>) {
+    let room = pods[0]
+        .create_room(&pods[0].token("owner"), name, "public", &[])
+        .await;
+    let mut watchers = Vec::new();
+    for pod in pods {
+        watchers.push(pod.join(&room, &pod.token("watcher")).await.0);
+    }
+    (room, watchers)
+}
+
+/// The client gets the messages after seq `after` up to `last`, each once
+/// and in order, and nothing more.
+async fn receive_exactly(client: &mut WsClient, after: u64, last: u64) {
+    for expected in after + 1..=last {
+        assert_eq!(client.next_of("message").await["seq"], expected);
+    }
+    client
+        .expect_none_of("message", Duration::from_millis(300))
+        .await;
 }
 
 /// Two senders on each pod, each sending `each` messages to the room, one
@@ -73,25 +96,14 @@ async fn a_message_sent_on_one_pod_reaches_connections_on_the_others() {
 #[tokio::test]
 async fn concurrent_senders_on_different_pods_give_one_gap_free_order_everywhere() {
     let pods = pods(3, |c| c.send_rate_limit = 10_000).await;
-    let room = pods[0]
-        .create_room(&pods[0].token("owner"), "arena", "public", &[])
-        .await;
-    let mut watchers = Vec::new();
-    for pod in &pods {
-        watchers.push(pod.join(&room, &pod.token("watcher")).await.0);
-    }
+    let (room, mut watchers) = room_watched_on_every_pod(&pods, "arena").await;
     const EACH: usize = 30;
     for sender in two_senders_per_pod(&pods, &room, EACH).await {
         sender.await.unwrap();
     }
     let total = (pods.len() * 2 * EACH) as u64;
     for watcher in &mut watchers {
-        for expected in 1..=total {
-            assert_eq!(watcher.next_of("message").await["seq"], expected);
-        }
-        watcher
-            .expect_none_of("message", Duration::from_millis(300))
-            .await;
+        receive_exactly(watcher, 0, total).await;
     }
 }
 
@@ -109,13 +121,7 @@ async fn batched_fan_out_keeps_one_gap_free_order_on_every_pod_and_for_late_join
         c.big_room_lag = Duration::ZERO; // batch whether or not the pod keeps up
     })
     .await;
-    let room = pods[0]
-        .create_room(&pods[0].token("owner"), "stadium", "public", &[])
-        .await;
-    let mut watchers = Vec::new();
-    for pod in &pods {
-        watchers.push(pod.join(&room, &pod.token("watcher")).await.0);
-    }
+    let (room, mut watchers) = room_watched_on_every_pod(&pods, "stadium").await;
     const EACH: usize = 40;
     let senders = two_senders_per_pod(&pods, &room, EACH).await;
     // Joins mid-stream, on both pods.
@@ -139,12 +145,7 @@ async fn batched_fan_out_keeps_one_gap_free_order_on_every_pod_and_for_late_join
         .map(|w| (w, 0))
         .chain(late.iter_mut().map(|(c, last)| (c, *last)));
     for (client, after) in everyone {
-        for expected in after + 1..=total {
-            assert_eq!(client.next_of("message").await["seq"], expected);
-        }
-        client
-            .expect_none_of("message", Duration::from_millis(300))
-            .await;
+        receive_exactly(client, after, total).await;
     }
 }
 
