@@ -41,6 +41,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What travels on a channel: the event and the instance that made it.
+/// `origin` is serialized first: see [`own_prefix`].
 #[derive(Serialize)]
 struct OutEnvelope<'a> {
     origin: &'a str,
@@ -88,6 +89,7 @@ impl RedisBus {
         let subscriber = Subscriber {
             client,
             prefix: prefix.clone(),
+            own_prefix: own_prefix(&instance_id),
             instance_id: instance_id.clone(),
             inbound,
             requests,
@@ -107,6 +109,15 @@ impl RedisBus {
 
 fn channel(prefix: &str, room: &str) -> String {
     format!("{prefix}room:{room}")
+}
+
+/// How every event this instance publishes begins. An instance receives its
+/// own events back from each room it watches (one per message it stored);
+/// recognising them by their first bytes spares decoding them to throw them
+/// away. Anything else is decoded and its origin checked again.
+fn own_prefix(instance_id: &str) -> Vec<u8> {
+    let origin = serde_json::to_string(instance_id).expect("a string serializes");
+    format!("{{\"origin\":{origin},").into_bytes()
 }
 
 #[async_trait]
@@ -174,6 +185,8 @@ struct Subscriber {
     client: redis::Client,
     prefix: String,
     instance_id: String,
+    /// [`own_prefix`] of `instance_id`.
+    own_prefix: Vec<u8>,
     inbound: mpsc::Sender<Inbound>,
     requests: mpsc::UnboundedReceiver<Watch>,
     /// Rooms this instance wants; resubscribed after every reconnection.
@@ -286,6 +299,9 @@ impl Subscriber {
     }
 
     async fn forward(&self, payload: &[u8]) {
+        if payload.starts_with(&self.own_prefix) {
+            return; // delivered locally before it was published
+        }
         let envelope: InEnvelope = match serde_json::from_slice(payload) {
             Ok(envelope) => envelope,
             Err(err) => {
@@ -323,5 +339,38 @@ impl Ended {
             error: error.into(),
             was_connected,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::WireUser;
+
+    fn published_by(instance_id: &str) -> Vec<u8> {
+        let event = Event::Typing {
+            room_id: "lobby".to_owned(),
+            user: WireUser {
+                id: "alice".to_owned(),
+                name: "Alice".to_owned(),
+            },
+        };
+        serde_json::to_vec(&OutEnvelope {
+            origin: instance_id,
+            event: &event,
+            traceparent: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn an_instance_recognises_its_own_events_and_only_those() {
+        let mine = own_prefix("pod-1");
+        assert!(published_by("pod-1").starts_with(&mine));
+        for other in ["pod-10", "pod-", "pod-2", "POD-1"] {
+            assert!(!published_by(other).starts_with(&mine), "{other}");
+        }
+        let decoded: InEnvelope = serde_json::from_slice(&published_by("pod-1")).unwrap();
+        assert_eq!(decoded.origin, "pod-1");
     }
 }

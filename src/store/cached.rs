@@ -45,6 +45,7 @@
 
 use std::{
     borrow::Cow,
+    collections::HashMap,
     future::Future,
     sync::{
         Arc, LazyLock,
@@ -57,6 +58,10 @@ use crate::redis_conn::RedisConn;
 use async_trait::async_trait;
 use redis::{RedisResult, Script};
 use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
 
 use super::{Appended, Member, NewMessage, Page, Store, from_millis, to_millis};
 use crate::{
@@ -95,20 +100,64 @@ const REPAIR_FOR: Duration = Duration::from_secs(300);
 pub struct CachedStore {
     inner: Arc<dyn Store>,
     cache: Arc<Cache>,
+    /// The queue of [`write_recent`], the task that adds stored messages to
+    /// the sorted sets.
+    adds: mpsc::Sender<Add>,
+}
+
+/// Most messages one call of [`PUT_RECENT`] adds.
+const ADDS_PER_CALL: usize = 256;
+/// Calls of [`write_recent`] at once.
+const ADD_CALLS_IN_FLIGHT: usize = 4;
+/// Messages waiting for [`write_recent`]. It fills only while Redis is
+/// slower than the sends; what does not fit is not cached (a hole, so the
+/// reads that would have used it fall back to the database).
+const ADD_QUEUE: usize = 16_384;
+
+enum Add {
+    Message(RoomId, Entry),
+    /// Answered once everything queued before it has been written (or
+    /// given up on).
+    Flush(oneshot::Sender<()>),
 }
 
 impl CachedStore {
     /// `recent` is how many of each room's newest messages are kept in Redis
     /// (0 turns the history cache off).
+    /// Starts the background writer of new messages, so it must be called
+    /// within a Tokio runtime; the writer stops when the store is dropped.
     pub fn new(inner: Arc<dyn Store>, redis: RedisConn, prefix: String, recent: usize) -> Self {
-        Self {
-            inner,
-            cache: Arc::new(Cache {
-                redis,
-                prefix,
-                recent,
-                health: Health::new(),
-            }),
+        let cache = Arc::new(Cache {
+            redis,
+            prefix,
+            recent,
+            health: Health::new(),
+        });
+        let (adds, queue) = mpsc::channel(ADD_QUEUE);
+        tokio::spawn(write_recent(Arc::clone(&cache), queue));
+        Self { inner, cache, adds }
+    }
+
+    /// Queues a just-stored message for the sorted set. The send does not
+    /// wait for Redis: until the entry lands, reads of that page see a hole
+    /// (or a run that ends short of `last_seq`) and use the database.
+    fn add_recent(&self, message: &Message) {
+        if self.cache.recent == 0 {
+            return;
+        }
+        let add = Add::Message(message.room_id.clone(), Entry::of(message));
+        if self.adds.try_send(add).is_err() {
+            metrics::counter!("chat_cache_errors_total", "op" => "recent_add", "reason" => "queue_full")
+                .increment(1);
+        }
+    }
+
+    /// Waits until every message queued for the cache so far has been
+    /// written or given up on.
+    pub async fn flush_recent(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.adds.send(Add::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
         }
     }
 
@@ -262,12 +311,13 @@ impl Store for CachedStore {
         self.inner.remember_user(user).await
     }
 
-    /// The per-message path: the database insert, then one Redis script.
+    /// The per-message path: the database insert; the cache write is
+    /// queued, not awaited.
     async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
         let appended = self.inner.append(message).await?;
         // A duplicate was cached (or deliberately not) when first stored.
         if let Appended::Stored(message) = &appended {
-            self.cache.put_recent(message).await;
+            self.add_recent(message);
         }
         Ok(appended)
     }
@@ -321,6 +371,58 @@ impl Store for CachedStore {
 
     async fn message(&self, room: &RoomId, id: &str) -> Result<Option<Message>, ChatError> {
         self.inner.message(room, id).await
+    }
+}
+
+/// Adds the messages queued by [`CachedStore::add_recent`]: whatever has
+/// queued up (up to [`ADDS_PER_CALL`]) goes in one script call, one request
+/// instead of one per message, and none on the send path. Up to
+/// [`ADD_CALLS_IN_FLIGHT`] calls run at once, so a call queued behind the
+/// shared connection's other requests does not hold the next batch back;
+/// their order does not matter (a hole is a miss, and a tombstone wins
+/// whichever arrives first).
+async fn write_recent(cache: Arc<Cache>, mut queue: mpsc::Receiver<Add>) {
+    let mut received = Vec::with_capacity(ADDS_PER_CALL);
+    let mut index: HashMap<RoomId, usize> = HashMap::new();
+    let mut flushed = Vec::new();
+    let mut calls = JoinSet::new();
+    while queue.recv_many(&mut received, ADDS_PER_CALL).await > 0 {
+        let mut rooms: Vec<(RoomId, Vec<Entry>)> = Vec::new();
+        for add in received.drain(..) {
+            match add {
+                Add::Message(room, entry) => match index.get(&room) {
+                    Some(&at) => rooms[at].1.push(entry),
+                    None => {
+                        index.insert(room.clone(), rooms.len());
+                        rooms.push((room, vec![entry]));
+                    }
+                },
+                Add::Flush(done) => flushed.push(done),
+            }
+        }
+        index.clear();
+        while calls.try_join_next().is_some() {}
+        if !rooms.is_empty() {
+            if calls.len() >= ADD_CALLS_IN_FLIGHT {
+                calls.join_next().await;
+            }
+            let cache = Arc::clone(&cache);
+            calls.spawn(async move {
+                let sets: Vec<(&RoomId, &[Entry])> = rooms
+                    .iter()
+                    .map(|(room, entries)| (room, entries.as_slice()))
+                    .collect();
+                cache
+                    .put("recent_add", Need::Optional, &sets, Guard::None)
+                    .await;
+            });
+        }
+        if !flushed.is_empty() {
+            while calls.join_next().await.is_some() {}
+            for done in flushed.drain(..) {
+                let _ = done.send(());
+            }
+        }
     }
 }
 
@@ -546,24 +648,6 @@ impl Cache {
         .await
     }
 
-    /// Adds a just-stored message to the sorted set. Skippable: a missing
-    /// entry is a hole, and holes make reads fall back.
-    async fn put_recent(&self, message: &Message) {
-        if self.recent == 0 {
-            return;
-        }
-        // Allocates the message's JSON once, on the per-message path.
-        let entries = [Entry::of(message)];
-        self.put(
-            "recent_add",
-            Need::Optional,
-            &message.room_id,
-            &entries,
-            Guard::None,
-        )
-        .await;
-    }
-
     /// Writes messages read from the database, unless a delete happened
     /// since `token` was read (its tombstone may have been trimmed or
     /// expired by now, and must not come back as the live message).
@@ -572,8 +656,7 @@ impl Cache {
         self.put(
             "recent_backfill",
             Need::Optional,
-            room,
-            &entries,
+            &[(room, &entries)],
             Guard::Expect(token),
         )
         .await;
@@ -592,42 +675,44 @@ impl Cache {
         self.put(
             "recent_tombstone",
             Need::Required,
-            &tombstone.room_id,
-            &entries,
+            &[(&tombstone.room_id, &entries)],
             Guard::Bump,
         )
         .await
         .map(|_| ())
     }
 
-    /// Runs [`PUT_RECENT`]: `Some(true)` written, `Some(false)` refused by
-    /// the token check, `None` not done.
+    /// Runs [`PUT_RECENT`] on the rooms' sorted sets: `Some(true)`
+    /// written, `Some(false)` refused by the token check, `None` not done.
+    /// A guard concerns the first room's token; only single-room calls have
+    /// one.
     async fn put(
         &self,
         op: &'static str,
         need: Need,
-        room: &RoomId,
-        entries: &[Entry],
+        rooms: &[(&RoomId, &[Entry])],
         guard: Guard<'_>,
     ) -> Option<bool> {
-        let (set, token_key) = (self.key("recent", room), self.key("recent-token", room));
+        let (first, _) = rooms.first()?;
         let (expect, bump) = match guard {
             Guard::None => (String::new(), String::new()),
             Guard::Expect(token) => (token.to_owned(), String::new()),
             Guard::Bump => (String::new(), new_token()),
         };
         let mut call = PUT_RECENT.prepare_invoke();
-        call.key(set)
-            .key(token_key)
+        call.key(self.key("recent-token", first))
             .arg(self.recent)
             .arg(RECENT_TTL.as_secs())
             .arg(expect)
             .arg(bump)
             .arg(TOKEN_TTL.as_secs());
-        for entry in entries {
-            call.arg(entry.seq)
-                .arg(if entry.tombstone { "1" } else { "0" })
-                .arg(&entry.json);
+        for (room, entries) in rooms {
+            call.key(self.key("recent", room)).arg(entries.len());
+            for entry in *entries {
+                call.arg(entry.seq)
+                    .arg(if entry.tombstone { "1" } else { "0" })
+                    .arg(&entry.json);
+            }
         }
         let written: i64 = self
             .run(op, need, |mut conn| async move {
@@ -1039,36 +1124,44 @@ return {token, top[2] or '', items}
     )
 });
 
-/// Writes messages into the sorted set, then trims it to the newest `keep`.
-/// A live message never replaces an entry already there for its seq (which
-/// is the same message or its tombstone); a tombstone always replaces it.
-/// So a delete and the add of the message it deletes may reach Redis in
-/// either order. The TTL is set only when the set is created.
+/// Writes messages into one or more rooms' sorted sets, then trims each to
+/// the newest `keep`. A live message never replaces an entry already there
+/// for its seq (which is the same message or its tombstone); a tombstone
+/// always replaces it. So a delete and the add of the message it deletes
+/// may reach Redis in either order. The TTL is set only when a set is
+/// created. The token guard concerns the first set's token.
 ///
-/// KEYS: sorted set, token. ARGV: keep, set TTL, expected token or '', new
-/// token or '', token TTL, then per message: seq, '1' for a tombstone or
-/// '0', JSON.
+/// KEYS: the token, then the sorted sets. ARGV: keep, set TTL, expected
+/// token or '', new token or '', token TTL, then per set: its message
+/// count, then per message: seq, '1' for a tombstone or '0', JSON.
 static PUT_RECENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then
+if ARGV[3] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[3] then
   return 0
 end
 if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[5])
 end
-for i = 6, #ARGV, 3 do
-  local seq = ARGV[i]
-  if ARGV[i + 1] == '1' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], seq, seq)
-    redis.call('ZADD', KEYS[1], seq, ARGV[i + 2])
-  elseif redis.call('ZCOUNT', KEYS[1], seq, seq) == 0 then
-    redis.call('ZADD', KEYS[1], seq, ARGV[i + 2])
+local i = 6
+for k = 2, #KEYS do
+  local set = KEYS[k]
+  local last = i + 3 * tonumber(ARGV[i])
+  i = i + 1
+  while i <= last do
+    local seq = ARGV[i]
+    if ARGV[i + 1] == '1' then
+      redis.call('ZREMRANGEBYSCORE', set, seq, seq)
+      redis.call('ZADD', set, seq, ARGV[i + 2])
+    elseif redis.call('ZCOUNT', set, seq, seq) == 0 then
+      redis.call('ZADD', set, seq, ARGV[i + 2])
+    end
+    i = i + 3
   end
-end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[1]) - 1)
-if redis.call('TTL', KEYS[1]) == -1 then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('ZREMRANGEBYRANK', set, 0, -tonumber(ARGV[1]) - 1)
+  if redis.call('TTL', set) == -1 then
+    redis.call('EXPIRE', set, ARGV[2])
+  end
 end
 return 1
 ",
@@ -1109,6 +1202,26 @@ mod tests {
                 redis,
                 prefix: format!("test-cache-{}:", uuid::Uuid::now_v7().simple()),
             }
+        }
+
+        /// A pod whose Redis accepts connections and never answers (a hung
+        /// server, a black-holed route); abort the task to close it.
+        async fn pod_with_silent_redis(&self) -> (CachedStore, tokio::task::JoinHandle<()>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let silent = tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((socket, _)) = listener.accept().await {
+                    held.push(socket);
+                }
+            });
+            let store = CachedStore::new(
+                Arc::clone(&self.inner),
+                redis_at(&format!("redis://{address}")),
+                self.prefix.clone(),
+                20,
+            );
+            (store, silent)
         }
 
         /// One pod: its own `CachedStore` over the shared database and Redis.
@@ -1293,8 +1406,10 @@ mod tests {
         }
     }
 
-    /// Whether the page would be answered by Redis alone (plus `last_seq`).
+    /// Whether the page would be answered by Redis alone (plus `last_seq`),
+    /// once the queued cache writes have landed.
     async fn served_from_redis(store: &CachedStore, room: &RoomId, page: Page, limit: u32) -> bool {
+        store.flush_recent().await;
         let Plan::Read(span) = plan(page, limit) else {
             panic!("{page:?} is not read from Redis");
         };
@@ -1579,7 +1694,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(now && tombstone.deleted);
-        store.cache.put_recent(&messages[8]).await;
+        store.add_recent(&messages[8]);
+        store.flush_recent().await;
         assert!(served_from_redis(&store, &lobby, last_page(9), 1).await);
         assert_eq!(
             store.history(&lobby, last_page(9), 1).await.unwrap(),
@@ -1594,7 +1710,8 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        store.cache.put_recent(&messages[4]).await;
+        store.add_recent(&messages[4]);
+        store.flush_recent().await;
         assert!(served_from_redis(&store, &lobby, last_page(5), 1).await);
         assert_eq!(
             store.history(&lobby, last_page(5), 1).await.unwrap(),
@@ -1646,6 +1763,7 @@ mod tests {
             panic!("expected a stored message, then its duplicate");
         };
         assert_eq!(first, again);
+        store.flush_recent().await;
         let mut conn = world.redis();
         let cached: u64 = conn.zcard(world.key("recent", &lobby)).await.unwrap();
         assert_eq!(cached, 3);
@@ -1678,6 +1796,62 @@ mod tests {
         }
         assert!(served_from_redis(&pods[1], &lobby, Page::Newest { before: None }, 30).await);
         world.clean_up().await;
+    }
+
+    /// The cache writer batches whatever has queued up across rooms into one
+    /// script call: every room's messages land, each in its own set, in
+    /// seq order.
+    #[tokio::test]
+    async fn messages_appended_at_once_to_many_rooms_are_all_cached() {
+        let world = World::new().await;
+        let store = Arc::new(world.pod(30));
+        let mut rooms = Vec::new();
+        for n in 0..6 {
+            let lobby = room(&format!("room-{n}"), RoomKind::Public);
+            store.create_room(&lobby, &[uid("alice")]).await.unwrap();
+            rooms.push(lobby.id);
+        }
+        let mut tasks = Vec::new();
+        for n in 0..20 {
+            for id in &rooms {
+                let (store, id) = (Arc::clone(&store), id.clone());
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .append(new_message(&id, "bob", &format!("#{n}"), None))
+                        .await
+                        .unwrap()
+                }));
+            }
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for id in &rooms {
+            assert!(served_from_redis(&store, id, Page::Newest { before: None }, 20).await);
+            assert_pages_match(&store, &*world.inner, id, 20).await;
+        }
+        world.clean_up().await;
+    }
+
+    /// The cache write of a new message is queued, not awaited: a hung Redis
+    /// does not slow the send path at all, not even its first call.
+    #[tokio::test]
+    async fn appends_do_not_wait_for_the_cache() {
+        let world = World::new().await;
+        let (store, silent) = world.pod_with_silent_redis().await;
+        let lobby = room("lobby", RoomKind::Public);
+        world.inner.create_room(&lobby, &[]).await.unwrap();
+        for n in 0..10 {
+            let started = Instant::now();
+            let new = new_message(&lobby.id, "alice", &format!("#{n}"), None);
+            stored(store.append(new).await.unwrap());
+            let took = started.elapsed();
+            assert!(took < REDIS_TIMEOUT / 2, "append #{n} took {took:?}");
+        }
+        // The writer gives up on the hung Redis and the reads fall back.
+        store.flush_recent().await;
+        assert_pages_match(&store, &*world.inner, &lobby.id, 10).await;
+        silent.abort();
     }
 
     #[tokio::test]
@@ -1812,20 +1986,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_redis_is_given_up_on_quickly() {
         let world = World::new().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let silent = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        let store = CachedStore::new(
-            Arc::clone(&world.inner),
-            redis_at(&format!("redis://{address}")),
-            world.prefix.clone(),
-            20,
-        );
+        let (store, silent) = world.pod_with_silent_redis().await;
         let slowest = std::sync::Mutex::new(Duration::ZERO);
         let timed = async |call: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>| {
             let started = Instant::now();
