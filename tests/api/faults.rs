@@ -195,7 +195,10 @@ async fn a_burst_of_commits_after_an_outage_does_not_close_readers_as_too_slow()
     let backend = Arc::new(Backend::cluster_on(&pg.url(), &test_redis_url()).await);
     // Group commit stores the held sends in one transaction, so their
     // fan-out reaches every queue in one burst: the queue must hold one
-    // batch (a session cannot drain while it is not being polled).
+    // batch (a session cannot drain while it is not being polled). A queue
+    // of exactly one batch passes with or without the draining during a
+    // send; `a_slow_send_does_not_close_its_sender_as_too_slow` is the test
+    // that needs it.
     let pod = TestApp::spawn_on(backend, |c| {
         c.outbound_queue = SENDERS;
         c.send_rate_limit = 10_000;
@@ -227,5 +230,62 @@ async fn a_burst_of_commits_after_an_outage_does_not_close_readers_as_too_slow()
             }
         }
         assert_eq!(seqs, (1..=SENDERS as u64).collect::<Vec<_>>());
+    }
+}
+
+/// While the database works on a client's send, whatever else reaches the
+/// room is taken off the client's queue, up to another queue's worth, and
+/// sent after the ack: a reader is not closed as too slow (4008) because
+/// its own send was slow. Here the send waits on the room's row lock (held
+/// by another transaction, as another pod's long append would) while more
+/// typing notices than the queue holds arrive one by one.
+#[tokio::test]
+async fn a_slow_send_does_not_close_its_sender_as_too_slow() {
+    use sqlx::Connection;
+    const QUEUE: usize = 4;
+    const TYPISTS: usize = 6;
+    let backend = Arc::new(Backend::cluster().await);
+    let pod = TestApp::spawn_on(Arc::clone(&backend), |c| c.outbound_queue = QUEUE).await;
+    let (mut reader, _) = pod.join("global", &pod.token("reader")).await;
+    let mut typists = Vec::new();
+    for i in 0..TYPISTS {
+        typists.push(
+            pod.join("global", &pod.token(&format!("typist{i}")))
+                .await
+                .0,
+        );
+        reader.next_of("join").await;
+    }
+    let mut lock = sqlx::PgConnection::connect(&backend.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("SELECT 1 FROM rooms WHERE id = 'global' FOR UPDATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    reader.say("held back", Some("r1")).await;
+    for typist in &mut typists {
+        typist.send_json(json!({"type": "typing"})).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+
+    let mut typing = 0;
+    let mut acked = false;
+    while !acked || typing < TYPISTS {
+        let frame = reader.next_json().await; // panics on a close (4008)
+        match frame["type"].as_str() {
+            Some("ack") => {
+                assert_eq!(
+                    (frame["client_id"].as_str(), frame["seq"].as_u64()),
+                    (Some("r1"), Some(1))
+                );
+                acked = true;
+            }
+            Some("typing") => typing += 1,
+            _ => {}
+        }
     }
 }
