@@ -178,14 +178,18 @@ async fn a_send_is_traced_across_pods_without_tokens_or_bodies() {
     }
 }
 
-/// Scrapes a real pod's `/metrics` with a Prometheus text parser.
-async fn scrape(addr: &str) -> HashMap<String, f64> {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+async fn metrics_text(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Scrapes a real pod's `/metrics` with a Prometheus text parser.
+async fn scrape(addr: &str) -> HashMap<String, f64> {
+    let text = metrics_text(addr).await;
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
     let mut values = HashMap::new();
@@ -276,6 +280,12 @@ async fn metrics_move_with_real_traffic() {
         (SENDS + 2) as f64
     );
     assert_eq!(get("chat_send_delivery_seconds_count{}"), SENDS as f64);
+    // The delivery objectives' bounds are buckets of their own.
+    let text = metrics_text(&addr).await;
+    for bound in ["0.02", "0.05"] {
+        let bucket = format!("chat_send_delivery_seconds_bucket{{le=\"{bound}\"}} ");
+        assert!(text.contains(&bucket), "{bucket} missing");
+    }
     assert!(get("chat_db_query_seconds_count{op=append}") >= SENDS as f64);
     assert_eq!(
         get("chat_http_request_duration_seconds_count{method=GET,route=listRooms,status=401}"),
