@@ -11,9 +11,17 @@
 //! connection (4008) when the queue is full instead of buffering without
 //! limit. A write that stalls past the write timeout closes it too.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Wake, Waker},
+    time::Duration,
+};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt, task::AtomicWaker};
 use poem::Upgraded;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::{
@@ -33,7 +41,7 @@ use crate::{
     chat::Transport,
     domain::{Caller, Room, User},
     error::ChatError,
-    hub::{Closer, Connection},
+    hub::{CloseReason, Closer, Connection},
     outbox::Outbox,
     protocol::{ClientFrame, RoomView, ServerFrame, format_time},
     store::Page,
@@ -137,6 +145,63 @@ pub async fn run(mut session: Box<Session>, since: Option<u64>) {
 }
 
 /// Why the loop ended.
+/// What woke the session's loop.
+enum Event {
+    Closed(CloseReason),
+    Cancelled,
+    Timer,
+    Outbox,
+    Incoming(Option<Result<WsMessage, tungstenite::Error>>),
+}
+
+/// The waker the session's rarely ready futures are polled with: it marks
+/// them as worth polling, then wakes the task. The flag starts set.
+struct RareWakes {
+    flag: Arc<RareFlag>,
+    waker: Waker,
+}
+
+struct RareFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for RareFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl RareWakes {
+    fn new() -> Self {
+        let flag = Arc::new(RareFlag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(Arc::clone(&flag));
+        Self { flag, waker }
+    }
+
+    /// The waker to poll the rare futures with, if one of them woke (or
+    /// [`Self::rearm`] was called) since they were last polled.
+    fn take(&self, cx: &Context<'_>) -> Option<&Waker> {
+        self.flag.task.register(cx.waker());
+        self.flag
+            .woken
+            .swap(false, Ordering::AcqRel)
+            .then_some(&self.waker)
+    }
+
+    fn rearm(&self) {
+        self.flag.woken.store(true, Ordering::Release);
+    }
+}
+
 enum End {
     /// Close the socket with this code.
     Close(u16, &'static str),
@@ -268,12 +333,43 @@ impl Session {
                 .min(self.expiry_deadline()),
         );
         tokio::pin!(closed, cancelled, timer);
+        let rare = RareWakes::new();
         loop {
-            tokio::select! {
-                biased;
-                reason = &mut closed => return End::Close(reason.code(), reason.text()),
-                () = &mut cancelled => return End::Close(close::RESTART, "server restarting"),
-                () = &mut timer => {
+            // In priority order: a close request, shutdown, the timer,
+            // queued frames, the next client frame. Everything but the queue
+            // is polled only after one of its own wakers fired (or it was
+            // just ready), so the wake for each delivery, nearly every wake
+            // of a busy connection, does not also poll the socket's read
+            // path, the timer and two waiters.
+            let event = std::future::poll_fn(|cx| {
+                let Some(waker) = rare.take(cx) else {
+                    return conn.outbox.poll_ready(cx).map(|()| Event::Outbox);
+                };
+                let mut rare_cx = Context::from_waker(waker);
+                let event = if let Poll::Ready(reason) = closed.as_mut().poll(&mut rare_cx) {
+                    Event::Closed(reason)
+                } else if cancelled.as_mut().poll(&mut rare_cx).is_ready() {
+                    Event::Cancelled
+                } else if timer.as_mut().poll(&mut rare_cx).is_ready() {
+                    Event::Timer
+                } else if conn.outbox.poll_ready(cx).is_ready() {
+                    Event::Outbox
+                } else if let Poll::Ready(incoming) = self.socket.poll_next_unpin(&mut rare_cx) {
+                    Event::Incoming(incoming)
+                } else {
+                    // Each of them now holds the rare waker.
+                    return Poll::Pending;
+                };
+                // Not all of them were polled, or the one that was ready
+                // may be ready again at once: look at them all next time.
+                rare.rearm();
+                Poll::Ready(event)
+            })
+            .await;
+            match event {
+                Event::Closed(reason) => return End::Close(reason.code(), reason.text()),
+                Event::Cancelled => return End::Close(close::RESTART, "server restarting"),
+                Event::Timer => {
                     if self.token_expired() {
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
@@ -283,19 +379,23 @@ impl Session {
                         return End::Close(close::POLICY, "idle timeout");
                     }
                     if next_ping <= now {
-                        if let Err(end) = Box::pin(self.send_raw(WsMessage::Ping(Default::default()))).await {
+                        if let Err(end) =
+                            Box::pin(self.send_raw(WsMessage::Ping(Default::default()))).await
+                        {
                             return end;
                         }
                         next_ping = now + config.ping_interval;
                     }
-                    timer.as_mut().reset(next_ping.min(idle_deadline).min(self.expiry_deadline()));
+                    timer
+                        .as_mut()
+                        .reset(next_ping.min(idle_deadline).min(self.expiry_deadline()));
                 }
-                () = conn.outbox.ready() => {
+                Event::Outbox => {
                     if let Err(end) = self.write_backlog().await {
                         return end;
                     }
                 }
-                incoming = self.socket.next() => {
+                Event::Incoming(incoming) => {
                     let message = match incoming {
                         None => return End::Drop,
                         Some(Ok(message)) => message,
@@ -320,7 +420,9 @@ impl Session {
                     let handled = match message {
                         WsMessage::Text(text) => Box::pin(self.handle_text(text.as_str())).await,
                         WsMessage::Binary(_) => {
-                            let err = ChatError::BadRequest("binary frames are not accepted; send JSON text".into());
+                            let err = ChatError::BadRequest(
+                                "binary frames are not accepted; send JSON text".into(),
+                            );
                             Box::pin(self.send_error(&err, None)).await
                         }
                         // tungstenite answers pings and close frames itself.
