@@ -671,3 +671,49 @@ impl FloodGuard {
         self.count <= self.limit
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A task waker that counts its wakes.
+    struct Counting(AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn rare_futures_are_polled_first_then_only_after_their_waker_fired() {
+        let task = Arc::new(Counting(AtomicUsize::new(0)));
+        let task_waker = Waker::from(Arc::clone(&task));
+        let cx = Context::from_waker(&task_waker);
+        let rare = RareWakes::new();
+
+        let waker = rare.take(&cx).expect("polled on the first pass").clone();
+        assert!(
+            rare.take(&cx).is_none(),
+            "a wake for the queue polls only it"
+        );
+
+        waker.wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task is woken");
+        assert!(rare.take(&cx).is_some());
+        assert!(rare.take(&cx).is_none());
+
+        rare.rearm();
+        assert!(
+            rare.take(&cx).is_some(),
+            "after an event, all are polled again"
+        );
+        // A wake between two polls is kept until the next one.
+        waker.wake_by_ref();
+        waker.wake_by_ref();
+        assert!(rare.take(&cx).is_some());
+        assert!(rare.take(&cx).is_none());
+    }
+}
