@@ -124,6 +124,7 @@ enum Add {
 impl CachedStore {
     /// `recent` is how many of each room's newest messages are kept in Redis
     /// (0 turns the history cache off).
+    ///
     /// Starts the background writer of new messages, so it must be called
     /// within a Tokio runtime; the writer stops when the store is dropped.
     pub fn new(inner: Arc<dyn Store>, redis: RedisConn, prefix: String, recent: usize) -> Self {
@@ -383,24 +384,16 @@ impl Store for CachedStore {
 /// whichever arrives first).
 async fn write_recent(cache: Arc<Cache>, mut queue: mpsc::Receiver<Add>) {
     let mut received = Vec::with_capacity(ADDS_PER_CALL);
-    let mut index: HashMap<RoomId, usize> = HashMap::new();
     let mut flushed = Vec::new();
     let mut calls = JoinSet::new();
     while queue.recv_many(&mut received, ADDS_PER_CALL).await > 0 {
-        let mut rooms: Vec<(RoomId, Vec<Entry>)> = Vec::new();
+        let mut rooms: HashMap<RoomId, Vec<Entry>> = HashMap::new();
         for add in received.drain(..) {
             match add {
-                Add::Message(room, entry) => match index.get(&room) {
-                    Some(&at) => rooms[at].1.push(entry),
-                    None => {
-                        index.insert(room.clone(), rooms.len());
-                        rooms.push((room, vec![entry]));
-                    }
-                },
+                Add::Message(room, entry) => rooms.entry(room).or_default().push(entry),
                 Add::Flush(done) => flushed.push(done),
             }
         }
-        index.clear();
         while calls.try_join_next().is_some() {}
         if !rooms.is_empty() {
             if calls.len() >= ADD_CALLS_IN_FLIGHT {
