@@ -61,11 +61,12 @@ FROM (SELECT array_agg('r' || g ORDER BY g) AS rooms,
                                b.clients, array_fill(1700000000000::bigint, ARRAY[250]));
 SQL
 
-# CPU time (clock ticks) of the server's processes, including the finished
+# CPU time (clock ticks) of the server's processes (every one is named
+# `postgres`, the postmaster and its children alike), including the finished
 # children the postmaster has reaped (pgbench's session ends in there).
 server_ticks() {
     local pid total=0 fields
-    for pid in $(pgrep -x postgres; pgrep -f '^postgres: '); do
+    for pid in $(pgrep -x postgres); do
         fields=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null) || continue
         total=$((total + fields))
     done

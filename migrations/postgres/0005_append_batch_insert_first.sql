@@ -13,7 +13,7 @@
 -- advance updates each room by its address, instead of two index lookups
 -- per room. The address is stable until we update the row: we hold its
 -- lock, and nothing moves a live row while a transaction holds one.
--- Together: about a quarter less PostgreSQL CPU per 250-message batch
+-- Together: about a fifth less PostgreSQL CPU per 250-message batch
 -- (docs/benchmarks.md, "Sixth VM").
 CREATE OR REPLACE FUNCTION chat_append_batch(
     in_rooms      TEXT[],

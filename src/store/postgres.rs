@@ -1,11 +1,11 @@
 //! The cluster store: PostgreSQL, shared by every pod.
 //!
 //! Appends go through group commit ([`GroupCommit`]); each batch is one call
-//! of the `chat_append_batch` function (migrations 0003 to 0005), which is its own
-//! transaction. It locks the batch's room rows in id order, so writers of
-//! one room (on any pod) take turns while writers of different rooms
-//! proceed in parallel, gives each new message the room's next seq and
-//! advances `rooms.last_seq`. A failed call stores nothing and takes no
+//! of the `chat_append_batch` function (migrations 0003 to 0005), which is
+//! its own transaction. It locks the batch's room rows in id order, so
+//! writers of one room (on any pod) take turns while writers of different
+//! rooms proceed in parallel, gives each new message the room's next seq
+//! and advances `rooms.last_seq`. A failed call stores nothing and takes no
 //! seq, so there are never gaps.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -363,9 +363,9 @@ enum Outcome {
 impl AppendBatch for Appender {
     /// One statement whatever the batch size: the `chat_append_batch`
     /// function (migrations 0003 to 0005) locks the rooms, inserts and
-    /// advances the rooms' `last_seq`, as one transaction; a batch holding a
-    /// retry of a committed send is answered from the stored message. Repeats of a
-    /// key within the batch never reach it: each is answered here from its
+    /// advances the rooms' `last_seq`, as one transaction; a retry of a
+    /// committed send is answered with the stored message. Repeats of a key
+    /// within the batch never reach it: each is answered here from its
     /// first occurrence.
     async fn append_batch(
         &self,
