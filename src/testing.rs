@@ -70,6 +70,20 @@ pub async fn redis_connection() -> RedisConn {
     conn
 }
 
+/// The URL of a "Redis" that accepts connections and never answers (a hung
+/// server, a black-holed route); abort the task to close it.
+pub async fn silent_redis() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (format!("redis://{address}"), silent)
+}
+
 /// A key prefix no other test uses, so tests run in parallel.
 pub fn key_prefix() -> String {
     format!("test:{}:", uuid::Uuid::now_v7().simple())

@@ -2,7 +2,11 @@
 //! (`{prefix}room:{room_id}`).
 //!
 //! Publishing costs one `PUBLISH` per event, whatever the number of
-//! recipients, on the instance's shared command connection. Receiving uses
+//! recipients, on the instance's shared command connection. `publish` only
+//! queues the encoded event: one task sends the queue in order, everything
+//! that queued during the previous exchange in one pipeline, so an ack
+//! never waits for Redis and the events of one instance reach Redis in the
+//! order they were published. Receiving uses
 //! one dedicated pub/sub connection per instance, subscribed only to the
 //! rooms this instance has connections in. A single task owns that
 //! connection: it applies watch/unwatch requests in the order the hub made
@@ -21,12 +25,11 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +41,15 @@ use crate::{config::Secret, domain::RoomId, error::ChatError, redis_conn::RedisC
 /// recovered from the store, or retried on reconnection).
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Events waiting to be published. It fills only while Redis is slower
+/// than the events; what does not fit is not published (counted in
+/// `chat_bus_publish_errors_total`, and recovered from the store by the
+/// instances that notice the gap).
+const PUBLISH_QUEUE: usize = 16_384;
+/// Most events one pipeline carries.
+const PUBLISHES_PER_CALL: usize = 512;
+/// At most one warning per this period while publishing fails.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What travels on a channel: the event and the instance that made it.
@@ -65,6 +77,8 @@ enum Watch {
 }
 
 pub struct RedisBus {
+    /// The queue of [`publish_queued`].
+    outgoing: mpsc::Sender<Outgoing>,
     redis: RedisConn,
     prefix: String,
     instance_id: String,
@@ -97,7 +111,10 @@ impl RedisBus {
             connected: Arc::clone(&connected),
         };
         tokio::spawn(subscriber.run(stop));
+        let (outgoing, queue) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(publish_queued(redis.clone(), queue));
         Ok(Self {
+            outgoing,
             redis,
             prefix,
             instance_id,
@@ -122,6 +139,7 @@ fn own_prefix(instance_id: &str) -> Vec<u8> {
 
 #[async_trait]
 impl Bus for RedisBus {
+    /// Queues the event; fails only when the queue is full.
     async fn publish(&self, event: &Event) -> Result<(), ChatError> {
         let payload = serde_json::to_vec(&OutEnvelope {
             origin: &self.instance_id,
@@ -129,19 +147,15 @@ impl Bus for RedisBus {
             traceparent: crate::telemetry::current_traceparent(),
         })
         .map_err(|err| ChatError::Internal(err.into()))?;
-        let channel = channel(&self.prefix, event.room_id());
-        let publish = async {
-            let mut conn = self.redis.clone();
-            let _: i64 = conn.publish(channel, payload).await?;
-            Ok::<_, anyhow::Error>(())
+        let outgoing = Outgoing {
+            channel: channel(&self.prefix, event.room_id()),
+            payload,
         };
-        match tokio::time::timeout(REDIS_TIMEOUT, publish).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(ChatError::Unavailable(err)),
-            Err(_) => Err(ChatError::Unavailable(anyhow::anyhow!(
-                "redis publish timed out"
-            ))),
-        }
+        self.outgoing.try_send(outgoing).map_err(|_| {
+            ChatError::Unavailable(anyhow::anyhow!(
+                "{PUBLISH_QUEUE} events are waiting for Redis"
+            ))
+        })
     }
 
     async fn watch(&self, room: &RoomId) -> Result<(), ChatError> {
@@ -176,6 +190,39 @@ impl Bus for RedisBus {
             Err(_) => Err(ChatError::Unavailable(anyhow::anyhow!(
                 "redis ping timed out"
             ))),
+        }
+    }
+}
+
+/// An encoded event and its channel, waiting in [`RedisBus`]'s queue.
+struct Outgoing {
+    channel: String,
+    payload: Vec<u8>,
+}
+
+/// Publishes the queued events in queue order, one pipeline at a time;
+/// stops when the bus is dropped. A pipeline that fails or times out loses
+/// its events (the bus is best effort: see the module docs of `bus`).
+async fn publish_queued(redis: RedisConn, mut queue: mpsc::Receiver<Outgoing>) {
+    let mut events = Vec::with_capacity(PUBLISHES_PER_CALL);
+    let mut last_warning: Option<Instant> = None;
+    while queue.recv_many(&mut events, PUBLISHES_PER_CALL).await > 0 {
+        let count = events.len();
+        let mut pipeline = redis::pipe();
+        for event in events.drain(..) {
+            pipeline.publish(event.channel, event.payload).ignore();
+        }
+        let mut conn = redis.clone();
+        let sent = tokio::time::timeout(REDIS_TIMEOUT, pipeline.query_async::<()>(&mut conn)).await;
+        let error = match sent {
+            Ok(Ok(())) => continue,
+            Ok(Err(err)) => anyhow::Error::from(err),
+            Err(_) => anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"),
+        };
+        metrics::counter!("chat_bus_publish_errors_total").increment(count as u64);
+        if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            last_warning = Some(Instant::now());
+            tracing::warn!(error = %format!("{error:#}"), events = count, "could not publish events to the bus");
         }
     }
 }
@@ -345,7 +392,94 @@ impl Ended {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::WireUser;
+    use crate::{
+        bus::{WireMessage, WireUser},
+        testing::{key_prefix, redis_at, redis_connection, redis_url, silent_redis},
+    };
+
+    fn bus(
+        url: &str,
+        redis: RedisConn,
+        prefix: &str,
+        id: &str,
+    ) -> (RedisBus, mpsc::Receiver<Inbound>) {
+        let (inbound, events) = mpsc::channel(1024);
+        let bus = RedisBus::start(
+            &Secret::new(url),
+            redis,
+            prefix.to_owned(),
+            id.to_owned(),
+            inbound,
+            CancellationToken::new(),
+        )
+        .expect("a bus");
+        (bus, events)
+    }
+
+    fn message(seq: u64) -> Event {
+        Event::Message(WireMessage {
+            room_id: "lobby".to_owned(),
+            id: format!("m{seq}"),
+            seq,
+            user: WireUser {
+                id: "alice".to_owned(),
+                name: "Alice".to_owned(),
+            },
+            body: format!("#{seq}"),
+            client_id: None,
+            created_at: 0,
+            deleted: false,
+            received_at_us: None,
+        })
+    }
+
+    /// A send's ack waits for the announce: with Redis hung, publishing
+    /// must still return at once (the event waits in the queue).
+    #[tokio::test]
+    async fn publishing_does_not_wait_for_a_hung_redis() {
+        let (url, silent) = silent_redis().await;
+        let (bus, _events) = bus(&url, redis_at(&url), &key_prefix(), "pod-1");
+        let started = std::time::Instant::now();
+        for seq in 1..=100 {
+            bus.publish(&message(seq)).await.expect("queued");
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "took {:?}",
+            started.elapsed()
+        );
+        silent.abort();
+    }
+
+    /// Events published by one instance reach another in publish order,
+    /// also when many are queued at once.
+    #[tokio::test]
+    async fn another_instance_receives_the_events_in_publish_order() {
+        let (url, prefix) = (redis_url(), key_prefix());
+        let (sender, _own) = bus(&url, redis_connection().await, &prefix, "pod-1");
+        let (receiver, mut events) = bus(&url, redis_connection().await, &prefix, "pod-2");
+        receiver
+            .watch(&RoomId::parse("lobby").unwrap())
+            .await
+            .unwrap();
+        for seq in 1..=2_000 {
+            sender.publish(&message(seq)).await.expect("queued");
+        }
+        let mut expected = 1;
+        while expected <= 2_000 {
+            let inbound = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .expect("the next event within 10 s")
+                .expect("the bus is running");
+            if let Inbound::Event { event, .. } = inbound {
+                let Event::Message(message) = *event else {
+                    panic!("unexpected {event:?}");
+                };
+                assert_eq!(message.seq, expected);
+                expected += 1;
+            }
+        }
+    }
 
     fn published_by(instance_id: &str) -> Vec<u8> {
         let event = Event::Typing {

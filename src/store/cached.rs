@@ -32,7 +32,8 @@
 //! `MULTI`. Any write committed after A's database read is invalidated after
 //! A read the token, so A's fill is refused.
 //!
-//! History: `c:recent:{room}` holds at most `recent` messages. A page is
+//! History: `c:recent:{room}` holds the newest `recent` messages (and up to
+//! `TRIM_EVERY` more between trims). A page is
 //! served from it only when the cached run is provably the page: the seqs are
 //! consecutive (the store has no gaps, so a hole means the cache missed a
 //! write), start where the page starts, and either fill the limit or end
@@ -107,6 +108,9 @@ pub struct CachedStore {
 
 /// Most messages one call of [`PUT_RECENT`] adds.
 const ADDS_PER_CALL: usize = 256;
+/// A room's sorted set is trimmed back to the newest `recent` entries at
+/// least once per this many seqs ([`PUT_RECENT`]), not on every add.
+const TRIM_EVERY: u64 = 32;
 /// Calls of [`write_recent`] at once.
 const ADD_CALLS_IN_FLIGHT: usize = 4;
 /// Messages waiting for [`write_recent`]. It fills only while Redis is
@@ -698,7 +702,8 @@ impl Cache {
             .arg(RECENT_TTL.as_secs())
             .arg(expect)
             .arg(bump)
-            .arg(TOKEN_TTL.as_secs());
+            .arg(TOKEN_TTL.as_secs())
+            .arg(TRIM_EVERY);
         for (room, entries) in rooms {
             call.key(self.key("recent", room)).arg(entries.len());
             for entry in *entries {
@@ -1117,16 +1122,24 @@ return {token, top[2] or '', items}
     )
 });
 
-/// Writes messages into one or more rooms' sorted sets, then trims each to
-/// the newest `keep`. A live message never replaces an entry already there
-/// for its seq (which is the same message or its tombstone); a tombstone
-/// always replaces it. So a delete and the add of the message it deletes
-/// may reach Redis in either order. The TTL is set only when a set is
-/// created. The token guard concerns the first set's token.
+/// Writes messages into one or more rooms' sorted sets and keeps each to
+/// about the newest `keep`. A live message never replaces an entry already
+/// there for its seq (which is the same message or its tombstone); a
+/// tombstone always replaces it. So a delete and the add of the message it
+/// deletes may reach Redis in either order. The TTL is set only when a set
+/// is created. The token guard concerns the first set's token.
+///
+/// Commands per set, since this runs once per message under load: one read
+/// of the newest entry tells whether the set exists (for the TTL) and lets
+/// every add above it skip the check for an entry at its seq; the trim runs
+/// when a call brings several entries or a tombstone, or when an added seq
+/// is a multiple of [`TRIM_EVERY`]. So a set holds at most `keep` entries
+/// plus the adds since its last trim: fewer than `keep + TRIM_EVERY` while
+/// a room's messages arrive one call at a time.
 ///
 /// KEYS: the token, then the sorted sets. ARGV: keep, set TTL, expected
-/// token or '', new token or '', token TTL, then per set: its message
-/// count, then per message: seq, '1' for a tombstone or '0', JSON.
+/// token or '', new token or '', token TTL, trim period, then per set: its
+/// message count, then per message: seq, '1' for a tombstone or '0', JSON.
 static PUT_RECENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -1136,23 +1149,36 @@ end
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[5])
 end
-local i = 6
+local trim_every = tonumber(ARGV[6])
+local i = 7
 for k = 2, #KEYS do
   local set = KEYS[k]
-  local last = i + 3 * tonumber(ARGV[i])
+  local count = tonumber(ARGV[i])
+  local last = i + 3 * count
   i = i + 1
+  local newest = redis.call('ZRANGE', set, -1, -1, 'WITHSCORES')[2]
+  local top = tonumber(newest) or -1
+  local trim = count > 1
   while i <= last do
     local seq = ARGV[i]
+    local n = tonumber(seq)
     if ARGV[i + 1] == '1' then
       redis.call('ZREMRANGEBYSCORE', set, seq, seq)
       redis.call('ZADD', set, seq, ARGV[i + 2])
-    elseif redis.call('ZCOUNT', set, seq, seq) == 0 then
+      trim = true
+    elseif n > top or redis.call('ZCOUNT', set, seq, seq) == 0 then
       redis.call('ZADD', set, seq, ARGV[i + 2])
+      trim = trim or n % trim_every == 0
+    end
+    if n > top then
+      top = n
     end
     i = i + 3
   end
-  redis.call('ZREMRANGEBYRANK', set, 0, -tonumber(ARGV[1]) - 1)
-  if redis.call('TTL', set) == -1 then
+  if trim then
+    redis.call('ZREMRANGEBYRANK', set, 0, -tonumber(ARGV[1]) - 1)
+  end
+  if not newest then
     redis.call('EXPIRE', set, ARGV[2])
   end
 end
@@ -1171,7 +1197,7 @@ mod tests {
     use super::*;
     use crate::{domain::RoomKind, store::sqlite::SqliteStore};
 
-    use crate::testing::{redis_at, redis_connection};
+    use crate::testing::{redis_at, redis_connection, silent_redis};
 
     /// A fresh database, a live Redis and a key prefix of its own, so tests
     /// run in parallel.
@@ -1200,17 +1226,10 @@ mod tests {
         /// A pod whose Redis accepts connections and never answers (a hung
         /// server, a black-holed route); abort the task to close it.
         async fn pod_with_silent_redis(&self) -> (CachedStore, tokio::task::JoinHandle<()>) {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
-            let silent = tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((socket, _)) = listener.accept().await {
-                    held.push(socket);
-                }
-            });
+            let (url, silent) = silent_redis().await;
             let store = CachedStore::new(
                 Arc::clone(&self.inner),
-                redis_at(&format!("redis://{address}")),
+                redis_at(&url),
                 self.prefix.clone(),
                 20,
             );
@@ -1823,6 +1842,43 @@ mod tests {
             assert!(served_from_redis(&store, id, Page::Newest { before: None }, 20).await);
             assert_pages_match(&store, &*world.inner, id, 20).await;
         }
+        world.clean_up().await;
+    }
+
+    /// Messages cached one call at a time: the set gets its TTL when the
+    /// first one creates it, is trimmed back to the newest `recent` at least
+    /// every `TRIM_EVERY` seqs, and still serves the newest pages.
+    #[tokio::test]
+    async fn a_room_cached_one_message_at_a_time_stays_bounded_and_expires() {
+        let world = World::new().await;
+        let store = world.pod(20);
+        let lobby = room("lobby", RoomKind::Public);
+        store.create_room(&lobby, &[uid("alice")]).await.unwrap();
+        let set = world.key("recent", &lobby.id);
+        let mut conn = world.redis();
+        let mut largest = 0;
+        for n in 1..=150u64 {
+            store
+                .append(new_message(&lobby.id, "bob", &format!("#{n}"), None))
+                .await
+                .unwrap();
+            store.flush_recent().await;
+            if n == 1 {
+                let ttl: i64 = conn.ttl(&set).await.unwrap();
+                assert!(ttl > 0 && ttl <= RECENT_TTL.as_secs() as i64, "TTL {ttl}");
+            }
+            let held: u64 = conn.zcard(&set).await.unwrap();
+            assert!(held >= n.min(20), "{held} cached after {n} messages");
+            largest = largest.max(held);
+        }
+        assert!(
+            largest < 20 + TRIM_EVERY,
+            "the set grew to {largest} entries"
+        );
+        let oldest: Vec<(String, u64)> = conn.zrange_withscores(&set, 0, 0).await.unwrap();
+        assert!(oldest[0].1 > 150 - 20 - TRIM_EVERY, "{oldest:?}");
+        assert!(served_from_redis(&store, &lobby.id, Page::Newest { before: None }, 20).await);
+        assert_pages_match(&store, &*world.inner, &lobby.id, 150).await;
         world.clean_up().await;
     }
 
