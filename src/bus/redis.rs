@@ -41,6 +41,7 @@ use crate::{config::Secret, domain::RoomId, error::ChatError, redis_conn::RedisC
 /// recovered from the store, or retried on reconnection).
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Events waiting to be published. It fills only while Redis is slower
 /// than the events; what does not fit is not published (counted in
 /// `chat_bus_publish_errors_total`, and recovered from the store by the
@@ -50,7 +51,6 @@ const PUBLISH_QUEUE: usize = 16_384;
 const PUBLISHES_PER_CALL: usize = 512;
 /// At most one warning per this period while publishing fails.
 const WARN_EVERY: Duration = Duration::from_secs(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What travels on a channel: the event and the instance that made it.
 /// `origin` is serialized first: see [`own_prefix`].

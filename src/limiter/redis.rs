@@ -2,9 +2,10 @@
 //!
 //! Each limited key is one sorted set, `{prefix}rl:{key}`, holding the hits
 //! it counted, scored by the time of the hit in microseconds. One Lua script
-//! decides a hit in one round trip and atomically: it drops the hits that
-//! left the window, counts the rest, and either adds the new hit or answers
-//! how long until the oldest one leaves. The time is the Redis server's
+//! decides a hit in one round trip and atomically: it counts the hits held
+//! (dropping those that left the window first when they reach the limit),
+//! and either adds the new hit or answers how long until the oldest one
+//! leaves. The time is the Redis server's
 //! (`TIME`), so instances with drifting clocks still share one window. The
 //! key expires one window after its newest hit, so idle keys vanish.
 //!
