@@ -394,7 +394,7 @@ mod tests {
     use super::*;
     use crate::{
         bus::{WireMessage, WireUser},
-        testing::{key_prefix, redis_at, redis_connection, redis_url, silent_redis},
+        testing::{key_prefix, new_message, redis_at, redis_connection, redis_url, silent_redis},
     };
 
     fn bus(
@@ -417,20 +417,8 @@ mod tests {
     }
 
     fn message(seq: u64) -> Event {
-        Event::Message(WireMessage {
-            room_id: "lobby".to_owned(),
-            id: format!("m{seq}"),
-            seq,
-            user: WireUser {
-                id: "alice".to_owned(),
-                name: "Alice".to_owned(),
-            },
-            body: format!("#{seq}"),
-            client_id: None,
-            created_at: 0,
-            deleted: false,
-            received_at_us: None,
-        })
+        let stored = new_message("lobby", "alice", &format!("#{seq}"), None).stored(seq);
+        Event::Message(WireMessage::from(&stored))
     }
 
     /// A send's ack waits for the announce: with Redis hung, publishing

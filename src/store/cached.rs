@@ -32,9 +32,9 @@
 //! `MULTI`. Any write committed after A's database read is invalidated after
 //! A read the token, so A's fill is refused.
 //!
-//! History: `c:recent:{room}` holds the newest `recent` messages (and up to
-//! `TRIM_EVERY` more between trims). A page is
-//! served from it only when the cached run is provably the page: the seqs are
+//! History: `c:recent:{room}` holds the newest `recent` messages, and
+//! fewer than `TRIM_EVERY` older ones between trims. A page is served from
+//! it only when the cached run is provably the page: the seqs are
 //! consecutive (the store has no gaps, so a hole means the cache missed a
 //! write), start where the page starts, and either fill the limit or end
 //! where the page ends. Where that end depends on the room's newest seq, it
