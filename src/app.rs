@@ -96,7 +96,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets(crate::telemetry::LATENCY_BUCKETS)
                 .expect("latency buckets are valid")
                 .set_buckets_for_metric(
-                    Matcher::Full("chat_store_batch_size".into()),
+                    Matcher::Suffix("_batch_size".into()),
                     crate::telemetry::BATCH_BUCKETS,
                 )
                 .expect("batch buckets are valid")

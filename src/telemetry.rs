@@ -294,6 +294,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "HTTP requests, by route (operation id or fixed path), method and status",
     ),
     (
+        "chat_limiter_batch_size",
+        MetricKind::Histogram,
+        "",
+        "Rate-limit checks decided per Redis script call",
+    ),
+    (
         "chat_limiter_fallback_total",
         MetricKind::Counter,
         "",
@@ -322,7 +328,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Buckets of `chat_store_batch_size`: 1 to the largest batch (512).
+/// Buckets of the `*_batch_size` histograms: 1 to the largest batch (512).
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 /// Registers every metric's help text, and makes the unlabelled counters and
