@@ -286,6 +286,15 @@ async fn metrics_move_with_real_traffic() {
         let bucket = format!("chat_send_delivery_seconds_bucket{{le=\"{bound}\"}} ");
         assert!(text.contains(&bucket), "{bucket} missing");
     }
+    // Batch sizes count messages (or checks): their buckets run from 1 to
+    // 512, not over the latency buckets.
+    assert!(
+        text.contains("chat_store_batch_size_bucket{le=\"512\"} "),
+        "the store's batch sizes lack their buckets"
+    );
+    for line in text.lines().filter(|l| l.contains("_batch_size_bucket{")) {
+        assert!(!line.contains("le=\"0.00005\""), "latency bucket: {line}");
+    }
     assert!(get("chat_db_query_seconds_count{op=append}") >= SENDS as f64);
     assert_eq!(
         get("chat_http_request_duration_seconds_count{method=GET,route=listRooms,status=401}"),
