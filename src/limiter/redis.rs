@@ -26,7 +26,7 @@
 
 use std::{
     sync::{
-        Mutex,
+        LazyLock, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -34,10 +34,10 @@ use std::{
 
 use crate::redis_conn::RedisConn;
 use async_trait::async_trait;
-use futures_util::{StreamExt, stream::FuturesUnordered};
 use redis::Script;
 use tokio::{
     sync::{mpsc, oneshot},
+    task::JoinSet,
     time::Instant,
 };
 
@@ -88,7 +88,9 @@ const CALLS_IN_FLIGHT: usize = 8;
 ///
 /// Times stay below 2^53 µs, so Lua's doubles and the set's scores hold them
 /// exactly.
-const HIT_LUA: &str = r#"
+static HIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
 local t = redis.call('TIME')
 local score = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -118,15 +120,16 @@ for k = 1, #KEYS do
   out[2 * k] = wait
 end
 return out
-"#;
+"#,
+    )
+});
 
 /// One hit waiting for its batch.
 struct Pending {
     key: String,
-    limit: u32,
-    window_us: u64,
+    /// Unique to this hit: see [`HIT`].
     member: String,
-    window_ms: u64,
+    limit: Limit,
     /// `(allowed, wait µs)`, or why the batch failed.
     answer: oneshot::Sender<Result<(i64, i64), String>>,
 }
@@ -168,18 +171,15 @@ impl RedisLimiter {
     }
 
     async fn hit_redis(&self, key: &str, limit: Limit) -> anyhow::Result<Decision> {
-        let window_us = u64::try_from(limit.window.as_micros()).unwrap_or(u64::MAX);
         let (answer, answered) = oneshot::channel();
         let pending = Pending {
             key: format!("{}rl:{key}", self.prefix),
-            limit: limit.limit,
-            window_us,
             member: format!(
                 "{}:{}",
                 self.nonce,
                 self.seq.fetch_add(1, Ordering::Relaxed)
             ),
-            window_ms: window_us.div_ceil(1000).max(1),
+            limit,
             answer,
         };
         self.queue
@@ -227,43 +227,37 @@ impl RedisLimiter {
     }
 }
 
-/// Sends the queued hits: whatever queued since the task last ran goes in
-/// one script call, and each hit gets its answer. Up to
-/// [`CALLS_IN_FLIGHT`] calls are in flight at once, so a batch never waits
-/// for the previous one's answer: a hit costs no more waiting than its own
-/// round trip, as when each hit was its own call. A failed or late call
-/// fails every hit in it (their callers fall back); hits whose callers
-/// stopped waiting are still sent, as a call already in flight would have
-/// been.
+/// Sends the queued hits: whatever has queued up (up to [`HITS_PER_CALL`])
+/// goes in one script call, and each hit gets its answer. Up to
+/// [`CALLS_IN_FLIGHT`] calls run at once (as the history cache's writer
+/// does), so a batch never waits for the previous one's answer: a hit costs
+/// no more waiting than its own round trip, as when each hit was its own
+/// call. A failed or late call fails every hit in it (their callers fall
+/// back); hits whose callers stopped waiting are still sent, as a call
+/// already in flight would have been.
 async fn decide_queued(redis: RedisConn, mut queue: mpsc::Receiver<Pending>) {
-    let script = Script::new(HIT_LUA);
-    let mut calls = FuturesUnordered::new();
-    loop {
-        let mut hits = Vec::new();
-        tokio::select! {
-            biased;
-            Some(()) = calls.next(), if !calls.is_empty() => {}
-            taken = queue.recv_many(&mut hits, HITS_PER_CALL), if calls.len() < CALLS_IN_FLIGHT => {
-                if taken == 0 {
-                    break;
-                }
-                calls.push(decide(&script, redis.clone(), hits));
-            }
+    let mut hits = Vec::with_capacity(HITS_PER_CALL);
+    let mut calls = JoinSet::new();
+    while queue.recv_many(&mut hits, HITS_PER_CALL).await > 0 {
+        while calls.try_join_next().is_some() {}
+        if calls.len() >= CALLS_IN_FLIGHT {
+            calls.join_next().await;
         }
+        calls.spawn(decide(redis.clone(), std::mem::take(&mut hits)));
     }
-    while calls.next().await.is_some() {}
 }
 
 /// One script call for `hits`, and their answers.
-async fn decide(script: &Script, mut conn: RedisConn, hits: Vec<Pending>) {
+async fn decide(mut conn: RedisConn, hits: Vec<Pending>) {
     metrics::histogram!("chat_limiter_batch_size").record(hits.len() as f64);
-    let mut call = script.prepare_invoke();
+    let mut call = HIT.prepare_invoke();
     for hit in &hits {
+        let window_us = u64::try_from(hit.limit.window.as_micros()).unwrap_or(u64::MAX);
         call.key(&hit.key)
-            .arg(hit.limit)
-            .arg(hit.window_us)
+            .arg(hit.limit.limit)
+            .arg(window_us)
             .arg(&hit.member)
-            .arg(hit.window_ms);
+            .arg(window_us.div_ceil(1000).max(1));
     }
     let answers =
         match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<Vec<i64>>(&mut conn)).await {
