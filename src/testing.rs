@@ -8,9 +8,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::{
-    domain::{ClientId, Room, RoomId, RoomKind, User, UserId},
+    domain::{ClientId, Message, Room, RoomId, RoomKind, User, UserId},
     redis_conn::{self, RedisConn},
-    store::NewMessage,
+    store::{NewMessage, Page, Store},
 };
 
 /// A message from `user` (named in capitals) to `room`, sent now.
@@ -26,6 +26,18 @@ pub fn new_message(room: &str, user: &str, body: &str, client_id: Option<&str>) 
         client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
         created_at: OffsetDateTime::now_utc(),
     }
+}
+
+/// A room's first messages (up to 100), oldest first, read as a client would.
+pub async fn history_of(store: &dyn Store, room: &str) -> Vec<Message> {
+    let page = Page::Oldest {
+        after: 0,
+        before: None,
+    };
+    store
+        .history(&RoomId::parse(room).unwrap(), page, 100)
+        .await
+        .unwrap()
 }
 
 /// A public room named after its id, created now.

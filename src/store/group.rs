@@ -21,13 +21,13 @@
 //! gone) fails alone; when the transaction fails, every message of the
 //! batch gets the error and nothing of it is stored.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use super::{Appended, NewMessage};
-use crate::error::ChatError;
+use crate::{domain::Message, error::ChatError};
 
 /// A backend's way of storing many messages in one transaction.
 #[async_trait]
@@ -172,6 +172,89 @@ async fn commit(
             }
             results
         }
+    }
+}
+
+/// A batch split for a backend: the messages it stores, and the repeats of
+/// an idempotency key within the batch, which never reach it and are each
+/// answered from their key's first occurrence.
+pub(super) struct Distinct<'a> {
+    batch: &'a [NewMessage],
+    /// The batch without repeats, in batch order.
+    pub messages: Vec<&'a NewMessage>,
+    /// `slot[i]`: the element of `messages` that answers batch message i.
+    slot: Vec<usize>,
+}
+
+/// What became of one of [`Distinct::messages`].
+pub(super) enum Outcome {
+    /// Stored now with this seq.
+    Stored(u64),
+    /// A retry of a committed send: the original.
+    Duplicate(Message),
+    /// Not stored: its room does not exist.
+    NoRoom,
+}
+
+/// The outcome of element `index` of [`Distinct::messages`], as a row
+/// returned by the database numbers it.
+pub(super) fn outcome_at(outcomes: &mut [Outcome], index: i64) -> Result<&mut Outcome, ChatError> {
+    usize::try_from(index)
+        .ok()
+        .and_then(|j| outcomes.get_mut(j))
+        .ok_or_else(|| {
+            ChatError::Internal(anyhow::anyhow!("a row for element {index} of the batch"))
+        })
+}
+
+/// A message's idempotency key: room, user, client id.
+type Key<'a> = (&'a str, &'a str, &'a str);
+
+impl<'a> Distinct<'a> {
+    pub fn of(batch: &'a [NewMessage]) -> Self {
+        let mut messages: Vec<&NewMessage> = Vec::with_capacity(batch.len());
+        let mut slot = Vec::with_capacity(batch.len());
+        let mut first: HashMap<Key<'a>, usize> = HashMap::new();
+        for message in batch {
+            let key = message.client_id.as_ref().map(|client_id| {
+                (
+                    message.room_id.as_str(),
+                    message.user.id.as_str(),
+                    client_id.as_str(),
+                )
+            });
+            let j = match key {
+                Some(key) => *first.entry(key).or_insert(messages.len()),
+                None => messages.len(),
+            };
+            if j == messages.len() {
+                messages.push(message);
+            }
+            slot.push(j);
+        }
+        Self {
+            batch,
+            messages,
+            slot,
+        }
+    }
+
+    /// Every batch message's result, in batch order, given the outcome of
+    /// each of [`Distinct::messages`].
+    pub fn answer(self, outcomes: &[Outcome]) -> Vec<Result<Appended, ChatError>> {
+        self.batch
+            .iter()
+            .zip(self.slot)
+            .map(|(message, j)| match &outcomes[j] {
+                Outcome::NoRoom => Err(ChatError::room_not_found()),
+                Outcome::Duplicate(original) => Ok(Appended::Duplicate(original.clone())),
+                // A repeat within the batch of a message stored now.
+                Outcome::Stored(seq) if !std::ptr::eq(message, self.messages[j]) => {
+                    Ok(Appended::Duplicate(self.messages[j].stored(*seq)))
+                }
+                Outcome::Stored(seq) => Ok(Appended::Stored(message.stored(*seq))),
+            })
+            .collect()
     }
 }
 

@@ -8,7 +8,7 @@
 //! and advances `rooms.last_seq`. A failed call stores nothing and takes no
 //! seq, so there are never gaps.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 
 use super::{
     Appended, Member, NewMessage, Page, Store,
-    group::{AppendBatch, GroupCommit},
+    group::{AppendBatch, Distinct, GroupCommit, Outcome, outcome_at},
     rows, seq_bound, to_millis,
 };
 use crate::{
@@ -340,25 +340,6 @@ struct Appender {
     pool: PgPool,
 }
 
-/// A message's idempotency key: room, user, client id.
-type Key<'a> = (&'a str, &'a str, &'a str);
-
-fn key_of(message: &NewMessage) -> Option<Key<'_>> {
-    Some((
-        message.room_id.as_str(),
-        message.user.id.as_str(),
-        message.client_id.as_ref()?.as_str(),
-    ))
-}
-
-/// What became of an element sent to `chat_append_batch`.
-enum Outcome {
-    Stored(u64),
-    Duplicate(Message),
-    /// No row came back: its room does not exist.
-    NoRoom,
-}
-
 #[async_trait]
 impl AppendBatch for Appender {
     /// One statement whatever the batch size: the `chat_append_batch`
@@ -371,21 +352,8 @@ impl AppendBatch for Appender {
         &self,
         batch: &[NewMessage],
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
-        // `sent[j]` is the j-th element sent; `slot[i]` is the element that
-        // answers batch message i (itself, or its key's first occurrence).
-        let mut sent: Vec<&NewMessage> = Vec::with_capacity(batch.len());
-        let mut slot: Vec<usize> = Vec::with_capacity(batch.len());
-        let mut first: HashMap<Key, usize> = HashMap::new();
-        for message in batch {
-            let j = match key_of(message) {
-                Some(key) => *first.entry(key).or_insert(sent.len()),
-                None => sent.len(),
-            };
-            if j == sent.len() {
-                sent.push(message);
-            }
-            slot.push(j);
-        }
+        let distinct = Distinct::of(batch);
+        let sent = &distinct.messages;
         let rows = sqlx::query(
             "SELECT * FROM chat_append_batch($1::text[], $2::text[], $3::text[], $4::text[], \
                                              $5::text[], $6::text[], $7::int8[])",
@@ -413,38 +381,23 @@ impl AppendBatch for Appender {
         .await?;
         let mut outcomes: Vec<Outcome> = sent.iter().map(|_| Outcome::NoRoom).collect();
         for row in &rows {
+            // `ord` counts from 1 (SQL's `WITH ORDINALITY`).
             let ord: i64 = row.try_get("ord")?;
-            let outcome = usize::try_from(ord - 1)
-                .ok()
-                .and_then(|j| outcomes.get_mut(j))
-                .ok_or_else(|| ChatError::Internal(anyhow::anyhow!("append returned ord {ord}")))?;
-            *outcome = if row.try_get("duplicate")? {
+            *outcome_at(&mut outcomes, ord - 1)? = if row.try_get("duplicate")? {
                 Outcome::Duplicate(rows::message(row)?)
             } else {
                 let seq: i64 = row.try_get("seq")?;
                 Outcome::Stored(seq as u64)
             };
         }
-        Ok(batch
-            .iter()
-            .zip(slot)
-            .map(|(message, j)| match &outcomes[j] {
-                Outcome::NoRoom => Err(ChatError::room_not_found()),
-                Outcome::Duplicate(original) => Ok(Appended::Duplicate(original.clone())),
-                // A repeat within the batch of a message stored now.
-                Outcome::Stored(seq) if !std::ptr::eq(message, sent[j]) => {
-                    Ok(Appended::Duplicate(sent[j].stored(*seq)))
-                }
-                Outcome::Stored(seq) => Ok(Appended::Stored(message.stored(*seq))),
-            })
-            .collect())
+        Ok(distinct.answer(&outcomes))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{PgSchema, new_message, public_room};
+    use crate::testing::{PgSchema, history_of, new_message, public_room};
 
     fn stored(result: &Result<Appended, ChatError>) -> &Message {
         match result {
@@ -512,17 +465,8 @@ mod tests {
 
         let r1 = RoomId::parse("r1").unwrap();
         assert_eq!(store.last_seq(&r1).await.unwrap(), 4);
-        let bodies: Vec<String> = store
-            .history(
-                &r1,
-                Page::Oldest {
-                    after: 0,
-                    before: None,
-                },
-                10,
-            )
+        let bodies: Vec<String> = history_of(&store, "r1")
             .await
-            .unwrap()
             .into_iter()
             .map(|m| m.body)
             .collect();
