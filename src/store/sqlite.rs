@@ -49,8 +49,8 @@ const CHECKPOINT_PAGES: &str = "10000";
 /// The writer's page cache, in KiB (SQLite's default is 2,000). Messages
 /// spread over many rooms touch a page of each room's newest rows and of
 /// the retry index per message; with the default cache most of those pages
-/// were read back from the OS on each batch (about 8 reads per message in
-/// the ingest benchmark, 1.2 with this). Filled only as the file grows.
+/// were read back from the OS on each batch (3 to 8 reads per message in
+/// the ingest benchmark, about 1 with this). Filled only as the file grows.
 const WRITER_CACHE_KIB: &str = "-65536";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
