@@ -239,6 +239,12 @@ impl<'a> Distinct<'a> {
         }
     }
 
+    /// One outcome per element of [`Distinct::messages`], each `NoRoom`
+    /// until the backend's answer says otherwise.
+    pub fn unanswered(&self) -> Vec<Outcome> {
+        self.messages.iter().map(|_| Outcome::NoRoom).collect()
+    }
+
     /// Every batch message's result, in batch order, given the outcome of
     /// each of [`Distinct::messages`].
     pub fn answer(self, outcomes: &[Outcome]) -> Vec<Result<Appended, ChatError>> {

@@ -379,7 +379,7 @@ impl AppendBatch for Appender {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut outcomes: Vec<Outcome> = sent.iter().map(|_| Outcome::NoRoom).collect();
+        let mut outcomes = distinct.unanswered();
         for row in &rows {
             // `ord` counts from 1 (SQL's `WITH ORDINALITY`).
             let ord: i64 = row.try_get("ord")?;

@@ -357,7 +357,7 @@ impl AppendBatch for Appender {
     /// A fixed number of statements whatever the batch size: each crosses
     /// to the connection's worker thread and back, and per message those
     /// crossings (not SQLite) were most of the writer's time. The batch
-    /// goes in as JSON arrays, read with `json_each`: one statement text,
+    /// goes in as JSON, read with `json_each`: one statement text,
     /// prepared once, for any batch. One writer connection, so nothing
     /// interleaves with this transaction. Repeats of a key within the
     /// batch never reach it: each is answered from its first occurrence.
@@ -367,10 +367,12 @@ impl AppendBatch for Appender {
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
         let distinct = Distinct::of(batch);
         let sent = &distinct.messages;
-        let mut outcomes: Vec<Outcome> = sent.iter().map(|_| Outcome::NoRoom).collect();
+        let mut outcomes = distinct.unanswered();
         let mut tx = self.writer.begin().await?;
 
-        // Retries of committed sends, answered with the original.
+        // Retries of committed sends, answered with the original. Every
+        // element is listed, so a row's `j.key` is its index in `sent`; a
+        // keyless one (a null client id) matches nothing.
         if sent.iter().any(|m| m.client_id.is_some()) {
             let keys: Vec<_> = sent
                 .iter()
@@ -386,7 +388,7 @@ impl AppendBatch for Appender {
                    ON m.room_id = j.value ->> 0 AND m.user_id = j.value ->> 1 \
                   AND m.client_id = j.value ->> 2",
             )
-            .bind(to_json(&keys)?)
+            .bind(to_json(&keys))
             .fetch_all(&mut *tx)
             .await?;
             for row in &originals {
@@ -403,12 +405,13 @@ impl AppendBatch for Appender {
             }
         }
         if !taken.is_empty() {
+            // `taken` goes in as a JSON object: room id → count.
             let advanced = sqlx::query(
-                "UPDATE rooms SET last_seq = last_seq + (j.value ->> 1) \
-                 FROM json_each(?) AS j WHERE rooms.id = j.value ->> 0 \
+                "UPDATE rooms SET last_seq = last_seq + j.value \
+                 FROM json_each(?) AS j WHERE rooms.id = j.key \
                  RETURNING id, last_seq",
             )
-            .bind(to_json(&taken.iter().collect::<Vec<_>>())?)
+            .bind(to_json(&taken))
             .fetch_all(&mut *tx)
             .await?;
             // The next seq of each room that exists (an unknown room
@@ -424,23 +427,22 @@ impl AppendBatch for Appender {
             }
             let mut rows = Vec::with_capacity(sent.len());
             for (message, outcome) in sent.iter().zip(outcomes.iter_mut()) {
+                let Outcome::NoRoom = outcome else { continue };
                 let Some(seq) = next.get_mut(message.room_id.as_str()) else {
                     continue;
                 };
-                if matches!(outcome, Outcome::NoRoom) {
-                    *outcome = Outcome::Stored(*seq as u64);
-                    rows.push((
-                        message.room_id.as_str(),
-                        *seq,
-                        message.id.as_str(),
-                        message.user.id.as_str(),
-                        message.user.name.as_str(),
-                        message.body.as_str(),
-                        message.client_id.as_ref().map(|c| c.as_str()),
-                        to_millis(message.created_at),
-                    ));
-                    *seq += 1;
-                }
+                *outcome = Outcome::Stored(*seq as u64);
+                rows.push((
+                    message.room_id.as_str(),
+                    *seq,
+                    message.id.as_str(),
+                    message.user.id.as_str(),
+                    message.user.name.as_str(),
+                    message.body.as_str(),
+                    message.client_id.as_ref().map(|c| c.as_str()),
+                    to_millis(message.created_at),
+                ));
+                *seq += 1;
             }
             sqlx::query(
                 "INSERT INTO messages \
@@ -449,7 +451,7 @@ impl AppendBatch for Appender {
                         value ->> 5, value ->> 6, value ->> 7 \
                  FROM json_each(?)",
             )
-            .bind(to_json(&rows)?)
+            .bind(to_json(&rows))
             .execute(&mut *tx)
             .await?;
         }
@@ -458,8 +460,10 @@ impl AppendBatch for Appender {
     }
 }
 
-fn to_json(value: &impl serde::Serialize) -> Result<String, ChatError> {
-    serde_json::to_string(value).map_err(|err| ChatError::Internal(err.into()))
+/// Strings, integers and nulls, in arrays or a map keyed by strings: their
+/// JSON text cannot fail to be written.
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("strings and integers serialize")
 }
 
 #[cfg(test)]
