@@ -8,28 +8,35 @@
 //! gives its memory back (a channel keeps a block of slots per connection
 //! for its life). The price, an allocation per burst, is small next to the
 //! system call that writes the burst.
+//!
+//! The waiting session's waker lives under the queue's lock, and it is kept
+//! (woken by reference), not taken: a session registers only when it finds
+//! the queue empty, and registering the same task again is a comparison,
+//! not a clone. Once per delivery, that is the hot path of fan-out.
 
 use std::{
     collections::VecDeque,
     sync::Mutex,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
-use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 #[derive(Debug)]
 pub struct Outbox {
     capacity: usize,
     state: Mutex<State>,
-    /// The session waiting for frames, if any.
-    waker: AtomicWaker,
 }
 
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Utf8Bytes>,
     closed: bool,
+    /// The session's waker, from its last wait.
+    waker: Option<Waker>,
+    /// Whether the session is waiting (found the queue empty since it was
+    /// last woken).
+    waiting: bool,
 }
 
 /// What became of a pushed frame.
@@ -47,7 +54,6 @@ impl Outbox {
         Self {
             capacity: capacity.max(1),
             state: Mutex::new(State::default()),
-            waker: AtomicWaker::new(),
         }
     }
 
@@ -62,29 +68,39 @@ impl Outbox {
     }
 
     pub fn push(&self, frame: Utf8Bytes) -> Pushed {
-        {
-            let mut state = self.state();
-            if state.closed {
-                return Pushed::Closed;
-            }
-            if state.frames.len() >= self.capacity {
-                return Pushed::Full;
-            }
-            state.frames.push_back(frame);
+        let mut state = self.state();
+        if state.closed {
+            return Pushed::Closed;
         }
-        self.waker.wake();
+        if state.frames.len() >= self.capacity {
+            return Pushed::Full;
+        }
+        state.frames.push_back(frame);
+        if std::mem::take(&mut state.waiting)
+            && let Some(waker) = &state.waker
+        {
+            // Only schedules the task: it takes this lock after we let go.
+            waker.wake_by_ref();
+        }
         Pushed::Queued
     }
 
     /// Ready once a frame is queued. (A closed outbox holds none, so it
     /// stays pending: the session closes it only after its last wait.)
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.waker.register(cx.waker());
-        if self.state().frames.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
+        let mut state = self.state();
+        if !state.frames.is_empty() {
+            return Poll::Ready(());
         }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        state.waiting = true;
+        Poll::Pending
     }
 
     /// Waits until a frame is queued.
@@ -109,6 +125,7 @@ impl Outbox {
         let mut state = self.state();
         state.closed = true;
         state.frames = VecDeque::new();
+        state.waker = None;
     }
 }
 
@@ -158,6 +175,62 @@ mod tests {
         }
         assert_eq!(taken(&outbox, 1000).len(), 500);
         assert_eq!(outbox.state().frames.capacity(), 0);
+    }
+
+    /// A task waker that counts its wakes.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Counting>, Waker) {
+        let count = Arc::new(Counting(0.into()));
+        (Arc::clone(&count), Waker::from(count))
+    }
+
+    fn wakes(count: &Counting) -> usize {
+        count.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_push_wakes_the_latest_waiter_once() {
+        let outbox = Outbox::new(10);
+        let (first, first_waker) = counting();
+        let (second, second_waker) = counting();
+        assert!(
+            outbox
+                .poll_ready(&mut Context::from_waker(&first_waker))
+                .is_pending()
+        );
+        // The task moved to another waker before anything came.
+        assert!(
+            outbox
+                .poll_ready(&mut Context::from_waker(&second_waker))
+                .is_pending()
+        );
+        outbox.push(frame("a"));
+        outbox.push(frame("b"));
+        assert_eq!((wakes(&first), wakes(&second)), (0, 1));
+
+        assert!(
+            outbox
+                .poll_ready(&mut Context::from_waker(&second_waker))
+                .is_ready()
+        );
+        assert_eq!(taken(&outbox, 10), ["a", "b"]);
+        outbox.push(frame("c"));
+        assert_eq!(wakes(&second), 1, "not waiting: nothing to wake");
+        taken(&outbox, 10);
+        assert!(
+            outbox
+                .poll_ready(&mut Context::from_waker(&second_waker))
+                .is_pending()
+        );
+        outbox.push(frame("d"));
+        assert_eq!(wakes(&second), 2);
     }
 
     #[tokio::test]

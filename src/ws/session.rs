@@ -23,7 +23,10 @@ use std::{
 
 use futures_util::{SinkExt, StreamExt, task::AtomicWaker};
 use poem::Upgraded;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::{
+    io::AsyncWriteExt,
+    time::{Instant, sleep_until, timeout},
+};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
@@ -425,9 +428,13 @@ impl Session {
                             );
                             Box::pin(self.send_error(&err, None)).await
                         }
-                        // tungstenite answers pings and close frames itself.
+                        // tungstenite answers pings and close frames itself;
+                        // a pong leaves at once.
                         WsMessage::Close(_) => return End::Drop,
-                        WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Ok(()),
+                        WsMessage::Ping(_) => {
+                            Box::pin(flush_owed(&mut self.socket, config.write_timeout)).await
+                        }
+                        WsMessage::Pong(_) | WsMessage::Frame(_) => Ok(()),
                     };
                     if let Err(end) = handled {
                         return end;
@@ -621,8 +628,30 @@ async fn write_all(
 
 /// Sends what is buffered; a peer that does not take it within the write
 /// timeout is too slow.
+///
+/// The buffer is flushed directly, not through tungstenite: it holds every
+/// frame tungstenite has written too (it writes each at once into the same
+/// buffer, see `socket_config`). Going around it saves a waker registration
+/// and two layers of wrappers per delivery. What tungstenite owes but has
+/// not written yet (the pong for a client's ping) goes out with
+/// [`flush_owed`].
+///
+/// (Each flush awaits its `timeout` directly: the future of a flush lives in
+/// every idle connection's task, and a helper taking the flush future as an
+/// argument made it larger.)
 async fn flush(socket: &mut Socket, write_timeout: Duration) -> Result<(), End> {
-    match timeout(write_timeout, socket.flush()).await {
+    flushed(timeout(write_timeout, socket.get_mut().flush()).await)
+}
+
+/// Has tungstenite write what it owes (a pong, queued when it read the
+/// client's ping) and sends it with whatever else is buffered.
+async fn flush_owed(socket: &mut Socket, write_timeout: Duration) -> Result<(), End> {
+    flushed(timeout(write_timeout, socket.flush()).await)
+}
+
+/// What a flush within the write timeout came to.
+fn flushed<E>(outcome: Result<Result<(), E>, tokio::time::error::Elapsed>) -> Result<(), End> {
+    match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::Drop),
         Err(_) => Err(End::Close(close::TOO_SLOW, "too slow")),
@@ -715,5 +744,19 @@ mod tests {
         waker.wake_by_ref();
         assert!(rare.take(&cx).is_some());
         assert!(rare.take(&cx).is_none());
+
+        // Polled with another task waker: wakes reach that one only.
+        let before = task.0.load(Ordering::SeqCst);
+        let moved = Arc::new(Counting(AtomicUsize::new(0)));
+        let moved_waker = Waker::from(Arc::clone(&moved));
+        assert!(rare.take(&Context::from_waker(&moved_waker)).is_none());
+        waker.wake_by_ref();
+        assert_eq!(
+            task.0.load(Ordering::SeqCst),
+            before,
+            "the old waker is left alone"
+        );
+        assert_eq!(moved.0.load(Ordering::SeqCst), 1);
+        assert!(rare.take(&Context::from_waker(&moved_waker)).is_some());
     }
 }

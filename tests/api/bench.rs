@@ -81,6 +81,17 @@ async fn every_scenario_runs_and_reports() {
     assert!(result["acked"].as_u64().unwrap() > 0, "{fanout}");
     assert_eq!(result["loss"], 0, "{fanout}");
     assert_eq!(result["delivered"], result["expected"]);
+    assert_eq!(result["unacked"], 0, "{fanout}");
+    // The rate is the deliveries over the span from the first send to the
+    // last delivery, which ends after the last send (about 0.5 s in).
+    let span = result["delivery_seconds"].as_f64().unwrap();
+    assert!(
+        span > 0.3 && span < result["elapsed_seconds"].as_f64().unwrap(),
+        "{fanout}"
+    );
+    let rate = result["deliveries_per_second"].as_f64().unwrap();
+    let delivered = result["delivered"].as_f64().unwrap();
+    assert!((rate * span - delivered).abs() < 1.0, "{fanout}");
     assert!(result["send_to_delivery"]["p99_ms"].as_f64().is_some());
     assert!(fanout["generator"]["cpu_seconds"].as_f64().is_some());
 

@@ -2,9 +2,11 @@
 
 use std::{collections::HashSet, time::Duration};
 
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, WAIT};
 
 #[tokio::test]
 async fn ready_is_the_first_frame_and_describes_room_user_and_presence() {
@@ -233,6 +235,42 @@ async fn ping_gets_pong() {
     let (mut client, _) = app.join("global", &app.token("alice")).await;
     client.send_json(json!({"type": "ping"})).await;
     assert_eq!(client.next_json().await, json!({"type": "pong"}));
+}
+
+/// A WebSocket ping (the protocol's control frame, RFC 6455 §5.5.2) is
+/// answered with a pong carrying its payload, while the room is busy too.
+#[tokio::test]
+async fn a_websocket_ping_is_answered_with_its_payload() {
+    let app = TestApp::spawn().await;
+    let (mut alice, _) = app.join("global", &app.token("alice")).await;
+    let (mut bob, _) = app.join("global", &app.token("bob")).await;
+    alice.next_of("join").await;
+    for n in 0..3 {
+        bob.say(&format!("busy {n}"), None).await;
+        alice
+            .stream
+            .send(Message::Ping(format!("probe {n}").into()))
+            .await
+            .expect("ping");
+        let mut messages = 0;
+        let pong = tokio::time::timeout(WAIT, async {
+            loop {
+                match alice.stream.next().await {
+                    Some(Ok(Message::Pong(payload))) => return payload,
+                    Some(Ok(Message::Text(_))) => messages += 1,
+                    Some(Ok(_)) => {}
+                    other => panic!("connection ended: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a pong within the wait");
+        assert_eq!(&pong[..], format!("probe {n}").as_bytes());
+        // The room's frames kept coming around it.
+        if messages == 0 {
+            assert_eq!(alice.next_of("message").await["body"], format!("busy {n}"));
+        }
+    }
 }
 
 #[tokio::test]
