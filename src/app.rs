@@ -50,6 +50,8 @@ pub struct Inner {
     pub sessions: TaskTracker,
     /// This process, in connection keys shared with other instances.
     pub instance_id: String,
+    /// When pings fall due (shared, so they fall due together).
+    pub pings: crate::ws::PingGrid,
     next_connection: AtomicU64,
     shutting_down: AtomicBool,
     pub metrics: PrometheusHandle,
@@ -233,6 +235,7 @@ impl Application {
             replay_limit: config.replay_limit,
         };
         let state = AppState(Arc::new(Inner {
+            pings: crate::ws::PingGrid::new(config.ping_interval),
             keys: JwtKeys::new(&secret, &config),
             chat,
             shutdown: CancellationToken::new(),

@@ -9,7 +9,7 @@
 //!   the servers' RSS per connection (given their `--pid`s).
 //! - `fanout`: rooms × members, senders at a fixed total rate; reports sent,
 //!   acked, delivered vs expected (loss), deliveries/s (over the span from
-//!   the first send to the last delivery, so an overloaded server's late
+//!   the first delivery to the last, so an overloaded server's late
 //!   deliveries do not inflate it) and latency percentiles; `--find-max`
 //!   raises the rate until loss, an unacked send or p99 crosses the bound.
 //! - `ingest`: WebSocket and REST sends as fast as acks come back.

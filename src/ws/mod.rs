@@ -8,7 +8,10 @@
 //! handed to a [`session`].
 
 mod io;
+mod ping;
 pub mod session;
+
+pub use ping::PingGrid;
 
 use poem::{
     Body, IntoResponse, Request, Response, handler,

@@ -320,7 +320,7 @@ impl Session {
         let config = &state.config;
         let conn = Arc::clone(&self.conn);
         let mut last_heard = Instant::now();
-        let mut next_ping = last_heard + config.ping_interval;
+        let mut next_ping = state.pings.due(last_heard);
         let mut flood = FloodGuard::new(config.frame_flood_limit);
         // The futures below live across iterations: re-creating them per
         // frame would register (and unregister) timers and waiters for
@@ -387,7 +387,7 @@ impl Session {
                         {
                             return end;
                         }
-                        next_ping = now + config.ping_interval;
+                        next_ping = state.pings.due(now);
                     }
                     timer
                         .as_mut()
