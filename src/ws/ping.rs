@@ -5,7 +5,7 @@
 //! interval fall due at 400 different instants a second, and each wakes the
 //! runtime for one ping. The grid rounds each due time up to the next slot
 //! boundary (a tenth of the interval, at most a second), counted from one
-//! instant for the whole service: the pings due within a slot go out in one
+//! instant for the whole pod: the pings due within a slot go out in one
 //! wake-up, and their pongs come back together. A ping is then late by
 //! less than a slot, never early.
 

@@ -82,8 +82,9 @@ async fn every_scenario_runs_and_reports() {
     assert_eq!(result["loss"], 0, "{fanout}");
     assert_eq!(result["delivered"], result["expected"]);
     assert_eq!(result["unacked"], 0, "{fanout}");
-    // The rate is the deliveries over the span from the first send to the
-    // last delivery, which ends after the last send (about 0.5 s in).
+    // The rate is the deliveries over their span, from the first delivery
+    // (just after the first send) to the last (just after the last, about
+    // 0.5 s in).
     let span = result["delivery_seconds"].as_f64().unwrap();
     assert!(
         span > 0.3 && span < result["elapsed_seconds"].as_f64().unwrap(),
