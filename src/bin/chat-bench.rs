@@ -490,6 +490,8 @@ const ACK_GRACE: Duration = Duration::from_secs(60);
 /// rate less the last message's latency.)
 struct DeliverySpan {
     seconds: f64,
+    /// How long the deliveries went on after the sends ended: about the
+    /// latency when the server kept up, the backlog it had left when not.
     drain_seconds: f64,
 }
 
@@ -502,16 +504,6 @@ impl DeliverySpan {
             seconds: seconds(first_us, last_us),
             drain_seconds: seconds(sends_ended_us, last_us),
         }
-    }
-
-    fn seconds(&self) -> f64 {
-        self.seconds
-    }
-
-    /// How long the deliveries went on after the sends ended: about the
-    /// latency when the server kept up, the backlog it had left when not.
-    fn drain_seconds(&self) -> f64 {
-        self.drain_seconds
     }
 
     /// Deliveries per second over the span (0 when there is no span).
@@ -741,6 +733,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             counts.last_delivery_us.load(Ordering::Relaxed),
             started_us + duration.as_micros() as u64,
         );
+        let rate = span.rate(delivered);
         let result = json!({
             "target_rate": current,
             "sent": sent,
@@ -750,9 +743,9 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "delivered": delivered,
             "expected": expected,
             "loss": loss,
-            "deliveries_per_second": span.rate(delivered),
-            "delivery_seconds": span.seconds(),
-            "drain_seconds": span.drain_seconds(),
+            "deliveries_per_second": rate,
+            "delivery_seconds": span.seconds,
+            "drain_seconds": span.drain_seconds,
             "elapsed_seconds": elapsed,
             "send_to_delivery": percentiles(&latency),
             "send_to_ack": percentiles(&ack.merged()),
@@ -760,10 +753,8 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         });
         let passed = loss == 0 && unacked == 0 && refused == 0 && p99_ms <= max_p99_ms;
         eprintln!(
-            "rate {current:.0}/s: delivered {delivered}/{expected} ({:.0}/s over {:.2} s, the last {:.2} s after the sends ended), unacked {unacked}, p99 {p99_ms:.2} ms",
-            span.rate(delivered),
-            span.seconds(),
-            span.drain_seconds(),
+            "rate {current:.0}/s: delivered {delivered}/{expected} ({rate:.0}/s over {:.2} s, the last {:.2} s after the sends ended), unacked {unacked}, p99 {p99_ms:.2} ms",
+            span.seconds, span.drain_seconds,
         );
         phases.push(result);
         if !find_max || !passed {
@@ -922,8 +913,8 @@ mod tests {
         let start = 1_000_000_000;
         let span = DeliverySpan::new(start + 1_000, start + 20_001_000, start + 15_000_000);
         assert_eq!(span.rate(2_000_000), 100_000.0);
-        assert_eq!(span.seconds(), 20.0);
-        assert_eq!(span.drain_seconds(), 5.001);
+        assert_eq!(span.seconds, 20.0);
+        assert_eq!(span.drain_seconds, 5.001);
     }
 
     /// A server that keeps up delivers over the sending window shifted by
@@ -939,10 +930,10 @@ mod tests {
             "{}",
             span.rate(10_000)
         );
-        assert!((span.drain_seconds() - 0.001).abs() < 1e-9);
+        assert!((span.drain_seconds - 0.001).abs() < 1e-9);
         let none = DeliverySpan::new(u64::MAX, 0, start + 10_000_000);
         assert_eq!(
-            (none.rate(0), none.seconds(), none.drain_seconds()),
+            (none.rate(0), none.seconds, none.drain_seconds),
             (0.0, 0.0, 0.0)
         );
     }

@@ -425,14 +425,14 @@ impl AppendBatch for Appender {
                 })?;
                 next.insert(room, last_seq - count + 1);
             }
-            let mut rows = Vec::with_capacity(sent.len());
+            let mut inserts = Vec::with_capacity(sent.len());
             for (message, outcome) in sent.iter().zip(outcomes.iter_mut()) {
                 let Outcome::NoRoom = outcome else { continue };
                 let Some(seq) = next.get_mut(message.room_id.as_str()) else {
                     continue;
                 };
                 *outcome = Outcome::Stored(*seq as u64);
-                rows.push((
+                inserts.push((
                     message.room_id.as_str(),
                     *seq,
                     message.id.as_str(),
@@ -451,7 +451,7 @@ impl AppendBatch for Appender {
                         value ->> 5, value ->> 6, value ->> 7 \
                  FROM json_each(?)",
             )
-            .bind(to_json(&rows))
+            .bind(to_json(&inserts))
             .execute(&mut *tx)
             .await?;
         }
