@@ -18,8 +18,9 @@
 //! idempotency index and the retry lookup are part of what is measured.
 //!
 //! The generator keeps its own cost low: one runtime, bodies that carry only
-//! the send time, frames parsed into borrowed fields, and latency histograms
-//! sharded to avoid lock contention. It reports its own CPU use, and that
+//! the send time, listening connections that read frames in place without a
+//! WebSocket library ([`member`]), and latency histograms sharded to avoid
+//! lock contention. It reports its own CPU use, and that
 //! of the servers given with `--pid`, over each measured phase (setup
 //! excluded), so a reader can tell who was saturated. Fan-out phases start
 //! once the setup's `join` announcements have stopped arriving; the report's
@@ -44,8 +45,12 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::{net::TcpStream, sync::watch};
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
+
+mod member;
+
+use member::Member;
 
 /// Bytes read from a socket at a time: many server frames.
 const READ_CHUNK_BYTES: usize = 8192;
@@ -126,13 +131,11 @@ struct FanoutArgs {
     join_concurrency: usize,
 }
 
-/// The fields of a server frame the generator reads; the rest is skipped.
+/// The field of a server frame a sender reads; the rest is skipped.
 #[derive(Deserialize)]
 struct Frame<'a> {
     #[serde(rename = "type")]
     kind: &'a str,
-    #[serde(default)]
-    body: Option<&'a str>,
 }
 
 fn unix_micros() -> u64 {
@@ -286,9 +289,15 @@ impl Bench {
         &self.urls[n % self.urls.len()]
     }
 
+    /// The WebSocket path of `room`, with `user`'s token.
+    fn ws_path(&self, room: &str, user: &str) -> anyhow::Result<String> {
+        Ok(format!("/ws/chat/{room}?token={}", self.token(user, &[])?))
+    }
+
+    /// A connection that sends (through tungstenite), once it is `ready`.
     async fn connect(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Socket> {
         let base = self.url(n).replacen("http", "ws", 1);
-        let url = format!("{base}/ws/chat/{room}?token={}", self.token(user, &[])?);
+        let url = format!("{base}{}", self.ws_path(room, user)?);
         // tungstenite zeroes a whole read chunk before every read: its
         // default 128 KiB chunk made `memset` a quarter of the generator's
         // time. Nagle off, as a real client should: small frames leave at
@@ -300,6 +309,18 @@ impl Bench {
         match socket.next().await {
             Some(Ok(Message::Text(_))) => Ok(socket),
             other => anyhow::bail!("no ready frame: {other:?}"),
+        }
+    }
+
+    /// A connection that only listens ([`Member`]), once it is `ready`.
+    async fn listen(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Member<TcpStream>> {
+        let mut member = Member::connect(self.url(n), &self.ws_path(room, user)?).await?;
+        match member.next_text().await? {
+            Some(frame) if memchr::memmem::find(frame, br#""type":"ready""#).is_some() => {
+                Ok(member)
+            }
+            Some(frame) => anyhow::bail!("no ready frame: {}", String::from_utf8_lossy(frame)),
+            None => anyhow::bail!("closed before its ready frame"),
         }
     }
 
@@ -401,10 +422,10 @@ async fn idle(
     let mut failed = 0;
     for n in 0..connections {
         match bench
-            .connect(n, &room_of(n), &format!("idle-{}-{n}", bench.run_id))
+            .listen(n, &room_of(n), &format!("idle-{}-{n}", bench.run_id))
             .await
         {
-            Ok(mut socket) => {
+            Ok(mut member) => {
                 let open = Arc::clone(&open);
                 let mut stopped = stopped.clone();
                 open.fetch_add(1, Ordering::Relaxed);
@@ -413,8 +434,8 @@ async fn idle(
                     loop {
                         tokio::select! {
                             _ = stopped.changed() => return,
-                            frame = socket.next() => match frame {
-                                Some(Ok(_)) => {}
+                            frame = member.next_text() => match frame {
+                                Ok(Some(_)) => {}
                                 _ => {
                                     open.fetch_sub(1, Ordering::Relaxed);
                                     return;
@@ -568,15 +589,15 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         .flat_map(|room| (0..members).map(move |m| (room, m)))
         .enumerate()
         .map(|(n, (room, m))| async move {
-            let socket = bench
-                .connect(n, room, &format!("m-{}-{n}", bench.run_id))
+            let member = bench
+                .listen(n, room, &format!("m-{}-{n}", bench.run_id))
                 .await;
-            (m, socket)
+            (m, member)
         });
     let mut joins = futures_util::stream::iter(joins).buffer_unordered(join_concurrency.max(1));
     let mut n = rooms * members;
-    while let Some((m, socket)) = joins.next().await {
-        let mut socket = socket?;
+    while let Some((m, member)) = joins.next().await {
+        let mut member = member?;
         let (counts, delivery, phase, mut stopped) = (
             Arc::clone(&counts),
             Arc::clone(&delivery),
@@ -592,24 +613,17 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             loop {
                 tokio::select! {
                     _ = &mut stop => return,
-                    frame = socket.next() => {
-                        let Some(Ok(Message::Text(text))) = frame else {
-                            if matches!(frame, None | Some(Err(_))) { return; }
-                            continue;
-                        };
+                    frame = member.next_text() => {
+                        let Ok(Some(frame)) = frame else { return };
                         counts.frames.fetch_add(1, Ordering::Relaxed);
                         counts.last_frame_us.store(unix_micros(), Ordering::Relaxed);
-                        let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
-                        if frame.kind != "message" { continue; }
-                        let Some((t, p)) = frame.body.and_then(|b| b.strip_prefix("t:")).and_then(|b| b.split_once(':')) else { continue };
-                        if p.parse::<u64>().ok() != Some(phase.load(Ordering::Relaxed)) { continue; }
-                        if let Ok(t) = t.parse::<u64>() {
-                            let now = unix_micros();
-                            delivery.record(m, now.saturating_sub(t));
-                            counts.delivered.fetch_add(1, Ordering::Relaxed);
-                            counts.first_delivery_us.fetch_min(now, Ordering::Relaxed);
-                            counts.last_delivery_us.fetch_max(now, Ordering::Relaxed);
-                        }
+                        let Some((sent, in_phase)) = member::delivery_stamp(frame) else { continue };
+                        if in_phase != phase.load(Ordering::Relaxed) { continue; }
+                        let now = unix_micros();
+                        delivery.record(m, now.saturating_sub(sent));
+                        counts.delivered.fetch_add(1, Ordering::Relaxed);
+                        counts.first_delivery_us.fetch_min(now, Ordering::Relaxed);
+                        counts.last_delivery_us.fetch_max(now, Ordering::Relaxed);
                     }
                 }
             }

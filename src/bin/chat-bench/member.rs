@@ -1,0 +1,486 @@
+//! The receiving side of the generator: a WebSocket client that only
+//! listens.
+//!
+//! Members and idle connections make nearly all of the generator's frames
+//! (at 100,000 deliveries/s, one frame per delivery), so they read them
+//! without tungstenite: one buffer per connection, filled by plain reads and
+//! never zeroed again, frames parsed in place, text payloads handed out as
+//! borrowed bytes. A member looks only for the send time a benchmark body
+//! carries ([`delivery_stamp`]), with two substring searches instead of
+//! parsing the frame's JSON. Pings are answered and a close ends the
+//! connection; nothing else is ever written. Senders, which write, keep
+//! tungstenite.
+//!
+//! Measured with `perf` at 2,000 msg/s into rooms of 50 (100,000
+//! deliveries/s): tungstenite's framing, its per-message buffers and the
+//! JSON parse were about 12 % of the generator's samples, and its wakers
+//! another 3 %.
+
+use std::{io, sync::LazyLock};
+
+use anyhow::Context;
+use memchr::memmem::Finder;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+
+/// Bytes asked of the socket per read: many small frames at once.
+const READ_CHUNK: usize = 8192;
+
+/// The largest frame accepted: a `ready` frame lists the room's presence,
+/// 1,000 members in a hot room, far below this.
+const MAX_FRAME: usize = 16 << 20;
+
+/// The largest response head accepted during the handshake.
+const MAX_HEAD: usize = 16 << 10;
+
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_CLOSE: u8 = 0x8;
+const OPCODE_PING: u8 = 0x9;
+const OPCODE_PONG: u8 = 0xA;
+
+/// A receive-only WebSocket client connection.
+pub struct Member<S> {
+    stream: S,
+    /// Always initialised up to its length: read into from `end`, consumed
+    /// from `start`.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// One complete frame found in the buffer, by position.
+struct FrameAt {
+    opcode: u8,
+    payload: std::ops::Range<usize>,
+}
+
+impl Member<tokio::net::TcpStream> {
+    /// Connects to `url` (`http://host:port`) and opens the WebSocket at
+    /// `path_and_query`, Nagle off as a real client would have it.
+    pub async fn connect(url: &str, path_and_query: &str) -> anyhow::Result<Self> {
+        let host = url
+            .strip_prefix("http://")
+            .with_context(|| format!("chat-bench's members speak plain ws://, not {url}"))?
+            .trim_end_matches('/');
+        let stream = tokio::net::TcpStream::connect(host).await?;
+        stream.set_nodelay(true)?;
+        Self::handshake(stream, host, path_and_query).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
+    /// Sends the upgrade request and reads the response; bytes after the
+    /// response head (the server's first frames) stay in the buffer.
+    pub async fn handshake(
+        mut stream: S,
+        host: &str,
+        path_and_query: &str,
+    ) -> anyhow::Result<Self> {
+        let key = generate_key();
+        let request = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut member = Self {
+            stream,
+            buf: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+        };
+        let head_end = loop {
+            if let Some(at) = memchr::memmem::find(&member.buf[..member.end], b"\r\n\r\n") {
+                break at + 4;
+            }
+            anyhow::ensure!(
+                member.end < MAX_HEAD,
+                "the upgrade response's head is too long"
+            );
+            anyhow::ensure!(member.fill().await? > 0, "closed during the upgrade");
+        };
+        let head = std::str::from_utf8(&member.buf[..head_end])?;
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or_default();
+        anyhow::ensure!(
+            status.starts_with("HTTP/1.1 101"),
+            "the upgrade was refused: {status}"
+        );
+        let accept = lines
+            .filter_map(|line| line.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-accept"))
+            .map(|(_, value)| value.trim());
+        anyhow::ensure!(
+            accept == Some(derive_accept_key(key.as_bytes()).as_str()),
+            "the upgrade response's Sec-WebSocket-Accept does not match the key"
+        );
+        member.start = head_end;
+        Ok(member)
+    }
+
+    /// The next text frame's payload; `None` once the server closed the
+    /// connection (with a close frame or not). Pings are answered on the
+    /// way; binary frames and pongs are skipped.
+    ///
+    /// Cancel-safe while it waits to read: what was read is kept in the
+    /// buffer (only the rare pong's write could be cut short).
+    pub async fn next_text(&mut self) -> io::Result<Option<&[u8]>> {
+        loop {
+            let Some(frame) = self.parse()? else {
+                if self.fill().await? == 0 {
+                    return Ok(None);
+                }
+                continue;
+            };
+            self.start = frame.payload.end;
+            match frame.opcode {
+                OPCODE_TEXT => return Ok(Some(&self.buf[frame.payload])),
+                OPCODE_PING => {
+                    let payload = self.buf[frame.payload].to_vec();
+                    self.send_control(OPCODE_PONG, &payload).await?;
+                }
+                OPCODE_CLOSE => {
+                    // Echo the status code, as the closing handshake asks.
+                    let code = self.buf[frame.payload]
+                        .get(..2)
+                        .unwrap_or_default()
+                        .to_vec();
+                    let _ = self.send_control(OPCODE_CLOSE, &code).await;
+                    return Ok(None);
+                }
+                _ => {} // binary, pong
+            }
+        }
+    }
+
+    /// The complete frame at the front of the buffer, if there is one.
+    fn parse(&self) -> io::Result<Option<FrameAt>> {
+        let bytes = &self.buf[self.start..self.end];
+        let [first, second, ..] = *bytes else {
+            return Ok(None);
+        };
+        let (fin, opcode) = (first & 0x80 != 0, first & 0x0F);
+        if first & 0x70 != 0 || !fin || opcode == 0 {
+            // No extension is negotiated, and the server writes each
+            // message as one frame.
+            return Err(invalid("a reserved bit, or a fragmented message"));
+        }
+        if second & 0x80 != 0 {
+            return Err(invalid("a masked frame from the server"));
+        }
+        let (header, len) = match second & 0x7F {
+            126 if bytes.len() >= 4 => (4, u16::from_be_bytes([bytes[2], bytes[3]]) as u64),
+            127 if bytes.len() >= 10 => (
+                10,
+                u64::from_be_bytes(bytes[2..10].try_into().expect("8 bytes")),
+            ),
+            126 | 127 => return Ok(None),
+            len => (2, u64::from(len)),
+        };
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&len| len <= MAX_FRAME)
+            .ok_or_else(|| invalid("a frame larger than chat-bench accepts"))?;
+        if bytes.len() < header + len {
+            return Ok(None);
+        }
+        let payload = self.start + header;
+        Ok(Some(FrameAt {
+            opcode,
+            payload: payload..payload + len,
+        }))
+    }
+
+    /// Reads once into the buffer, making room first: consumed bytes are
+    /// dropped and, for a frame larger than the buffer, the buffer grows.
+    /// Returns the bytes read (0: end of stream).
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+            // A large frame's buffer is not kept for the connection's life.
+            if self.buf.len() > READ_CHUNK {
+                self.buf.truncate(READ_CHUNK);
+                self.buf.shrink_to_fit();
+            }
+        }
+        if self.buf.len() - self.end < READ_CHUNK / 2 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+            let wanted = self.end + READ_CHUNK;
+            if self.buf.len() < wanted {
+                self.buf.resize(wanted, 0);
+            }
+        }
+        let read = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += read;
+        Ok(read)
+    }
+
+    /// Writes a masked control frame (a client's frames are masked).
+    async fn send_control(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        debug_assert!(payload.len() <= 125, "control frames are short");
+        let mask = mask_key();
+        let mut frame = Vec::with_capacity(6 + payload.len());
+        frame.extend_from_slice(&[0x80 | opcode, 0x80 | payload.len() as u8]);
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        self.stream.write_all(&frame).await
+    }
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the server sent {what}"),
+    )
+}
+
+/// A fresh masking key; clients must not let it be predicted, and a few
+/// pongs a minute do not need a cryptographic source.
+fn mask_key() -> [u8; 4] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    nanos.wrapping_mul(0x9E37_79B9).to_le_bytes()
+}
+
+/// The send time (µs since the epoch) and phase a benchmark message's body
+/// carries (`t:<send time>:<phase>`), when `frame` is a `message` frame
+/// with such a body. Neither key can appear in the frame other than as a
+/// key: inside a JSON string its quotes would be escaped.
+pub fn delivery_stamp(frame: &[u8]) -> Option<(u64, u64)> {
+    static MESSAGE: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(br#""type":"message""#));
+    static STAMP: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""body":"t:"#));
+    MESSAGE.find(frame)?;
+    let rest = &frame[STAMP.find(frame)? + STAMP.needle().len()..];
+    let (sent, rest) = digits_until(rest, b':')?;
+    let (phase, _) = digits_until(rest, b'"')?;
+    Some((sent, phase))
+}
+
+/// The decimal number at the start of `bytes`, ended by `end`, and what
+/// follows `end`.
+fn digits_until(bytes: &[u8], end: u8) -> Option<(u64, &[u8])> {
+    let at = memchr::memchr(end, bytes)?;
+    let number = std::str::from_utf8(&bytes[..at]).ok()?.parse().ok()?;
+    Some((number, &bytes[at + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_service::{
+        bus::{WireMessage, WireUser},
+        protocol::ServerFrame,
+    };
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    use super::*;
+
+    /// A server frame as the server writes it: unmasked, one frame.
+    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            len @ 0..=125 => out.push(len as u8),
+            len @ 126..=0xFFFF => {
+                out.push(126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                out.push(127);
+                out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Plays the server's side of the handshake on `server`, answering with
+    /// `accept` (the right key when `None`), followed by `then`.
+    async fn serve_upgrade(
+        server: DuplexStream,
+        accept: Option<&str>,
+        then: &[u8],
+    ) -> DuplexStream {
+        let mut server = BufReader::new(server);
+        let mut key = String::new();
+        loop {
+            let mut line = String::new();
+            server.read_line(&mut line).await.unwrap();
+            if let Some(value) = line.strip_prefix("Sec-WebSocket-Key: ") {
+                key = value.trim().to_owned();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let accept = accept.map_or_else(|| derive_accept_key(key.as_bytes()), str::to_owned);
+        let mut response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+             upgrade: websocket\r\nsec-websocket-accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        response.extend_from_slice(then);
+        server.get_mut().write_all(&response).await.unwrap();
+        server.into_inner()
+    }
+
+    async fn connected(then: &[u8]) -> (Member<DuplexStream>, DuplexStream) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (member, server) = tokio::join!(
+            Member::handshake(client, "127.0.0.1:1", "/ws/chat/r?token=x"),
+            serve_upgrade(server, None, then),
+        );
+        (member.unwrap(), server)
+    }
+
+    /// Reads a masked client frame and returns its opcode and unmasked
+    /// payload.
+    async fn read_client_frame(server: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let mut head = [0; 2];
+        server.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[1] & 0x80, 0x80, "client frames are masked");
+        let mut mask = [0; 4];
+        server.read_exact(&mut mask).await.unwrap();
+        let mut payload = vec![0; usize::from(head[1] & 0x7F)];
+        server.read_exact(&mut payload).await.unwrap();
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        (head[0] & 0x0F, payload)
+    }
+
+    /// The frames that came in the same read as the upgrade response are
+    /// not lost: the first one is the server's `ready`.
+    #[tokio::test]
+    async fn frames_sent_with_the_upgrade_response_are_read() {
+        let mut then = frame(OPCODE_TEXT, br#"{"type":"ready"}"#);
+        then.extend(frame(OPCODE_TEXT, b"second"));
+        let (mut member, _server) = connected(&then).await;
+        assert_eq!(
+            member.next_text().await.unwrap(),
+            Some(&br#"{"type":"ready"}"#[..])
+        );
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"second"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_accept_key_or_a_refusal_fails_the_connection() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (member, _server) = tokio::join!(
+            Member::handshake(client, "h", "/"),
+            serve_upgrade(server, Some("bm90IHRoZSBrZXk="), b""),
+        );
+        let error = member.err().expect("refused").to_string();
+        assert!(error.contains("Sec-WebSocket-Accept"), "{error}");
+
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (member, ()) = tokio::join!(Member::handshake(client, "h", "/"), async {
+            server
+                .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let error = member.err().expect("refused").to_string();
+        assert!(error.contains("401"), "{error}");
+    }
+
+    /// Frames of every length encoding, delivered a byte at a time, come
+    /// out whole and in order; a large one does not keep its buffer.
+    #[tokio::test]
+    async fn frames_split_across_reads_come_out_whole() {
+        let (mut member, mut server) = connected(b"").await;
+        let (short, medium, long) = (vec![b'a'; 100], vec![b'b'; 300], vec![b'c'; 70_000]);
+        let mut bytes = frame(OPCODE_TEXT, &short);
+        bytes.extend(frame(OPCODE_TEXT, &medium));
+        bytes.extend(frame(OPCODE_TEXT, &long));
+        bytes.extend(frame(OPCODE_TEXT, &short));
+        let writer = tokio::spawn(async move {
+            for byte in bytes {
+                server.write_all(&[byte]).await.unwrap();
+            }
+            server
+        });
+        assert_eq!(member.next_text().await.unwrap(), Some(&short[..]));
+        assert_eq!(member.next_text().await.unwrap(), Some(&medium[..]));
+        assert_eq!(member.next_text().await.unwrap(), Some(&long[..]));
+        assert_eq!(member.next_text().await.unwrap(), Some(&short[..]));
+        drop(writer.await.unwrap());
+        assert_eq!(member.next_text().await.unwrap(), None, "end of stream");
+        assert_eq!(member.buf.len(), READ_CHUNK, "shrunk at the next read");
+    }
+
+    /// A ping is answered with a masked pong carrying its payload, without
+    /// being handed out; a close is echoed and ends the connection.
+    #[tokio::test]
+    async fn pings_are_answered_and_a_close_ends_the_connection() {
+        let mut then = frame(OPCODE_PING, b"p1");
+        then.extend(frame(OPCODE_PONG, b""));
+        then.extend(frame(OPCODE_TEXT, b"after"));
+        then.extend(frame(OPCODE_CLOSE, &[0x03, 0xE8, b'b', b'y', b'e']));
+        let (mut member, mut server) = connected(&then).await;
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"after"[..]));
+        assert_eq!(
+            read_client_frame(&mut server).await,
+            (OPCODE_PONG, b"p1".to_vec())
+        );
+        assert_eq!(member.next_text().await.unwrap(), None);
+        assert_eq!(
+            read_client_frame(&mut server).await,
+            (OPCODE_CLOSE, vec![0x03, 0xE8])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fragmented_or_masked_frame_is_an_error() {
+        for bad in [
+            vec![OPCODE_TEXT, 1, b'x'],         // FIN clear
+            vec![0x80, 1, b'x'],                // continuation
+            vec![0x80 | OPCODE_TEXT | 0x40, 0], // RSV1 (compression)
+            vec![0x80 | OPCODE_TEXT, 0x81, 0, 0, 0, 0, b'x'],
+        ] {
+            let (mut member, _server) = connected(&bad).await;
+            let error = member.next_text().await.expect_err("invalid");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        }
+    }
+
+    /// The stamp is found in a `message` frame exactly as the server
+    /// serialises it, whatever the user's name holds.
+    #[test]
+    fn the_stamp_is_read_from_a_real_message_frame() {
+        let message = |body: &str, name: &str| WireMessage {
+            room_id: "bench-1".into(),
+            id: "0193a1b2".into(),
+            seq: 42,
+            user: WireUser {
+                id: "m-1".into(),
+                name: name.into(),
+            },
+            body: body.into(),
+            client_id: Some("1-7".into()),
+            created_at: 1_733_000_000_000,
+            deleted: false,
+            received_at_us: None,
+        };
+        let json = |m: &WireMessage| ServerFrame::for_message(m).to_json();
+        assert_eq!(
+            delivery_stamp(json(&message("t:1733000000123456:3", "m")).as_bytes()),
+            Some((1_733_000_000_123_456, 3))
+        );
+        // A name that spells the keys does not fool it: its quotes are
+        // escaped.
+        let tricky = message("hello", r#""type":"message","body":"t:1:2""#);
+        assert_eq!(delivery_stamp(json(&tricky).as_bytes()), None);
+        assert_eq!(
+            delivery_stamp(json(&message("t:x:1", "m")).as_bytes()),
+            None
+        );
+        let ack = ServerFrame::Ack {
+            client_id: Some("t:1:1"),
+            id: "x",
+            seq: 1,
+            created_at: String::new(),
+        };
+        assert_eq!(delivery_stamp(ack.to_json().as_bytes()), None);
+    }
+}
