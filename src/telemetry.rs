@@ -294,6 +294,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "HTTP requests, by route (operation id or fixed path), method and status",
     ),
     (
+        "chat_rate_limit_check_seconds",
+        MetricKind::Histogram,
+        "kind",
+        "Duration of rate-limit checks (a Redis round trip in cluster mode), by limit",
+    ),
+    (
         "chat_limiter_batch_size",
         MetricKind::Histogram,
         "",

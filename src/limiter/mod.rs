@@ -34,20 +34,26 @@ pub trait Limiter: Send + Sync + 'static {
     async fn hit(&self, key: &str, limit: Limit) -> Result<Decision, ChatError>;
 }
 
-/// Hits the limit and turns a refusal into the contract's error.
+/// Hits the limit and turns a refusal into the contract's error. The
+/// check's duration is recorded (`chat_rate_limit_check_seconds{kind}`):
+/// with Redis it is a round trip on every send's path to its ack.
 pub async fn enforce(limiter: &dyn Limiter, key: &str, limit: Limit) -> Result<(), ChatError> {
-    match limiter.hit(key, limit).await? {
+    // The key's first segment names the limit; only fixed values become
+    // labels.
+    let kind = match key.split(':').next() {
+        Some("send") => "send",
+        Some("conn") => "connect",
+        Some("rest") => "rest",
+        Some("typing") => "typing",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let decision = limiter.hit(key, limit).await;
+    metrics::histogram!("chat_rate_limit_check_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    match decision? {
         Decision::Allowed => Ok(()),
         Decision::Refused { retry_after } => {
-            // The key's first segment names the limit; only fixed values
-            // become labels.
-            let kind = match key.split(':').next() {
-                Some("send") => "send",
-                Some("conn") => "connect",
-                Some("rest") => "rest",
-                Some("typing") => "typing",
-                _ => "other",
-            };
             metrics::counter!("chat_rate_limited_total", "kind" => kind).increment(1);
             Err(ChatError::RateLimited { retry_after })
         }

@@ -296,6 +296,13 @@ async fn metrics_move_with_real_traffic() {
         assert!(!line.contains("le=\"0.00005\""), "latency bucket: {line}");
     }
     assert!(get("chat_db_query_seconds_count{op=append}") >= SENDS as f64);
+    // Every send's check, the refused one included; the invalid one is
+    // refused before its check.
+    assert_eq!(
+        get("chat_rate_limit_check_seconds_count{kind=send}"),
+        (SENDS + 1) as f64
+    );
+    assert!(get("chat_rate_limit_check_seconds_count{kind=connect}") >= 2.0);
     assert_eq!(
         get("chat_http_request_duration_seconds_count{method=GET,route=listRooms,status=401}"),
         1.0
