@@ -211,6 +211,10 @@ const BEHIND_FOR: Duration = Duration::from_secs(1);
 /// Rows fetched per store read while filling a gap.
 const GAP_FILL_BATCH: u32 = 500;
 
+/// Rooms whose last `seq` one resync query reads: a pod watching 10,000
+/// rooms asks 10 queries each `RESYNC_INTERVAL`, not 10,000.
+const CATCH_UP_ROOMS: usize = 1000;
+
 impl Hub {
     pub fn new(
         store: Arc<dyn Store>,
@@ -497,39 +501,51 @@ impl Hub {
     }
 
     /// Checks every watched room against the store and fills what is
-    /// missing (after a bus outage, when events may have been lost).
+    /// missing (after a bus outage, when events may have been lost). Where
+    /// the rooms' histories end is read [`CATCH_UP_ROOMS`] rooms a query.
     pub async fn catch_up(self: &Arc<Self>) {
-        let rooms: Vec<(RoomId, Arc<HubRoom>)> = self
+        let (ids, rooms): (Vec<RoomId>, Vec<Arc<HubRoom>>) = self
             .rooms
             .lock()
             .expect("hub lock")
             .iter()
             .map(|(id, room)| (id.clone(), Arc::clone(room)))
-            .collect();
-        for (room_id, room) in rooms {
-            let Ok(last) = self.store.last_seq(&room_id).await else {
+            .unzip();
+        for (ids, rooms) in ids.chunks(CATCH_UP_ROOMS).zip(rooms.chunks(CATCH_UP_ROOMS)) {
+            let Ok(lasts) = self.store.last_seqs(ids).await else {
                 continue;
             };
-            loop {
-                let delivered = room.state.lock().expect("room lock").delivered;
-                if last <= delivered {
-                    break;
+            for ((room_id, room), last) in ids.iter().zip(rooms).zip(lasts) {
+                // A room deleted meanwhile has nothing to fill.
+                if let Some(last) = last {
+                    self.fill_up_to(room_id, room, last).await;
                 }
-                let page = Page::Oldest {
-                    after: delivered,
-                    before: Some(last + 1),
-                };
-                match self.store.history(&room_id, page, GAP_FILL_BATCH).await {
-                    Ok(messages) if !messages.is_empty() => {
-                        // Only what the bus had not brought counts as filled.
-                        let filled = messages
-                            .iter()
-                            .filter(|m| self.ingest(&room, room_id.clone(), &WireMessage::from(*m)))
-                            .count();
-                        metrics::counter!("chat_gap_fills_total").increment(filled as u64);
-                    }
-                    _ => break,
+            }
+        }
+    }
+
+    /// Delivers what the store holds of the room up to `last` and its
+    /// connections have not had.
+    async fn fill_up_to(self: &Arc<Self>, room_id: &RoomId, room: &Arc<HubRoom>, last: u64) {
+        loop {
+            let delivered = room.state.lock().expect("room lock").delivered;
+            if last <= delivered {
+                return;
+            }
+            let page = Page::Oldest {
+                after: delivered,
+                before: Some(last + 1),
+            };
+            match self.store.history(room_id, page, GAP_FILL_BATCH).await {
+                Ok(messages) if !messages.is_empty() => {
+                    // Only what the bus had not brought counts as filled.
+                    let filled = messages
+                        .iter()
+                        .filter(|m| self.ingest(room, room_id.clone(), &WireMessage::from(*m)))
+                        .count();
+                    metrics::counter!("chat_gap_fills_total").increment(filled as u64);
                 }
+                _ => return,
             }
         }
     }
@@ -633,7 +649,7 @@ mod tests {
     use super::*;
     use crate::{
         bus::{WireUser, local::LocalBus},
-        store::sqlite::SqliteStore,
+        store::{metered::MeteredStore, sqlite::SqliteStore},
         testing::{new_message, public_room},
     };
 
@@ -862,6 +878,84 @@ mod tests {
             each(1, &["stored 1", "stored 2", "body 3"])
         );
         assert_eq!(counter(&snapshotter, "chat_gap_fills_total"), Some(2));
+    }
+
+    /// The periodic resync reads where every watched room's history ends
+    /// in one query (not one per room) and fills each room from its own.
+    #[tokio::test]
+    async fn catching_up_reads_every_rooms_end_in_one_query() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+        let sqlite = SqliteStore::connect(&url).await.unwrap();
+        sqlite.migrate().await.unwrap();
+        let store = Arc::new(MeteredStore::new(Arc::new(sqlite)));
+        let coalescing = Coalescing {
+            min_connections: usize::MAX,
+            linger: LINGER,
+            lag: ALWAYS,
+        };
+        let hub = Hub::new(
+            store.clone(),
+            Arc::new(LocalBus),
+            Duration::from_secs(3600),
+            coalescing,
+        );
+        let mut outboxes = Vec::new();
+        for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
+            store.create_room(&public_room(id), &[]).await.unwrap();
+            let conn = Arc::new(Connection {
+                id: n as u64,
+                user_id: UserId::parse("u").unwrap(),
+                outbox: Outbox::new(64),
+                closer: Closer::default(),
+            });
+            outboxes.push(Arc::clone(&conn));
+            hub.join(&RoomId::parse(id).unwrap(), conn).await.unwrap();
+        }
+        // Stored, but their bus events were lost.
+        for (room, body) in [("a", "a1"), ("c", "c1"), ("a", "a2")] {
+            store
+                .append(new_message(room, "u0", body, None))
+                .await
+                .unwrap();
+        }
+        // Each snapshot takes the histogram values recorded since the last.
+        let queries = || {
+            let mut count = std::collections::HashMap::<String, usize>::new();
+            for (key, .., value) in snapshotter.snapshot().into_vec() {
+                if key.key().name() != "chat_db_query_seconds" {
+                    continue;
+                }
+                let metrics_util::debugging::DebugValue::Histogram(values) = value else {
+                    panic!("not a histogram: {value:?}");
+                };
+                for label in key.key().labels().filter(|_| !values.is_empty()) {
+                    *count.entry(label.value().to_owned()).or_default() += values.len();
+                }
+            }
+            count
+        };
+        assert_eq!(queries()["last_seq"], 3, "one per room joined");
+        hub.catch_up().await;
+
+        let bodies: Vec<Vec<String>> = outboxes
+            .iter()
+            .map(|conn| {
+                let mut seen = Vec::new();
+                conn.outbox.take(usize::MAX, |frame| {
+                    let value: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                    seen.push(value["body"].as_str().unwrap().to_owned());
+                });
+                seen
+            })
+            .collect();
+        assert_eq!(bodies, [vec!["a1", "a2"], vec![], vec!["c1"]]);
+        let queries = queries();
+        assert_eq!(queries.get("last_seqs"), Some(&1));
+        assert_eq!(queries.get("last_seq"), None, "no per-room query");
     }
 
     /// A counter's value as recorded, if it was ever touched.

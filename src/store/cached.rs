@@ -332,6 +332,10 @@ impl Store for CachedStore {
         self.inner.last_seq(room).await
     }
 
+    async fn last_seqs(&self, rooms: &[RoomId]) -> Result<Vec<Option<u64>>, ChatError> {
+        self.inner.last_seqs(rooms).await
+    }
+
     async fn history(
         &self,
         room: &RoomId,

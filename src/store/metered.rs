@@ -99,6 +99,10 @@ impl Store for MeteredStore {
         timed("last_seq", self.inner.last_seq(room)).await
     }
 
+    async fn last_seqs(&self, rooms: &[RoomId]) -> Result<Vec<Option<u64>>, ChatError> {
+        timed("last_seqs", self.inner.last_seqs(rooms)).await
+    }
+
     async fn history(
         &self,
         room: &RoomId,

@@ -23,7 +23,7 @@ pub mod metered;
 pub mod postgres;
 pub mod sqlite;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -129,6 +129,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The room's newest `seq` (0 when it has no message).
     async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError>;
+
+    /// [`last_seq`](Self::last_seq) of many rooms in one query, in the
+    /// order asked (`None`: no such room). A pod's periodic resync asks it
+    /// for every room the pod watches.
+    async fn last_seqs(&self, rooms: &[RoomId]) -> Result<Vec<Option<u64>>, ChatError>;
 
     /// A page of history, tombstones included.
     async fn history(
@@ -268,4 +273,14 @@ pub(crate) mod rows {
             name: get(row, "name")?,
         })
     }
+}
+
+/// `(id, last_seq)` rows of the rooms table, put back in the order of the
+/// rooms asked for.
+fn in_order_asked(rooms: &[RoomId], rows: Vec<(String, i64)>) -> Vec<Option<u64>> {
+    let found: HashMap<String, i64> = rows.into_iter().collect();
+    rooms
+        .iter()
+        .map(|room| found.get(room.as_str()).map(|&seq| seq as u64))
+        .collect()
 }

@@ -255,6 +255,15 @@ impl Store for PostgresStore {
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
+    async fn last_seqs(&self, rooms: &[RoomId]) -> Result<Vec<Option<u64>>, ChatError> {
+        let ids: Vec<&str> = rooms.iter().map(RoomId::as_str).collect();
+        let rows = sqlx::query_as("SELECT id, last_seq FROM rooms WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(super::in_order_asked(rooms, rows))
+    }
+
     async fn history(
         &self,
         room: &RoomId,
@@ -471,9 +480,13 @@ mod tests {
             .map(|m| m.body)
             .collect();
         assert_eq!(bodies, ["first", "second", "third", "fourth"]);
+        let r2 = RoomId::parse("r2").unwrap();
+        assert_eq!(store.last_seq(&r2).await.unwrap(), 1);
+        let unknown = RoomId::parse("no-such-room").unwrap();
+        let asked = [r2, unknown, r1];
         assert_eq!(
-            store.last_seq(&RoomId::parse("r2").unwrap()).await.unwrap(),
-            1
+            store.last_seqs(&asked).await.unwrap(),
+            [Some(1), None, Some(4)]
         );
     }
 

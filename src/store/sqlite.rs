@@ -267,6 +267,17 @@ impl Store for SqliteStore {
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
+    async fn last_seqs(&self, rooms: &[RoomId]) -> Result<Vec<Option<u64>>, ChatError> {
+        let ids: Vec<&str> = rooms.iter().map(RoomId::as_str).collect();
+        let rows = sqlx::query_as(
+            "SELECT id, last_seq FROM rooms WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::to_string(&ids).expect("ids serialise"))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(super::in_order_asked(rooms, rows))
+    }
+
     async fn history(
         &self,
         room: &RoomId,
@@ -539,6 +550,12 @@ mod tests {
         assert_eq!(bodies, ["first", "second", "third", "fourth"]);
         let r2 = RoomId::parse("r2").unwrap();
         assert_eq!(store.last_seq(&r2).await.unwrap(), 1);
+        let unknown = RoomId::parse("no-such-room").unwrap();
+        let asked = [r2, unknown, r1];
+        assert_eq!(
+            store.last_seqs(&asked).await.unwrap(),
+            [Some(1), None, Some(4)]
+        );
     }
 
     /// A batch travels to SQLite as JSON: text JSON must escape comes back
