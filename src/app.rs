@@ -196,6 +196,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let secret = config.require_secret()?.clone();
+        config.check_keepalive()?;
         if secret.expose().len() < MIN_SECRET_BYTES {
             // Not refused: the secret is the Core service's, shared with it.
             tracing::warn!(

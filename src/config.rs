@@ -374,6 +374,27 @@ impl ServeConfig {
         }
     }
 
+    /// Refuses timings that would close healthy connections: a client that
+    /// only answers pings is heard from once per `PING_INTERVAL` (plus the
+    /// ping's lateness), so `IDLE_TIMEOUT` must be longer than that.
+    pub fn check_keepalive(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.ping_interval.is_zero(),
+            "PING_INTERVAL must be longer than zero"
+        );
+        let gap = crate::ws::PingGrid::longest_gap(self.ping_interval);
+        anyhow::ensure!(
+            self.idle_timeout > gap,
+            "IDLE_TIMEOUT ({}) must be longer than PING_INTERVAL ({}) and the up to {} a ping \
+             may be late: a client that only answers pings would be closed as idle; keep it \
+             well above (the defaults are 60s and 25s)",
+            humantime::format_duration(self.idle_timeout),
+            humantime::format_duration(self.ping_interval),
+            humantime::format_duration(gap - self.ping_interval),
+        );
+        Ok(())
+    }
+
     /// Defaults suitable for tests: every value as in production except the
     /// listen address (port 0) and the given database.
     pub fn for_tests(database_url: &str, secret: &str) -> Self {

@@ -29,8 +29,15 @@ impl PingGrid {
         Self {
             interval,
             epoch: Instant::now(),
-            slot: (interval / 10).clamp(Duration::from_millis(1), MAX_SLOT),
+            slot: slot_of(interval),
         }
+    }
+
+    /// The longest a connection can go between two pings at `interval`: the
+    /// interval and a slot. A client that only answers pings is heard from
+    /// that often, so an idle timeout must be longer.
+    pub fn longest_gap(interval: Duration) -> Duration {
+        interval + slot_of(interval)
     }
 
     /// The next ping of a connection that last pinged (or connected) at
@@ -43,6 +50,10 @@ impl PingGrid {
         // Nanoseconds since the epoch fit a u64 for five centuries.
         self.epoch + Duration::from_nanos((slots * slot) as u64)
     }
+}
+
+fn slot_of(interval: Duration) -> Duration {
+    (interval / 10).clamp(Duration::from_millis(1), MAX_SLOT)
 }
 
 #[cfg(test)]

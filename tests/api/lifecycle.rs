@@ -92,6 +92,31 @@ fn serve_without_a_secret_exits_with_a_message_naming_jwt_secret() {
     assert!(stderr.contains("JWT_SECRET"), "{stderr}");
 }
 
+/// An idle timeout that a ping cannot beat would close every client that
+/// only listens: the service refuses to start, naming both settings.
+#[test]
+fn serve_refuses_an_idle_timeout_shorter_than_the_ping_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    for (ping, idle) in [
+        ("25s", "20s"),
+        ("25s", "25s"),
+        ("10s", "11s"),
+        ("0s", "60s"),
+    ] {
+        let output = cli()
+            .current_dir(dir.path())
+            .env("JWT_SECRET", crate::helpers::SECRET)
+            .env("PING_INTERVAL", ping)
+            .env("IDLE_TIMEOUT", idle)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{ping} / {idle} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("PING_INTERVAL"), "{stderr}");
+    }
+}
+
 #[test]
 fn the_token_command_mints_tokens_the_service_accepts() {
     let output = cli()
