@@ -502,7 +502,7 @@ impl Hub {
 
     /// Checks every watched room against the store and fills what is
     /// missing (after a bus outage, when events may have been lost). Where
-    /// the rooms' histories end is read [`CATCH_UP_ROOMS`] rooms a query.
+    /// the rooms' histories end is read `CATCH_UP_ROOMS` rooms a query.
     pub async fn catch_up(self: &Arc<Self>) {
         let (ids, rooms): (Vec<RoomId>, Vec<Arc<HubRoom>>) = self
             .rooms
@@ -516,7 +516,7 @@ impl Hub {
                 continue;
             };
             for ((room_id, room), last) in ids.iter().zip(rooms).zip(lasts) {
-                // A room deleted meanwhile has nothing to fill.
+                // A room the store no longer has has nothing to fill.
                 if let Some(last) = last {
                     self.fill_up_to(room_id, room, last).await;
                 }

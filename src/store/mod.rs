@@ -23,7 +23,7 @@ pub mod metered;
 pub mod postgres;
 pub mod sqlite;
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -273,14 +273,14 @@ pub(crate) mod rows {
             name: get(row, "name")?,
         })
     }
-}
 
-/// `(id, last_seq)` rows of the rooms table, put back in the order of the
-/// rooms asked for.
-fn in_order_asked(rooms: &[RoomId], rows: Vec<(String, i64)>) -> Vec<Option<u64>> {
-    let found: HashMap<String, i64> = rows.into_iter().collect();
-    rooms
-        .iter()
-        .map(|room| found.get(room.as_str()).map(|&seq| seq as u64))
-        .collect()
+    /// `(id, last_seq)` rows of the rooms table, put back in the order of
+    /// the rooms asked for (`None`: not found).
+    pub fn in_order_asked(rooms: &[RoomId], rows: Vec<(String, i64)>) -> Vec<Option<u64>> {
+        let found: std::collections::HashMap<String, i64> = rows.into_iter().collect();
+        rooms
+            .iter()
+            .map(|room| found.get(room.as_str()).map(|&seq| seq as u64))
+            .collect()
+    }
 }

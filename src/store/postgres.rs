@@ -261,7 +261,7 @@ impl Store for PostgresStore {
             .bind(&ids)
             .fetch_all(&self.pool)
             .await?;
-        Ok(super::in_order_asked(rooms, rows))
+        Ok(super::rows::in_order_asked(rooms, rows))
     }
 
     async fn history(

@@ -275,7 +275,7 @@ impl Store for SqliteStore {
         .bind(serde_json::to_string(&ids).expect("ids serialise"))
         .fetch_all(&self.reader)
         .await?;
-        Ok(super::in_order_asked(rooms, rows))
+        Ok(super::rows::in_order_asked(rooms, rows))
     }
 
     async fn history(

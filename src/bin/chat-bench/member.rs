@@ -176,6 +176,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
             126 | 127 => return Ok(None),
             len => (2, u64::from(len)),
         };
+        if opcode & 0x8 != 0 && len > 125 {
+            // A ping's payload goes back in the pong.
+            return Err(invalid("a control frame longer than 125 bytes"));
+        }
         let len = usize::try_from(len)
             .ok()
             .filter(|&len| len <= MAX_FRAME)
@@ -431,12 +435,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fragmented_or_masked_frame_is_an_error() {
+    async fn a_fragmented_masked_or_oversized_control_frame_is_an_error() {
+        let long_ping = frame(OPCODE_PING, &[0; 126]);
         for bad in [
             vec![OPCODE_TEXT, 1, b'x'],         // FIN clear
             vec![0x80, 1, b'x'],                // continuation
             vec![0x80 | OPCODE_TEXT | 0x40, 0], // RSV1 (compression)
             vec![0x80 | OPCODE_TEXT, 0x81, 0, 0, 0, 0, b'x'],
+            long_ping,
         ] {
             let (mut member, _server) = connected(&bad).await;
             let error = member.next_text().await.expect_err("invalid");
