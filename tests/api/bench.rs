@@ -12,8 +12,11 @@ const LOAD_LIMITS: [(&str, &str); 4] = [
 ];
 
 async fn bench(addr: &str, args: &[&str]) -> serde_json::Value {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"));
+    // Pinned to one CPU as scripts/bench.sh pins it: the generator then
+    // runs on one thread.
+    let mut command = tokio::process::Command::new("taskset");
     command
+        .args(["-c", "0", env!("CARGO_BIN_EXE_chat-bench")])
         .env("JWT_SECRET", SECRET)
         .arg("--url")
         .arg(format!("http://{addr}"))
@@ -26,7 +29,9 @@ async fn bench(addr: &str, args: &[&str]) -> serde_json::Value {
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1, "one JSON line per run: {stdout}");
-    serde_json::from_str(stdout.trim()).expect("a JSON report")
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("a JSON report");
+    assert_eq!(report["generator"]["runtime"], "current_thread");
+    report
 }
 
 #[tokio::test]
