@@ -344,8 +344,9 @@ impl Bench {
 
 fn main() -> anyhow::Result<()> {
     // One runtime. On one CPU (the generator pinned to its core) a
-    // current-thread scheduler skips the multi-thread one's cross-thread
-    // bookkeeping on every wake-up; with more CPUs it uses them all.
+    // current-thread scheduler: the same load measured with half the tail
+    // latency of a one-worker multi-thread runtime (docs/benchmarks.md,
+    // eleventh VM). With more CPUs it uses them all.
     let runtime = if one_cpu() {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
