@@ -669,19 +669,9 @@ mod tests {
         /// messages arrive `lag` late, and one room with `connections` users
         /// in it (`u0`, `u1`, ...).
         async fn new(min_connections: usize, connections: usize, lag: Duration) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let url = format!("sqlite://{}", dir.path().join("chat.db").display());
-            let store = SqliteStore::connect(&url).await.unwrap();
-            store.migrate().await.unwrap();
+            let (store, dir) = sqlite_store().await;
             store.create_room(&public_room("r"), &[]).await.unwrap();
-            let coalescing = Coalescing {
-                min_connections,
-                linger: LINGER,
-                lag,
-            };
-            // Gaps are filled only when a test asks (`catch_up`).
-            let gap_wait = Duration::from_secs(3600);
-            let hub = Hub::new(Arc::new(store), Arc::new(LocalBus), gap_wait, coalescing);
+            let hub = hub_on(Arc::new(store), min_connections, lag);
             let mut room = Self {
                 hub,
                 id: RoomId::parse("r").unwrap(),
@@ -695,12 +685,7 @@ mod tests {
         }
 
         async fn join(&mut self, n: usize) -> u64 {
-            let conn = Arc::new(Connection {
-                id: n as u64,
-                user_id: UserId::parse(&format!("u{n}")).unwrap(),
-                outbox: Outbox::new(64),
-                closer: Closer::default(),
-            });
+            let conn = connection(n);
             self.connections.push(Arc::clone(&conn));
             self.hub.join(&self.id, conn).await.unwrap()
         }
@@ -739,22 +724,59 @@ mod tests {
         /// What each connection was handed since the last look: message
         /// bodies, and `typing` for typing notices.
         fn received(&self) -> Vec<Vec<String>> {
-            self.connections
-                .iter()
-                .map(|conn| {
-                    let mut seen = Vec::new();
-                    conn.outbox.take(usize::MAX, |frame| {
-                        let value: serde_json::Value =
-                            serde_json::from_str(frame.as_str()).unwrap();
-                        seen.push(match value["type"].as_str().unwrap() {
-                            "message" => value["body"].as_str().unwrap().to_owned(),
-                            other => other.to_owned(),
-                        });
-                    });
-                    seen
-                })
-                .collect()
+            received(&self.connections)
         }
+    }
+
+    /// A migrated SQLite store in a directory of its own.
+    async fn sqlite_store() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        (store, dir)
+    }
+
+    /// A hub whose rooms of `min_connections` or more batch once their
+    /// messages arrive `lag` late. Gaps are filled only when a test asks
+    /// (`catch_up`).
+    fn hub_on(store: Arc<dyn Store>, min_connections: usize, lag: Duration) -> Arc<Hub> {
+        let coalescing = Coalescing {
+            min_connections,
+            linger: LINGER,
+            lag,
+        };
+        let gap_wait = Duration::from_secs(3600);
+        Hub::new(store, Arc::new(LocalBus), gap_wait, coalescing)
+    }
+
+    /// User `u{n}`'s connection.
+    fn connection(n: usize) -> Arc<Connection> {
+        Arc::new(Connection {
+            id: n as u64,
+            user_id: UserId::parse(&format!("u{n}")).unwrap(),
+            outbox: Outbox::new(64),
+            closer: Closer::default(),
+        })
+    }
+
+    /// What each connection was handed since the last look: message
+    /// bodies, and `typing` for typing notices.
+    fn received(connections: &[Arc<Connection>]) -> Vec<Vec<String>> {
+        connections
+            .iter()
+            .map(|conn| {
+                let mut seen = Vec::new();
+                conn.outbox.take(usize::MAX, |frame| {
+                    let value: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                    seen.push(match value["type"].as_str().unwrap() {
+                        "message" => value["body"].as_str().unwrap().to_owned(),
+                        other => other.to_owned(),
+                    });
+                });
+                seen
+            })
+            .collect()
     }
 
     fn user(id: &str) -> WireUser {
@@ -887,32 +909,14 @@ mod tests {
         let recorder = metrics_util::debugging::DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _recording = metrics::set_default_local_recorder(&recorder);
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
-        let sqlite = SqliteStore::connect(&url).await.unwrap();
-        sqlite.migrate().await.unwrap();
+        let (sqlite, _dir) = sqlite_store().await;
         let store = Arc::new(MeteredStore::new(Arc::new(sqlite)));
-        let coalescing = Coalescing {
-            min_connections: usize::MAX,
-            linger: LINGER,
-            lag: ALWAYS,
-        };
-        let hub = Hub::new(
-            store.clone(),
-            Arc::new(LocalBus),
-            Duration::from_secs(3600),
-            coalescing,
-        );
-        let mut outboxes = Vec::new();
+        let hub = hub_on(store.clone(), usize::MAX, ALWAYS);
+        let mut connections = Vec::new();
         for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
             store.create_room(&public_room(id), &[]).await.unwrap();
-            let conn = Arc::new(Connection {
-                id: n as u64,
-                user_id: UserId::parse("u").unwrap(),
-                outbox: Outbox::new(64),
-                closer: Closer::default(),
-            });
-            outboxes.push(Arc::clone(&conn));
+            let conn = connection(n);
+            connections.push(Arc::clone(&conn));
             hub.join(&RoomId::parse(id).unwrap(), conn).await.unwrap();
         }
         // Stored, but their bus events were lost.
@@ -941,18 +945,10 @@ mod tests {
         assert_eq!(queries()["last_seq"], 3, "one per room joined");
         hub.catch_up().await;
 
-        let bodies: Vec<Vec<String>> = outboxes
-            .iter()
-            .map(|conn| {
-                let mut seen = Vec::new();
-                conn.outbox.take(usize::MAX, |frame| {
-                    let value: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                    seen.push(value["body"].as_str().unwrap().to_owned());
-                });
-                seen
-            })
-            .collect();
-        assert_eq!(bodies, [vec!["a1", "a2"], vec![], vec!["c1"]]);
+        assert_eq!(
+            received(&connections),
+            [vec!["a1", "a2"], vec![], vec!["c1"]]
+        );
         let queries = queries();
         assert_eq!(queries.get("last_seqs"), Some(&1));
         assert_eq!(queries.get("last_seq"), None, "no per-room query");

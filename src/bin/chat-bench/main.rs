@@ -347,24 +347,20 @@ fn main() -> anyhow::Result<()> {
     // current-thread scheduler: the same load measured with half the tail
     // latency of a one-worker multi-thread runtime (docs/benchmarks.md,
     // eleventh VM). With more CPUs it uses them all.
-    let runtime = if one_cpu() {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+    let one_cpu = std::thread::available_parallelism().map_or(1, usize::from) == 1;
+    let (mut builder, flavor) = if one_cpu {
+        (
+            tokio::runtime::Builder::new_current_thread(),
+            "current_thread",
+        )
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
+        (tokio::runtime::Builder::new_multi_thread(), "multi_thread")
     };
-    runtime.block_on(run())
+    builder.enable_all().build()?.block_on(run(flavor))
 }
 
-/// Whether the generator may use only one CPU (as `scripts/bench.sh` pins it).
-fn one_cpu() -> bool {
-    std::thread::available_parallelism().map_or(1, usize::from) == 1
-}
-
-async fn run() -> anyhow::Result<()> {
+/// The whole run; `flavor` names the runtime it runs on, for the report.
+async fn run(flavor: &'static str) -> anyhow::Result<()> {
     let args = Args::parse();
     let config = ServeConfig::for_tests("sqlite::memory:", &args.jwt_secret);
     let bench = Arc::new(Bench {
@@ -399,7 +395,7 @@ async fn run() -> anyhow::Result<()> {
     report["urls"] = json!(bench.urls);
     report["generator"] = json!({
         "processes": 1,
-        "runtime": if one_cpu() { "current_thread" } else { "multi_thread" },
+        "runtime": flavor,
         "cpu_seconds": cpu,
         "cpu_percent_of_one_core": 100.0 * cpu / wall,
         "wall_seconds": wall,
