@@ -18,7 +18,7 @@ use crate::{
     },
     error::ChatError,
     hub::Hub,
-    limiter::{Limit, Limiter, enforce},
+    limiter::{Limit, Limiter, enforce, enforce_all},
     presence::Presence,
     store::{Appended, Member, NewMessage, Page, Store},
 };
@@ -74,6 +74,12 @@ impl Transport {
 /// Wall-clock microseconds since the epoch (comparable across pods).
 pub fn unix_micros() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
+}
+
+/// One message of a send: its body as received and its `client_id`.
+pub struct Outgoing<'a> {
+    pub body: &'a str,
+    pub client_id: Option<ClientId>,
 }
 
 /// What a send did.
@@ -179,8 +185,8 @@ impl Chat {
 
     /// Sends a message to a room the caller already opened: validates, rate
     /// limits, stores (idempotently), announces. The whole per-message path
-    /// of both edges goes through here; it runs in the caller's `chat.send`
-    /// span, with a child span per step.
+    /// of both edges goes through here and [`Self::send_all`]; it runs in
+    /// the caller's `chat.send` span, with a child span per step.
     pub async fn send(
         &self,
         caller: &Caller,
@@ -189,80 +195,166 @@ impl Chat {
         client_id: Option<ClientId>,
         transport: Transport,
     ) -> Result<Sent, ChatError> {
+        let outgoing = Outgoing { body, client_id };
+        let mut results = self.send_all(caller, room, vec![outgoing], transport).await;
+        results.pop().unwrap_or_else(|| {
+            Err(ChatError::Internal(anyhow::anyhow!(
+                "a send without a result"
+            )))
+        })
+    }
+
+    /// Sends messages of one caller to one room, in order (a connection's
+    /// sends that arrived together), each as [`Self::send`] would: each is
+    /// validated and rate limited on its own, the limit deciding them in
+    /// their order; access is checked once for them all; those admitted
+    /// are stored in one transaction in their order, then announced in it.
+    /// One result per message, in the same order.
+    pub async fn send_all(
+        &self,
+        caller: &Caller,
+        room: &Room,
+        sends: Vec<Outgoing<'_>>,
+        transport: Transport,
+    ) -> Vec<Result<Sent, ChatError>> {
         let received = std::time::Instant::now();
         let received_at_us = unix_micros();
-        let result = self
-            .send_steps(caller, room, body, client_id, received_at_us)
-            .await;
+        let results = self.send_steps(caller, room, sends, received_at_us).await;
         let transport = transport.as_str();
-        match &result {
-            Ok(sent) if sent.duplicate => {
-                metrics::counter!("chat_messages_duplicate_total", "transport" => transport)
-                    .increment(1);
+        let took = received.elapsed().as_secs_f64();
+        for result in &results {
+            match result {
+                Ok(sent) if sent.duplicate => {
+                    metrics::counter!("chat_messages_duplicate_total", "transport" => transport)
+                        .increment(1);
+                }
+                Ok(_) => {
+                    metrics::counter!("chat_messages_accepted_total", "transport" => transport)
+                        .increment(1);
+                }
+                Err(err) => {
+                    let reason = err.code().as_str();
+                    metrics::counter!("chat_messages_refused_total", "transport" => transport, "reason" => reason)
+                        .increment(1);
+                }
             }
-            Ok(_) => metrics::counter!("chat_messages_accepted_total", "transport" => transport)
-                .increment(1),
-            Err(err) => {
-                let reason = err.code().as_str();
-                metrics::counter!("chat_messages_refused_total", "transport" => transport, "reason" => reason)
-                    .increment(1);
-            }
+            metrics::histogram!("chat_send_ack_seconds", "transport" => transport).record(took);
         }
-        metrics::histogram!("chat_send_ack_seconds", "transport" => transport)
-            .record(received.elapsed().as_secs_f64());
-        result
+        results
     }
 
     async fn send_steps(
         &self,
         caller: &Caller,
         room: &Room,
-        body: &str,
-        client_id: Option<ClientId>,
+        sends: Vec<Outgoing<'_>>,
         received_at_us: i64,
-    ) -> Result<Sent, ChatError> {
-        let body = tracing::info_span!("chat.validate")
-            .in_scope(|| MessageBody::parse(body, self.max_message_chars))?;
-        async {
-            // Access can be revoked while a socket is open: check it per send.
-            self.check_access(caller, room).await?;
-            enforce(
-                &*self.limiter,
-                &format!("send:{}", caller.id()),
-                self.limits.send,
-            )
-            .await
-        }
-        .instrument(tracing::info_span!("chat.rate_limit"))
-        .await?;
-        let new = NewMessage {
-            room_id: room.id.clone(),
-            id: uuid::Uuid::now_v7().to_string(),
-            user: caller.user.clone(),
-            body: body.into_string(),
-            client_id,
-            created_at: now_millis(),
-        };
-        let appended = self
-            .store
-            .append(new)
-            .instrument(tracing::info_span!("chat.store"))
-            .await?;
-        match appended {
-            Appended::Stored(message) => {
-                let mut wire = WireMessage::from(&message);
-                wire.received_at_us = Some(received_at_us);
-                self.announce(Event::Message(wire)).await;
-                Ok(Sent {
-                    message,
-                    duplicate: false,
+    ) -> Vec<Result<Sent, ChatError>> {
+        let max_chars = self.max_message_chars;
+        let validated = tracing::info_span!("chat.validate").in_scope(|| {
+            sends
+                .into_iter()
+                .map(|send| {
+                    MessageBody::parse(send.body, max_chars).map(|body| (body, send.client_id))
                 })
+                .collect()
+        });
+        let admitted = self
+            .admit(caller, room, validated)
+            .instrument(tracing::info_span!("chat.rate_limit"))
+            .await;
+        // Each send's place: refused here, or the next of the appended.
+        let mut refused = Vec::with_capacity(admitted.len());
+        let mut new = Vec::with_capacity(admitted.len());
+        for outcome in admitted {
+            match outcome {
+                Ok(message) => {
+                    new.push(message);
+                    refused.push(None);
+                }
+                Err(err) => refused.push(Some(err)),
             }
-            Appended::Duplicate(message) => Ok(Sent {
-                message,
-                duplicate: true,
-            }),
         }
+        let appended = if new.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .append_all(new)
+                .instrument(tracing::info_span!("chat.store"))
+                .await
+        };
+        let mut appended = appended.into_iter();
+        let mut results = Vec::with_capacity(refused.len());
+        for refusal in refused {
+            let result = match refusal {
+                Some(err) => Err(err),
+                None => match appended.next() {
+                    Some(Ok(Appended::Stored(message))) => {
+                        let mut wire = WireMessage::from(&message);
+                        wire.received_at_us = Some(received_at_us);
+                        self.announce(Event::Message(wire)).await;
+                        Ok(Sent {
+                            message,
+                            duplicate: false,
+                        })
+                    }
+                    Some(Ok(Appended::Duplicate(message))) => Ok(Sent {
+                        message,
+                        duplicate: true,
+                    }),
+                    Some(Err(err)) => Err(err),
+                    None => Err(ChatError::Internal(anyhow::anyhow!(
+                        "the store answered fewer results than messages"
+                    ))),
+                },
+            };
+            results.push(result);
+        }
+        results
+    }
+
+    /// Access, checked once, and the send limit, per message in order, for
+    /// the valid ones; what passes becomes a message to store.
+    async fn admit(
+        &self,
+        caller: &Caller,
+        room: &Room,
+        validated: Vec<Result<(MessageBody, Option<ClientId>), ChatError>>,
+    ) -> Vec<Result<NewMessage, ChatError>> {
+        let valid = validated.iter().filter(|v| v.is_ok()).count();
+        // Access can be revoked while a socket is open: check it per send
+        // (once for sends that arrived together).
+        let verdicts = if valid == 0 {
+            Vec::new()
+        } else {
+            match self.check_access(caller, room).await {
+                Ok(()) => {
+                    let key = format!("send:{}", caller.id());
+                    enforce_all(&*self.limiter, &key, self.limits.send, valid).await
+                }
+                Err(err) => (0..valid).map(|_| Err(err.again())).collect(),
+            }
+        };
+        let mut verdicts = verdicts.into_iter();
+        validated
+            .into_iter()
+            .map(|valid| {
+                let (body, client_id) = valid?;
+                verdicts.next().unwrap_or_else(|| {
+                    Err(ChatError::Internal(anyhow::anyhow!(
+                        "the limiter decided fewer hits than asked"
+                    )))
+                })?;
+                Ok(NewMessage {
+                    room_id: room.id.clone(),
+                    id: uuid::Uuid::now_v7().to_string(),
+                    user: caller.user.clone(),
+                    body: body.into_string(),
+                    client_id,
+                    created_at: now_millis(),
+                })
+            })
+            .collect()
     }
 
     /// Delivers an event here, then tells the other instances. A bus failure

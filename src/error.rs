@@ -135,6 +135,26 @@ impl ChatError {
         }
     }
 
+    /// The same error again, for another of the operations it failed
+    /// (e.g. every message of a batch whose transaction failed). A backend
+    /// cause is carried as its text.
+    pub fn again(&self) -> Self {
+        match self {
+            Self::BadRequest(m) => Self::BadRequest(m.clone()),
+            Self::MessageTooLong(m) => Self::MessageTooLong(m.clone()),
+            Self::InvalidMessage(m) => Self::InvalidMessage(m.clone()),
+            Self::Unauthorized(m) => Self::Unauthorized(m.clone()),
+            Self::Forbidden(m) => Self::Forbidden(m.clone()),
+            Self::NotFound(m) => Self::NotFound(m.clone()),
+            Self::Conflict(m) => Self::Conflict(m.clone()),
+            Self::RateLimited { retry_after } => Self::RateLimited {
+                retry_after: *retry_after,
+            },
+            Self::Unavailable(cause) => Self::Unavailable(anyhow::anyhow!("{cause:#}")),
+            Self::Internal(cause) => Self::Internal(anyhow::anyhow!("{cause:#}")),
+        }
+    }
+
     pub fn forbidden() -> Self {
         Self::Forbidden("you are not allowed in this room".into())
     }

@@ -32,26 +32,78 @@ pub struct Limit {
 pub trait Limiter: Send + Sync + 'static {
     /// Counts a hit on `key` if the limit allows it.
     async fn hit(&self, key: &str, limit: Limit) -> Result<Decision, ChatError>;
+
+    /// `count` hits on `key`, decided in order, each seeing the ones before
+    /// it: what `count` calls of [`hit`](Self::hit) one after the other
+    /// decide, in as few round trips as the limiter can.
+    async fn hit_all(
+        &self,
+        key: &str,
+        limit: Limit,
+        count: usize,
+    ) -> Result<Vec<Decision>, ChatError> {
+        let mut decisions = Vec::with_capacity(count);
+        for _ in 0..count {
+            decisions.push(self.hit(key, limit).await?);
+        }
+        Ok(decisions)
+    }
 }
 
 /// Hits the limit and turns a refusal into the contract's error. The
 /// check's duration is recorded (`chat_rate_limit_check_seconds{kind}`):
 /// with Redis it is a round trip on every send's path to its ack.
 pub async fn enforce(limiter: &dyn Limiter, key: &str, limit: Limit) -> Result<(), ChatError> {
-    // The key's first segment names the limit; only fixed values become
-    // labels.
-    let kind = match key.split(':').next() {
+    let kind = kind_of(key);
+    let started = std::time::Instant::now();
+    let decision = limiter.hit(key, limit).await;
+    checked(kind, started);
+    decided(kind, decision?)
+}
+
+/// [`enforce`] for `count` hits on one key, decided in order (a
+/// connection's sends that arrived together); one result per hit, and one
+/// recorded check per hit.
+pub async fn enforce_all(
+    limiter: &dyn Limiter,
+    key: &str,
+    limit: Limit,
+    count: usize,
+) -> Vec<Result<(), ChatError>> {
+    let kind = kind_of(key);
+    let started = std::time::Instant::now();
+    let decisions = limiter.hit_all(key, limit, count).await;
+    for _ in 0..count {
+        checked(kind, started);
+    }
+    match decisions {
+        Ok(decisions) => decisions
+            .into_iter()
+            .map(|decision| decided(kind, decision))
+            .collect(),
+        Err(err) => (0..count).map(|_| Err(err.again())).collect(),
+    }
+}
+
+/// The limit a key counts against, as a metrics label: the key's first
+/// segment (only fixed values become labels).
+fn kind_of(key: &str) -> &'static str {
+    match key.split(':').next() {
         Some("send") => "send",
         Some("conn") => "connect",
         Some("rest") => "rest",
         Some("typing") => "typing",
         _ => "other",
-    };
-    let started = std::time::Instant::now();
-    let decision = limiter.hit(key, limit).await;
+    }
+}
+
+fn checked(kind: &'static str, started: std::time::Instant) {
     metrics::histogram!("chat_rate_limit_check_seconds", "kind" => kind)
         .record(started.elapsed().as_secs_f64());
-    match decision? {
+}
+
+fn decided(kind: &'static str, decision: Decision) -> Result<(), ChatError> {
+    match decision {
         Decision::Allowed => Ok(()),
         Decision::Refused { retry_after } => {
             metrics::counter!("chat_rate_limited_total", "kind" => kind).increment(1);

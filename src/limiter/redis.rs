@@ -17,7 +17,8 @@
 //! one, and Redis reads the request, starts the script and reads its clock
 //! once per batch instead of once per hit (about two fifths less Redis CPU
 //! per hit, docs/benchmarks.md). Hits on one key in one call are decided in
-//! the order they queued, each seeing the ones before it.
+//! the order they queued, each seeing the ones before it; the hits of one
+//! [`Limiter::hit_all`] queue as one request, so they share a call.
 //!
 //! When Redis cannot answer quickly, limits fail open to an in-process
 //! [`MemoryLimiter`]: each instance then enforces the limit on its own, which
@@ -63,7 +64,8 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// in-process window, as during an outage.
 const HIT_QUEUE: usize = 16_384;
 
-/// Most hits one script call decides.
+/// Most requests one script call decides (a request is one hit, or the
+/// hits of one [`Limiter::hit_all`]).
 const HITS_PER_CALL: usize = 256;
 
 /// Most script calls waiting for Redis at once; more hits queue meanwhile.
@@ -124,14 +126,14 @@ return out
     )
 });
 
-/// One hit waiting for its batch.
+/// Hits on one key waiting for their batch.
 struct Pending {
     key: String,
-    /// Unique to this hit: see [`HIT`].
-    member: String,
+    /// One per hit, each unique to it: see [`HIT`].
+    members: Vec<String>,
     limit: Limit,
-    /// `(allowed, wait µs)`, or why the batch failed.
-    answer: oneshot::Sender<Result<(i64, i64), String>>,
+    /// `(allowed, wait µs)` per hit, or why the batch failed.
+    answer: oneshot::Sender<Result<Vec<(i64, i64)>, String>>,
 }
 
 pub struct RedisLimiter {
@@ -170,33 +172,42 @@ impl RedisLimiter {
         }
     }
 
-    async fn hit_redis(&self, key: &str, limit: Limit) -> anyhow::Result<Decision> {
+    async fn hit_redis(
+        &self,
+        key: &str,
+        limit: Limit,
+        count: usize,
+    ) -> anyhow::Result<Vec<Decision>> {
         let (answer, answered) = oneshot::channel();
+        let first = self.seq.fetch_add(count as u64, Ordering::Relaxed);
         let pending = Pending {
             key: format!("{}rl:{key}", self.prefix),
-            member: format!(
-                "{}:{}",
-                self.nonce,
-                self.seq.fetch_add(1, Ordering::Relaxed)
-            ),
+            members: (first..first + count as u64)
+                .map(|seq| format!("{}:{seq}", self.nonce))
+                .collect(),
             limit,
             answer,
         };
         self.queue
             .try_send(pending)
             .map_err(|_| anyhow::anyhow!("too many hits waiting for Redis"))?;
-        let (allowed, wait_us) = tokio::time::timeout(REDIS_TIMEOUT, answered)
+        let answers = tokio::time::timeout(REDIS_TIMEOUT, answered)
             .await
             .map_err(|_| anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"))?
             .map_err(|_| anyhow::anyhow!("the limiter's task ended"))?
             .map_err(anyhow::Error::msg)?;
-        if allowed == 1 {
-            return Ok(Decision::Allowed);
-        }
-        let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
-        Ok(Decision::Refused {
-            retry_after: wait.max(Duration::from_millis(1)),
-        })
+        Ok(answers
+            .into_iter()
+            .map(|(allowed, wait_us)| {
+                if allowed == 1 {
+                    return Decision::Allowed;
+                }
+                let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
+                Decision::Refused {
+                    retry_after: wait.max(Duration::from_millis(1)),
+                }
+            })
+            .collect())
     }
 
     fn bypassing(&self) -> bool {
@@ -249,31 +260,35 @@ async fn decide_queued(redis: RedisConn, mut queue: mpsc::Receiver<Pending>) {
 
 /// One script call for `hits`, and their answers.
 async fn decide(mut conn: RedisConn, hits: Vec<Pending>) {
-    metrics::histogram!("chat_limiter_batch_size").record(hits.len() as f64);
+    let count: usize = hits.iter().map(|hit| hit.members.len()).sum();
+    metrics::histogram!("chat_limiter_batch_size").record(count as f64);
     let mut call = HIT.prepare_invoke();
     for hit in &hits {
         let window_us = u64::try_from(hit.limit.window.as_micros()).unwrap_or(u64::MAX);
-        call.key(&hit.key)
-            .arg(hit.limit.limit)
-            .arg(window_us)
-            .arg(&hit.member)
-            .arg(window_us.div_ceil(1000).max(1));
+        for member in &hit.members {
+            call.key(&hit.key)
+                .arg(hit.limit.limit)
+                .arg(window_us)
+                .arg(member)
+                .arg(window_us.div_ceil(1000).max(1));
+        }
     }
     let answers =
         match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<Vec<i64>>(&mut conn)).await {
-            Ok(Ok(answers)) if answers.len() == 2 * hits.len() => Ok(answers),
+            Ok(Ok(answers)) if answers.len() == 2 * count => Ok(answers),
             Ok(Ok(answers)) => Err(format!(
-                "the limiter script answered {} values for {} hits",
+                "the limiter script answered {} values for {count} hits",
                 answers.len(),
-                hits.len()
             )),
             Ok(Err(err)) => Err(format!("{:#}", anyhow::Error::from(err))),
             Err(_) => Err(format!("Redis did not answer within {REDIS_TIMEOUT:?}")),
         };
     match answers {
         Ok(answers) => {
-            for (hit, answer) in hits.into_iter().zip(answers.chunks_exact(2)) {
-                let _ = hit.answer.send(Ok((answer[0], answer[1])));
+            let mut answers = answers.chunks_exact(2).map(|pair| (pair[0], pair[1]));
+            for hit in hits {
+                let mine = answers.by_ref().take(hit.members.len()).collect();
+                let _ = hit.answer.send(Ok(mine));
             }
         }
         Err(error) => {
@@ -288,16 +303,31 @@ async fn decide(mut conn: RedisConn, hits: Vec<Pending>) {
 impl Limiter for RedisLimiter {
     /// Never fails: Redis trouble falls back to the in-process window.
     async fn hit(&self, key: &str, limit: Limit) -> Result<Decision, ChatError> {
-        if self.bypassing() {
-            return Ok(self.fall_back(key, limit));
+        let decisions = self.hit_all(key, limit, 1).await?;
+        decisions
+            .into_iter()
+            .next()
+            .ok_or_else(|| ChatError::Internal(anyhow::anyhow!("the limiter decided no hit")))
+    }
+
+    /// One request, so one script call, for all `count` hits. Never fails,
+    /// as [`Self::hit`].
+    async fn hit_all(
+        &self,
+        key: &str,
+        limit: Limit,
+        count: usize,
+    ) -> Result<Vec<Decision>, ChatError> {
+        if count == 0 {
+            return Ok(Vec::new());
         }
-        match self.hit_redis(key, limit).await {
-            Ok(decision) => Ok(decision),
-            Err(err) => {
-                self.record_failure(&err);
-                Ok(self.fall_back(key, limit))
+        if !self.bypassing() {
+            match self.hit_redis(key, limit, count).await {
+                Ok(decisions) => return Ok(decisions),
+                Err(err) => self.record_failure(&err),
             }
         }
+        Ok((0..count).map(|_| self.fall_back(key, limit)).collect())
     }
 }
 
@@ -342,6 +372,28 @@ mod tests {
             limiter.hit("other", l).await.expect("hit"),
             Decision::Allowed
         );
+    }
+
+    #[tokio::test]
+    async fn hits_made_together_are_decided_in_order_each_seeing_the_ones_before() {
+        let prefix = test_prefix();
+        let mut conn = redis_connection().await;
+        let limiter = RedisLimiter::new(conn.clone(), prefix.clone());
+        let l = limit(3, 10_000);
+        assert_eq!(limiter.hit("k", l).await.expect("hit"), Decision::Allowed);
+        let decisions = limiter.hit_all("k", l, 4).await.expect("hits");
+        assert_eq!(decisions[..2], [Decision::Allowed, Decision::Allowed]);
+        assert!(
+            decisions[2..]
+                .iter()
+                .all(|d| matches!(d, Decision::Refused { .. })),
+            "{decisions:?}"
+        );
+        assert_eq!(decisions.len(), 4);
+        assert!(limiter.hit_all("k", l, 0).await.expect("hits").is_empty());
+        // Refused hits were not counted: the window is full with three.
+        let counted: u64 = conn.zcard(format!("{prefix}rl:k")).await.expect("ZCARD");
+        assert_eq!(counted, 3);
     }
 
     #[tokio::test]

@@ -318,13 +318,15 @@ impl Store for CachedStore {
 
     /// The per-message path: the database insert; the cache write is
     /// queued, not awaited.
-    async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
-        let appended = self.inner.append(message).await?;
+    async fn append_all(&self, messages: Vec<NewMessage>) -> Vec<Result<Appended, ChatError>> {
+        let appended = self.inner.append_all(messages).await;
         // A duplicate was cached (or deliberately not) when first stored.
-        if let Appended::Stored(message) = &appended {
-            self.add_recent(message);
+        for result in &appended {
+            if let Ok(Appended::Stored(message)) = result {
+                self.add_recent(message);
+            }
         }
-        Ok(appended)
+        appended
     }
 
     /// Always the database: callers rely on it being exact.

@@ -1,7 +1,10 @@
 //! Group commit: concurrent appends share one transaction.
 //!
 //! Every append is queued; committer tasks take whatever has queued up (up
-//! to a bound) and store it in one transaction through [`AppendBatch`]. No
+//! to a bound) and store it in one transaction through [`AppendBatch`]. An
+//! append of several messages (a connection's sends that arrived together)
+//! is queued as one group, never split between transactions, so they are
+//! stored in their order whatever happens to other transactions. No
 //! timer delays a lone message: under light load a batch is the one message
 //! that arrived, and its latency is one transaction; under heavy load the
 //! messages that arrive while a transaction is in flight form the next
@@ -42,7 +45,11 @@ pub trait AppendBatch: Send + Sync + 'static {
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError>;
 }
 
-type Reply = oneshot::Sender<Result<Appended, ChatError>>;
+/// The results of a group, in its order.
+type Results = Vec<Result<Appended, ChatError>>;
+
+/// A group of messages stored together, and where their results go.
+type Request = (Vec<NewMessage>, oneshot::Sender<Results>);
 
 /// The longest a committer waits for the transaction in flight before it
 /// starts the next batch beside it. Far above a healthy commit (well under
@@ -51,12 +58,13 @@ pub const STALLED_AFTER: Duration = Duration::from_millis(10);
 
 /// The queue in front of the committers.
 pub struct GroupCommit {
-    queue: mpsc::Sender<(NewMessage, Reply)>,
+    queue: mpsc::Sender<Request>,
 }
 
 impl GroupCommit {
     /// Starts `committers` tasks (transactions in flight at once) taking
-    /// batches of at most `max_batch` messages.
+    /// batches of about `max_batch` messages (a group that does not fit
+    /// whole goes into the batch, which may then hold up to one group more).
     pub fn start(target: Arc<dyn AppendBatch>, committers: usize, max_batch: usize) -> Self {
         let (queue, receiver) = mpsc::channel(max_batch * committers.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -72,28 +80,38 @@ impl GroupCommit {
         Self { queue }
     }
 
-    pub async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
+    /// Stores `messages` in one transaction, in their order: one result
+    /// each, in the same order.
+    pub async fn append_all(&self, messages: Vec<NewMessage>) -> Results {
+        let count = messages.len();
+        if count == 0 {
+            return Vec::new();
+        }
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((message, reply))
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        if self.queue.send((messages, reply)).await.is_err() {
+            return stopped(count);
+        }
+        answer.await.unwrap_or_else(|_| stopped(count))
     }
 }
 
-fn stopped() -> ChatError {
-    ChatError::Internal(anyhow::anyhow!("the group committer stopped"))
+fn stopped(count: usize) -> Results {
+    (0..count)
+        .map(|_| {
+            Err(ChatError::Internal(anyhow::anyhow!(
+                "the group committer stopped"
+            )))
+        })
+        .collect()
 }
 
 /// `in_flight` counts the transactions being committed.
 async fn commit_loop(
     target: Arc<dyn AppendBatch>,
-    receiver: Arc<Mutex<mpsc::Receiver<(NewMessage, Reply)>>>,
+    receiver: Arc<Mutex<mpsc::Receiver<Request>>>,
     in_flight: Arc<watch::Sender<usize>>,
     max_batch: usize,
 ) {
-    let mut requests = Vec::with_capacity(max_batch);
     let mut batch = Vec::with_capacity(max_batch);
     let mut replies = Vec::with_capacity(max_batch);
     let mut idle = in_flight.subscribe();
@@ -103,24 +121,32 @@ async fn commit_loop(
         let mut queue = receiver.lock().await;
         // Messages arriving meanwhile queue up and make the batch larger.
         let _ = tokio::time::timeout(STALLED_AFTER, idle.wait_for(|&n| n == 0)).await;
-        let received = queue.recv_many(&mut requests, max_batch).await;
-        drop(queue);
-        if received == 0 {
+        let Some(mut request) = queue.recv().await else {
             return; // every sender is gone: the store was dropped
+        };
+        loop {
+            let (messages, reply) = request;
+            replies.push((reply, messages.len()));
+            batch.extend(messages);
+            if batch.len() >= max_batch {
+                break;
+            }
+            match queue.try_recv() {
+                Ok(next) => request = next,
+                Err(_) => break,
+            }
         }
-        for (message, reply) in requests.drain(..) {
-            batch.push(message);
-            replies.push(reply);
-        }
+        drop(queue);
         metrics::histogram!("chat_store_batch_size").record(batch.len() as f64);
         let results = {
             let _counted = InFlight::enter(&in_flight);
             commit(target.as_ref(), &batch).await
         };
-        for (reply, result) in replies.drain(..).zip(results) {
-            // The caller may have gone (connection closed): its message is
-            // stored all the same, as with a plain append.
-            let _ = reply.send(result);
+        let mut results = results.into_iter();
+        for (reply, count) in replies.drain(..) {
+            // The caller may have gone (connection closed): its messages
+            // are stored all the same.
+            let _ = reply.send(results.by_ref().take(count).collect());
         }
         batch.clear();
     }
@@ -152,13 +178,7 @@ async fn commit(
 ) -> Vec<Result<Appended, ChatError>> {
     match target.append_batch(batch).await {
         Ok(results) => results,
-        Err(ChatError::Unavailable(cause)) => {
-            let cause = format!("{cause:#}");
-            batch
-                .iter()
-                .map(|_| Err(ChatError::Unavailable(anyhow::anyhow!("{cause}"))))
-                .collect()
-        }
+        Err(err @ ChatError::Unavailable(_)) => batch.iter().map(|_| Err(err.again())).collect(),
         Err(err) if batch.len() == 1 => vec![Err(err)],
         Err(err) => {
             tracing::warn!(error = %err, size = batch.len(), "batch append failed; appending one by one");
@@ -275,7 +295,7 @@ mod tests {
 
     /// Commits take `commit_time` of (paused) tokio time, except that the
     /// first one waits for `release` when `hang_first` is set. Records each
-    /// batch's size and the most transactions ever in flight together.
+    /// batch's bodies and the most transactions ever in flight together.
     #[derive(Default)]
     struct Recorder {
         commit_time: Duration,
@@ -287,7 +307,7 @@ mod tests {
 
     #[derive(Default)]
     struct State {
-        batches: Vec<usize>,
+        batches: Vec<Vec<String>>,
         in_flight: usize,
         most_in_flight: usize,
     }
@@ -300,7 +320,9 @@ mod tests {
         ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
             let first = {
                 let mut state = self.state.lock().unwrap();
-                state.batches.push(batch.len());
+                state
+                    .batches
+                    .push(batch.iter().map(|m| m.body.clone()).collect());
                 state.in_flight += 1;
                 state.most_in_flight = state.most_in_flight.max(state.in_flight);
                 state.batches.len() == 1
@@ -320,13 +342,29 @@ mod tests {
         }
     }
 
+    /// Appends `bodies` as one group, from a task of its own.
+    fn send_all(group: &Arc<GroupCommit>, bodies: &[&str]) -> tokio::task::JoinHandle<Results> {
+        let group = Arc::clone(group);
+        let messages = bodies
+            .iter()
+            .map(|body| new_message("lobby", "ada", body, None))
+            .collect();
+        tokio::spawn(async move { group.append_all(messages).await })
+    }
+
     fn send(
         group: &Arc<GroupCommit>,
         body: &str,
     ) -> tokio::task::JoinHandle<Result<Appended, ChatError>> {
-        let group = Arc::clone(group);
-        let message = new_message("lobby", "ada", body, None);
-        tokio::spawn(async move { group.append(message).await })
+        let group = send_all(group, &[body]);
+        tokio::spawn(async move { group.await.unwrap().pop().unwrap() })
+    }
+
+    fn seq(result: &Result<Appended, ChatError>) -> u64 {
+        match result {
+            Ok(Appended::Stored(message)) => message.seq,
+            other => panic!("not stored: {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -346,7 +384,8 @@ mod tests {
             assert!(sent.await.unwrap().is_ok());
         }
         let state = recorder.state.lock().unwrap();
-        assert_eq!(state.batches, vec![1, 5], "the later sends form one batch");
+        let sizes: Vec<usize> = state.batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1, 5], "the later sends form one batch");
         assert_eq!(
             state.most_in_flight, 1,
             "no second transaction beside a healthy one"
@@ -372,5 +411,47 @@ mod tests {
         assert_eq!(recorder.state.lock().unwrap().most_in_flight, 2);
         recorder.release.notify_one();
         assert!(first.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_goes_into_one_transaction_whole_and_in_its_order() {
+        let recorder = Arc::new(Recorder {
+            commit_time: STALLED_AFTER / 4,
+            ..Recorder::default()
+        });
+        // Batches of two: the group of three does not fit beside "before".
+        let group = Arc::new(GroupCommit::start(recorder.clone(), 2, 2));
+        let first = send(&group, "first");
+        recorder.started.notified().await;
+        let before = send(&group, "before");
+        tokio::task::yield_now().await;
+        let three = send_all(&group, &["g1", "g2", "g3"]);
+        tokio::task::yield_now().await;
+        let after = send(&group, "after");
+        assert!(first.await.unwrap().is_ok());
+        assert_eq!(seq(&before.await.unwrap()), 1);
+        let three = three.await.unwrap();
+        assert_eq!(
+            three.iter().map(seq).collect::<Vec<_>>(),
+            vec![2, 3, 4],
+            "one result per message, in the group's order"
+        );
+        assert!(after.await.unwrap().is_ok());
+        let batches = recorder.state.lock().unwrap().batches.clone();
+        assert_eq!(
+            batches,
+            vec![
+                vec!["first"],
+                vec!["before", "g1", "g2", "g3"],
+                vec!["after"],
+            ],
+            "the group is not split, and keeps its order"
+        );
+        assert!(group.append_all(Vec::new()).await.is_empty());
+        assert_eq!(
+            recorder.state.lock().unwrap().batches.len(),
+            3,
+            "an empty group stores nothing"
+        );
     }
 }

@@ -26,11 +26,20 @@ async fn timed<T>(
     op: &'static str,
     call: impl Future<Output = Result<T, ChatError>>,
 ) -> Result<T, ChatError> {
+    measured(op, call, Result::is_err).await
+}
+
+/// Times `call`, and counts it as an error when `failed` says so.
+async fn measured<T>(
+    op: &'static str,
+    call: impl Future<Output = T>,
+    failed: impl FnOnce(&T) -> bool,
+) -> T {
     let started = Instant::now();
     let result = call.await;
     metrics::histogram!("chat_db_query_seconds", "op" => op)
         .record(started.elapsed().as_secs_f64());
-    if result.is_err() {
+    if failed(&result) {
         metrics::counter!("chat_db_errors_total", "op" => op).increment(1);
     }
     result
@@ -91,8 +100,11 @@ impl Store for MeteredStore {
         timed("remember_user", self.inner.remember_user(user)).await
     }
 
-    async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
-        timed("append", self.inner.append(message)).await
+    /// One `append` operation per call, however many messages it stores;
+    /// an error when any of them failed.
+    async fn append_all(&self, messages: Vec<NewMessage>) -> Vec<Result<Appended, ChatError>> {
+        let call = self.inner.append_all(messages);
+        measured("append", call, |results| results.iter().any(Result::is_err)).await
     }
 
     async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError> {

@@ -14,6 +14,8 @@
 //! - `append` is idempotent on `(room, user, client_id)`: a repeat returns the
 //!   original message as [`Appended::Duplicate`] and stores nothing.
 //! - When `append` returns `Ok`, the message is committed.
+//! - `append_all` stores its messages in one transaction, in their order: a
+//!   room's messages among them get increasing seqs in that order.
 //! - Connection problems are [`ChatError::Unavailable`]; nothing half-done
 //!   is left behind.
 
@@ -125,7 +127,22 @@ pub trait Store: Send + Sync + 'static {
     async fn remember_user(&self, user: &User) -> Result<(), ChatError>;
 
     /// Stores a message with the room's next `seq` (see the module doc).
-    async fn append(&self, message: NewMessage) -> Result<Appended, ChatError>;
+    async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
+        self.append_all(vec![message])
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(ChatError::Internal(anyhow::anyhow!(
+                    "the store answered no result for an append"
+                )))
+            })
+    }
+
+    /// Stores `messages` (each as [`append`](Self::append) does) in one
+    /// transaction, in their order; one result each, in the same order. A
+    /// connection's sends that arrived together are stored this way, so
+    /// they keep their order.
+    async fn append_all(&self, messages: Vec<NewMessage>) -> Vec<Result<Appended, ChatError>>;
 
     /// The room's newest `seq` (0 when it has no message).
     async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError>;

@@ -242,8 +242,8 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn append(&self, message: NewMessage) -> Result<Appended, ChatError> {
-        self.appends.append(message).await
+    async fn append_all(&self, messages: Vec<NewMessage>) -> Vec<Result<Appended, ChatError>> {
+        self.appends.append_all(messages).await
     }
 
     async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError> {

@@ -3,9 +3,12 @@
 //! A session is a single task that owns its socket. Its loop waits, in this
 //! order of priority, for: a close request (revoked 4003, too slow 4008),
 //! server shutdown (1012), token expiry (4001), idle timeout, a frame queued
-//! by the hub, the ping timer, and the next client frame. A client frame is
-//! handled to the end (a send is stored and acked) before the loop looks at
-//! anything else, which is what lets shutdown finish in-flight sends.
+//! by the hub, the ping timer, and the next client frame. A client frame,
+//! with the text frames that arrived behind it, is handled to the end (a
+//! send is stored and acked) before the loop looks at anything else, which
+//! is what lets shutdown finish in-flight sends. Sends that arrived together
+//! (a client sending faster than its acks come back) are stored together,
+//! in their order, so a fast sender waits for one commit, not one per send.
 //!
 //! Frames from the hub wait in a bounded queue; the hub closes the
 //! connection (4008) when the queue is full instead of buffering without
@@ -21,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::{SinkExt, StreamExt, task::AtomicWaker};
+use futures_util::{FutureExt, SinkExt, StreamExt, task::AtomicWaker};
 use poem::Upgraded;
 use tokio::{
     io::AsyncWriteExt,
@@ -41,8 +44,8 @@ use super::io::FrameIo;
 use crate::{
     app::AppState,
     bus::WireUser,
-    chat::Transport,
-    domain::{Caller, Room, User},
+    chat::{Outgoing, Transport},
+    domain::{Caller, ClientId, Room, User},
     error::ChatError,
     hub::{CloseReason, Closer, Connection},
     outbox::Outbox,
@@ -82,6 +85,10 @@ mod close {
 
 /// The most queued frames written with one flush.
 const FRAMES_PER_FLUSH: usize = 64;
+
+/// The most client text frames read and handled together (their sends are
+/// stored in one transaction).
+const TEXTS_PER_TURN: usize = 32;
 
 /// The window of the frame flood limit (`frame_flood_limit` frames per
 /// window, far above what the send limit lets through, so only floods trip it).
@@ -337,6 +344,10 @@ impl Session {
         );
         tokio::pin!(closed, cancelled, timer);
         let rare = RareWakes::new();
+        // A client frame read after a run of text frames, handled next
+        // (boxed: this future is what an idle connection costs, and a
+        // frame's result is large).
+        let mut stashed: Option<Box<Option<Result<WsMessage, tungstenite::Error>>>> = None;
         loop {
             // In priority order: a close request, shutdown, the timer,
             // queued frames, the next client frame. Everything but the queue
@@ -357,6 +368,8 @@ impl Session {
                     Event::Timer
                 } else if conn.outbox.poll_ready(cx).is_ready() {
                     Event::Outbox
+                } else if let Some(incoming) = stashed.take() {
+                    Event::Incoming(*incoming)
                 } else if let Poll::Ready(incoming) = self.socket.poll_next_unpin(&mut rare_cx) {
                     Event::Incoming(incoming)
                 } else {
@@ -421,7 +434,26 @@ impl Session {
                     }
                     let expires_at = self.caller.expires_at;
                     let handled = match message {
-                        WsMessage::Text(text) => Box::pin(self.handle_text(text.as_str())).await,
+                        WsMessage::Text(text) => {
+                            // The text frames that arrived with it are
+                            // handled with it; anything else waits its turn.
+                            let mut texts = vec![text];
+                            while texts.len() < TEXTS_PER_TURN {
+                                let Some(next) = self.socket.next().now_or_never() else {
+                                    break;
+                                };
+                                if let Some(Ok(WsMessage::Text(text))) = next {
+                                    if !flood.allow(last_heard) {
+                                        return End::Close(close::ABUSE, "too many frames");
+                                    }
+                                    texts.push(text);
+                                } else {
+                                    stashed = Some(Box::new(next));
+                                    break;
+                                }
+                            }
+                            Box::pin(self.handle_texts(texts)).await
+                        }
                         WsMessage::Binary(_) => {
                             let err = ChatError::BadRequest(
                                 "binary frames are not accepted; send JSON text".into(),
@@ -473,69 +505,118 @@ impl Session {
         Instant::now() + left.min(FAR)
     }
 
-    async fn handle_text(&mut self, text: &str) -> Result<(), End> {
-        let frame = match ClientFrame::parse(text) {
-            Ok(frame) => frame,
-            Err(bad) => return self.send_error(&bad.error, bad.client_id.as_deref()).await,
-        };
-        match frame {
-            ClientFrame::Message { body, client_id } => {
-                let echo = client_id.as_ref().map(|c| c.as_str().to_owned());
-                // Each send is a trace of its own (a connection may live for
-                // hours), linked to the connection's span.
-                let span = tracing::info_span!(
-                    parent: None,
-                    "chat.send",
-                    transport = "ws",
-                    chat.room_id = %self.room.id,
-                    trace_id = tracing::field::Empty,
-                );
-                span.follows_from(tracing::Span::current());
-                crate::telemetry::record_trace_id(&span);
-                // While the store works on this send, the hub keeps filling
-                // our queue. Those frames go out after the ack (as they
-                // always have), but they are taken off the queue meanwhile,
-                // up to another queue's worth: a client that reads well must
-                // not be closed as too slow (4008) because the database was
-                // slow for its own send — e.g. every sender of a busy room
-                // committing at once when the database comes back.
-                let outbox = &self.conn.outbox;
-                let limit = outbox.capacity();
-                let mut held = Vec::new();
-                let sent = {
-                    let send = self
-                        .state
-                        .chat
-                        .send(&self.caller, &self.room, &body, client_id, Transport::Ws)
-                        .instrument(span);
-                    tokio::pin!(send);
-                    loop {
-                        tokio::select! {
-                            biased;
-                            sent = &mut send => break sent,
-                            () = outbox.ready(), if held.len() < limit => {
-                                outbox.take(limit - held.len(), |frame| held.push(frame));
-                            }
+    /// Text frames read together, in order: each run of sends among them
+    /// is stored in one go.
+    async fn handle_texts(&mut self, texts: Vec<Utf8Bytes>) -> Result<(), End> {
+        let mut run = Vec::new();
+        for text in &texts {
+            match ClientFrame::parse(text.as_str()) {
+                Ok(ClientFrame::Message { body, client_id }) => run.push((body, client_id)),
+                other => {
+                    if !run.is_empty() {
+                        self.send_run(std::mem::take(&mut run)).await?;
+                    }
+                    match other {
+                        Ok(frame) => self.handle_frame(frame).await?,
+                        Err(bad) => {
+                            self.send_error(&bad.error, bad.client_id.as_deref())
+                                .await?
                         }
                     }
-                };
-                // The answer and the frames held meanwhile leave with one
-                // flush, answer first.
-                let answer = match sent {
-                    Ok(sent) => {
-                        let m = &sent.message;
-                        let ack = ServerFrame::Ack {
-                            client_id: m.client_id.as_ref().map(|c| c.as_str()),
-                            id: &m.id,
-                            seq: m.seq,
-                            created_at: format_time(m.created_at),
-                        };
-                        Utf8Bytes::from(ack.to_json())
+                }
+            }
+        }
+        if run.is_empty() {
+            Ok(())
+        } else {
+            self.send_run(run).await
+        }
+    }
+
+    /// Sends that arrived together: stored together in their order, each
+    /// answered (ack or error) in that order.
+    async fn send_run(&mut self, run: Vec<(String, Option<ClientId>)>) -> Result<(), End> {
+        // Each run of sends is a trace of its own (a connection may live
+        // for hours), linked to the connection's span.
+        let span = tracing::info_span!(
+            parent: None,
+            "chat.send",
+            transport = "ws",
+            chat.room_id = %self.room.id,
+            chat.messages = run.len(),
+            trace_id = tracing::field::Empty,
+        );
+        span.follows_from(tracing::Span::current());
+        crate::telemetry::record_trace_id(&span);
+        let (bodies, client_ids): (Vec<String>, Vec<Option<ClientId>>) = run.into_iter().unzip();
+        let echoes: Vec<Option<String>> = client_ids
+            .iter()
+            .map(|c| c.as_ref().map(|c| c.as_str().to_owned()))
+            .collect();
+        let outgoing = bodies
+            .iter()
+            .zip(client_ids)
+            .map(|(body, client_id)| Outgoing { body, client_id })
+            .collect();
+        // While the store works on these sends, the hub keeps filling our
+        // queue. Those frames go out after the answers (as they always
+        // have), but they are taken off the queue meanwhile, up to another
+        // queue's worth: a client that reads well must not be closed as too
+        // slow (4008) because the database was slow for its own send — e.g.
+        // every sender of a busy room committing at once when the database
+        // comes back.
+        let outbox = &self.conn.outbox;
+        let limit = outbox.capacity();
+        let mut held = Vec::new();
+        let results = {
+            let send = self
+                .state
+                .chat
+                .send_all(&self.caller, &self.room, outgoing, Transport::Ws)
+                .instrument(span);
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    biased;
+                    results = &mut send => break results,
+                    () = outbox.ready(), if held.len() < limit => {
+                        outbox.take(limit - held.len(), |frame| held.push(frame));
                     }
-                    Err(err) => error_frame(&err, echo.as_deref()),
-                };
-                let frames = std::iter::once(answer).chain(held);
-                write_all(&mut self.socket, self.state.config.write_timeout, frames).await
+                }
+            }
+        };
+        // The answers, in order, and the frames held meanwhile leave with
+        // one flush, answers first.
+        let answers = results
+            .into_iter()
+            .zip(echoes)
+            .map(|(result, echo)| match result {
+                Ok(sent) => {
+                    let m = &sent.message;
+                    let ack = ServerFrame::Ack {
+                        client_id: m.client_id.as_ref().map(|c| c.as_str()),
+                        id: &m.id,
+                        seq: m.seq,
+                        created_at: format_time(m.created_at),
+                    };
+                    Utf8Bytes::from(ack.to_json())
+                }
+                Err(err) => error_frame(&err, echo.as_deref()),
+            });
+        write_all(
+            &mut self.socket,
+            self.state.config.write_timeout,
+            answers.chain(held),
+        )
+        .await
+    }
+
+    /// One client frame ([`Self::handle_texts`] gathers sends into runs
+    /// and passes the other frames here).
+    async fn handle_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
+        match frame {
+            ClientFrame::Message { body, client_id } => {
+                self.send_run(vec![(body, client_id)]).await
             }
             ClientFrame::Typing => match self.state.chat.typing(&self.caller, &self.room).await {
                 Ok(()) => Ok(()),

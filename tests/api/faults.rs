@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use serde_json::json;
 
 use crate::{
-    helpers::{Backend, TestApp, WsClient, test_database_url, test_redis_url},
+    helpers::{Backend, TestApp, WsClient, bodies, test_database_url, test_redis_url},
     servers::{PgServer, RedisServer},
 };
 
@@ -175,13 +175,7 @@ async fn a_database_outage_refuses_sends_as_unavailable_and_recovers_by_itself()
         (Some("c2"), Some(2))
     );
     let (_, page) = pod.get(&alice, "/api/v1/rooms/global/messages").await;
-    let bodies: Vec<&str> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().unwrap())
-        .collect();
-    assert_eq!(bodies, vec!["during", "before"], "nothing half-stored");
+    assert_eq!(bodies(&page), ["during", "before"], "nothing half-stored");
 }
 
 /// When the database comes back, every sender of a room commits at once and

@@ -462,6 +462,16 @@ pub struct Refusal {
     pub retry_after: Option<String>,
 }
 
+/// The bodies of a history page's messages, in the page's order.
+pub fn bodies(page: &Value) -> Vec<&str> {
+    page["messages"]
+        .as_array()
+        .expect("a page of messages")
+        .iter()
+        .map(|m| m["body"].as_str().expect("a body"))
+        .collect()
+}
+
 pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().await.expect("body");
@@ -501,6 +511,31 @@ impl WsClient {
 
     pub async fn send_text(&mut self, text: &str) {
         self.stream.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Writes text frames back to back, with one flush: they reach the
+    /// server together, as from a client that does not wait for answers.
+    pub async fn send_together(&mut self, frames: &[String]) {
+        for frame in frames {
+            self.stream
+                .feed(Message::text(frame.as_str()))
+                .await
+                .expect("send");
+        }
+        self.stream.flush().await.expect("flush");
+    }
+
+    /// The next JSON frame that is not a broadcast (`message`, `join`,
+    /// `leave`, `typing`): an answer to this client.
+    pub async fn next_answer(&mut self) -> Value {
+        loop {
+            let frame = self.next_json().await;
+            if !["message", "join", "leave", "typing"]
+                .contains(&frame["type"].as_str().unwrap_or(""))
+            {
+                return frame;
+            }
+        }
     }
 
     /// Sends a message frame.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{Closed, TestApp};
+use crate::helpers::{Closed, TestApp, bodies};
 
 #[tokio::test]
 async fn sends_over_the_limit_are_refused_with_retry_after_across_websocket_and_rest() {
@@ -65,6 +65,41 @@ async fn sends_over_the_limit_are_refused_with_retry_after_across_websocket_and_
     tokio::time::sleep(Duration::from_millis(wait + 50)).await;
     client.say("again", Some("late")).await;
     assert_eq!(client.next_of("ack").await["client_id"], "late");
+}
+
+#[tokio::test]
+async fn sends_written_together_are_limited_in_their_order() {
+    let app = TestApp::spawn_with(|c| {
+        c.send_rate_limit = 3;
+        c.send_rate_window = Duration::from_secs(60);
+    })
+    .await;
+    let (mut client, _) = app.join("global", &app.token("alice")).await;
+    let ids = ["a", "b", "c", "d", "e"];
+    let frames: Vec<String> = ids
+        .iter()
+        .map(|id| json!({"type": "message", "body": id, "client_id": id}).to_string())
+        .collect();
+    client.send_together(&frames).await;
+    for (i, id) in ids.iter().enumerate() {
+        let answer = client.next_answer().await;
+        assert_eq!(answer["client_id"], *id, "answers in the sends' order");
+        if i < 3 {
+            assert_eq!(answer["type"], "ack", "{answer}");
+            assert_eq!(answer["seq"], i + 1);
+        } else {
+            assert_eq!(answer["code"], "rate_limited", "{answer}");
+            assert!(answer["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0));
+        }
+    }
+    let (_, page) = app
+        .get(&app.token("x"), "/api/v1/rooms/global/messages")
+        .await;
+    assert_eq!(
+        bodies(&page),
+        ["c", "b", "a"],
+        "the first three, newest first"
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{self, TestApp, WAIT};
 
 #[tokio::test]
 async fn ready_is_the_first_frame_and_describes_room_user_and_presence() {
@@ -173,6 +173,88 @@ async fn concurrent_senders_give_gap_free_seqs_seen_in_order_on_every_connection
         .map(|m| m["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, (1..=total).rev().collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn frames_written_back_to_back_are_answered_and_stored_in_their_order() {
+    let app = TestApp::spawn_with(|c| c.send_rate_limit = 10_000).await;
+    let (mut bob, _) = app.join("global", &app.token("bob")).await;
+    let (mut alice, _) = app.join("global", &app.token("alice")).await;
+    // Sends with other frames among them, more than the server takes in
+    // one turn: each frame's answer, in order (None: a new message's ack).
+    let mut frames = Vec::new();
+    let mut answers: Vec<Option<(&str, &str)>> = Vec::new();
+    let mut bodies = Vec::new();
+    for i in 0..45 {
+        let (frame, answer) = match i {
+            7 => (
+                json!({"type": "message", "body": "  ", "client_id": "blank"}).to_string(),
+                Some(("invalid_message", "blank")),
+            ),
+            12 => (json!({"type": "ping"}).to_string(), Some(("pong", ""))),
+            15 => (
+                json!({"type": "message", "body": "m3", "client_id": "m3"}).to_string(),
+                Some(("ack", "m3")),
+            ),
+            21 => ("not json".to_string(), Some(("bad_request", ""))),
+            22 => (json!({"type": "typing"}).to_string(), None),
+            _ => {
+                bodies.push(format!("m{i}"));
+                (
+                    json!({"type": "message", "body": format!("m{i}"), "client_id": format!("m{i}")})
+                        .to_string(),
+                    None,
+                )
+            }
+        };
+        frames.push(frame);
+        if i != 22 {
+            answers.push(answer);
+        }
+    }
+    alice.send_together(&frames).await;
+
+    let mut next_seq = 1;
+    let mut bodies_left = bodies.iter();
+    for answer in answers {
+        let frame = alice.next_answer().await;
+        match answer {
+            None => {
+                let body = bodies_left.next().unwrap();
+                assert_eq!(frame["type"], "ack", "{frame}");
+                assert_eq!(frame["client_id"], *body, "acks come in the sends' order");
+                assert_eq!(frame["seq"], next_seq, "{frame}");
+                next_seq += 1;
+            }
+            Some(("ack", id)) => {
+                assert_eq!(frame["type"], "ack", "{frame}");
+                assert_eq!(frame["client_id"], id);
+                assert_eq!(frame["seq"], 4, "a retry is answered with the original");
+            }
+            Some(("pong", _)) => assert_eq!(frame["type"], "pong", "{frame}"),
+            Some((code, id)) => {
+                assert_eq!(frame["type"], "error", "{frame}");
+                assert_eq!(frame["code"], code, "{frame}");
+                if !id.is_empty() {
+                    assert_eq!(frame["client_id"], id);
+                }
+            }
+        }
+    }
+    let stored = bodies.len() as u64;
+    assert_eq!(next_seq, stored + 1);
+    for (seq, body) in (1..).zip(&bodies) {
+        let frame = bob.next_of("message").await;
+        assert_eq!(frame["seq"], seq, "{frame}");
+        assert_eq!(frame["body"], *body, "stored in the order sent");
+    }
+    let (_, page) = app
+        .get(
+            &app.token("x"),
+            "/api/v1/rooms/global/messages?after_seq=0&limit=200",
+        )
+        .await;
+    assert_eq!(helpers::bodies(&page), bodies);
 }
 
 #[tokio::test]

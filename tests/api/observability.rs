@@ -216,6 +216,39 @@ async fn scrape(addr: &str) -> HashMap<String, f64> {
 }
 
 #[tokio::test]
+async fn sends_written_together_share_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_pod, addr) = spawn_service(dir.path(), &[("SEND_RATE_LIMIT", "1000")]).await;
+    let mut alice = connect_to(&addr, "global", "alice").await;
+    alice.next_json().await;
+    const SENDS: usize = 20;
+    let frames: Vec<String> = (0..SENDS)
+        .map(|i| serde_json::json!({"type": "message", "body": format!("m{i}"), "client_id": format!("m{i}")}).to_string())
+        .collect();
+    alice.send_together(&frames).await;
+    for i in 0..SENDS {
+        let ack = alice.next_answer().await;
+        assert_eq!(ack["client_id"], format!("m{i}"), "{ack}");
+        assert_eq!(ack["seq"], i + 1);
+    }
+    let after = scrape(&addr).await;
+    assert_eq!(
+        after.get("chat_store_batch_size_count{}"),
+        Some(&1.0),
+        "one transaction"
+    );
+    assert_eq!(
+        after.get("chat_store_batch_size_sum{}"),
+        Some(&(SENDS as f64))
+    );
+    assert_eq!(
+        after.get("chat_send_ack_seconds_count{transport=ws}"),
+        Some(&(SENDS as f64)),
+        "each send is still answered and timed on its own"
+    );
+}
+
+#[tokio::test]
 async fn metrics_move_with_real_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let (pod, addr) = spawn_service(dir.path(), &[("SEND_RATE_LIMIT", "5")]).await;
