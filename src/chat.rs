@@ -222,6 +222,7 @@ impl Chat {
         let results = self.send_steps(caller, room, sends, received_at_us).await;
         let transport = transport.as_str();
         let took = received.elapsed().as_secs_f64();
+        let ack_time = metrics::histogram!("chat_send_ack_seconds", "transport" => transport);
         for result in &results {
             match result {
                 Ok(sent) if sent.duplicate => {
@@ -238,7 +239,7 @@ impl Chat {
                         .increment(1);
                 }
             }
-            metrics::histogram!("chat_send_ack_seconds", "transport" => transport).record(took);
+            ack_time.record(took);
         }
         results
     }
