@@ -220,26 +220,23 @@ impl Chat {
         let received = std::time::Instant::now();
         let received_at_us = unix_micros();
         let results = self.send_steps(caller, room, sends, received_at_us).await;
-        let transport = transport.as_str();
         let took = received.elapsed().as_secs_f64();
-        let ack_time = metrics::histogram!("chat_send_ack_seconds", "transport" => transport);
+        let handles = crate::telemetry::per_message();
+        let counted = match transport {
+            Transport::Ws => &handles.ws,
+            Transport::Rest => &handles.rest,
+        };
         for result in &results {
             match result {
-                Ok(sent) if sent.duplicate => {
-                    metrics::counter!("chat_messages_duplicate_total", "transport" => transport)
-                        .increment(1);
-                }
-                Ok(_) => {
-                    metrics::counter!("chat_messages_accepted_total", "transport" => transport)
-                        .increment(1);
-                }
+                Ok(sent) if sent.duplicate => counted.duplicate.increment(1),
+                Ok(_) => counted.accepted.increment(1),
                 Err(err) => {
                     let reason = err.code().as_str();
-                    metrics::counter!("chat_messages_refused_total", "transport" => transport, "reason" => reason)
+                    metrics::counter!("chat_messages_refused_total", "transport" => transport.as_str(), "reason" => reason)
                         .increment(1);
                 }
             }
-            ack_time.record(took);
+            counted.ack_seconds.record(took);
         }
         results
     }

@@ -635,12 +635,13 @@ fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
         }
         true
     });
-    metrics::counter!("chat_deliveries_total").increment(deliveries);
+    let handles = crate::telemetry::per_message();
+    handles.deliveries.increment(deliveries);
     let mut now = None;
     for received in frames.iter().filter_map(|f| f.received_at_us) {
         let now = *now.get_or_insert_with(crate::chat::unix_micros);
         let latency = (now - received).max(0) as f64 / 1e6;
-        metrics::histogram!("chat_send_delivery_seconds").record(latency);
+        handles.delivery_seconds.record(latency);
     }
 }
 

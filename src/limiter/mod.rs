@@ -99,7 +99,13 @@ fn kind_of(key: &str) -> &'static str {
 /// registry lookup, however many hits a call decided).
 fn checked(kind: &'static str, started: std::time::Instant, count: usize) {
     let took = started.elapsed().as_secs_f64();
-    let histogram = metrics::histogram!("chat_rate_limit_check_seconds", "kind" => kind);
+    let looked_up;
+    let histogram = if kind == "send" {
+        &crate::telemetry::per_message().send_check_seconds
+    } else {
+        looked_up = metrics::histogram!("chat_rate_limit_check_seconds", "kind" => kind);
+        &looked_up
+    };
     for _ in 0..count {
         histogram.record(took);
     }
