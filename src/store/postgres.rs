@@ -6,13 +6,20 @@
 //! writers of one room (on any pod) take turns while writers of different
 //! rooms proceed in parallel, gives each new message the room's next seq
 //! and advances `rooms.last_seq`. A failed call stores nothing and takes no
-//! seq, so there are never gaps.
+//! seq, so there are never gaps. A connection that just committed a batch
+//! takes the next one as it is (see `WARM_FOR`); the pool's check of a
+//! connection it hands out, a round trip to the database, is paid only
+//! after a pause.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use sqlx::{
-    Row,
+    Postgres, Row,
+    pool::PoolConnection,
     postgres::{PgPool, PgPoolOptions},
 };
 use time::OffsetDateTime;
@@ -76,11 +83,8 @@ impl PostgresStore {
                 })
             })
             .connect_lazy(url)?;
-        let appends = GroupCommit::start(
-            Arc::new(Appender { pool: pool.clone() }),
-            COMMITTERS,
-            MAX_BATCH,
-        );
+        let appends =
+            GroupCommit::start(Arc::new(Appender::new(pool.clone())), COMMITTERS, MAX_BATCH);
         Ok(Self { pool, appends })
     }
 
@@ -347,6 +351,69 @@ impl Store for PostgresStore {
 /// Appends batches for [`GroupCommit`].
 struct Appender {
     pool: PgPool,
+    /// Connections that committed a batch less than [`WARM_FOR`] ago, with
+    /// when: the next batch takes one of them as it is.
+    warm: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+}
+
+/// How long a connection that just committed is reused without a check.
+/// The pool checks a connection it hands out with a round trip (a lone
+/// `Sync`), which is one more exchange with the database before every
+/// transaction, on the path of every ack; a connection that answered a
+/// moment ago is as good as checked. If the database went away in that
+/// moment, the batch fails as it would have had it gone away during the
+/// transaction (its sends are answered `unavailable`), and the connection
+/// goes back to the pool, which checks it before handing it out again.
+const WARM_FOR: Duration = Duration::from_secs(1);
+
+impl Appender {
+    fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            warm: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Gives every kept connection back to the pool.
+    #[cfg(test)]
+    fn give_back(&self) {
+        let kept = std::mem::take(&mut *self.warm());
+        drop(kept);
+    }
+
+    /// The connection that committed last, if warm; else one from the pool
+    /// (checked).
+    async fn connection(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let newest = self.warm().pop();
+        match newest {
+            Some((conn, used)) if used.elapsed() < WARM_FOR => Ok(conn),
+            // Stale (and so is any older one): the pool checks it before
+            // handing it out again.
+            stale => {
+                drop(stale);
+                self.pool.acquire().await
+            }
+        }
+    }
+
+    /// Keeps a connection that just committed for the next batch, and gives
+    /// the pool back those that went unused for [`WARM_FOR`].
+    fn committed(&self, conn: PoolConnection<Postgres>) {
+        let mut warm = self.warm();
+        let fresh = warm
+            .iter()
+            .position(|(_, used)| used.elapsed() < WARM_FOR)
+            .unwrap_or(warm.len());
+        let stale: Vec<_> = warm.drain(..fresh).collect();
+        warm.push((conn, Instant::now()));
+        drop(warm);
+        drop(stale);
+    }
+
+    fn warm(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
+        // Held for a `Vec` operation only: a poisoned lock is still good.
+        self.warm.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[async_trait]
@@ -363,6 +430,7 @@ impl AppendBatch for Appender {
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
         let distinct = Distinct::of(batch);
         let sent = &distinct.messages;
+        let mut conn = self.connection().await?;
         let rows = sqlx::query(
             "SELECT * FROM chat_append_batch($1::text[], $2::text[], $3::text[], $4::text[], \
                                              $5::text[], $6::text[], $7::int8[])",
@@ -386,8 +454,10 @@ impl AppendBatch for Appender {
                 .map(|m| to_millis(m.created_at))
                 .collect::<Vec<_>>(),
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
+        // (After a failure the connection goes back to the pool instead.)
+        self.committed(conn);
         let mut outcomes = distinct.unanswered();
         for row in &rows {
             // `ord` counts from 1 (SQL's `WITH ORDINALITY`).
@@ -432,9 +502,7 @@ mod tests {
         for id in ["r1", "r2"] {
             store.create_room(&public_room(id), &[]).await.unwrap();
         }
-        let appender = Appender {
-            pool: store.pool.clone(),
-        };
+        let appender = Appender::new(store.pool.clone());
 
         let batch = [
             new_message("r1", "ann", "first", Some("k1")),
@@ -509,7 +577,7 @@ mod tests {
             .await
             .unwrap();
         sqlx::query(SESSION_SETTINGS).execute(&pool).await.unwrap();
-        let appender = Appender { pool: pool.clone() };
+        let appender = Appender::new(pool.clone());
         let send = |n: i64| new_message("lobby", "ann", "hello", Some(&format!("k{n}")));
         const SENDS: i64 = 300;
         for n in 0..SENDS {
@@ -520,11 +588,14 @@ mod tests {
                 assert_eq!(duplicate(&results[0]).seq, 1);
             }
         }
+        // The appender keeps the pool's one connection while it is warm.
+        appender.give_back();
         let before = idempotency_index_use(&pool, 1).await;
         for n in 0..SENDS {
             let results = appender.append_batch(&[send(n)]).await.unwrap();
             assert_eq!(duplicate(&results[0]).seq, n as u64 + 1);
         }
+        appender.give_back();
         let after = idempotency_index_use(&pool, before.0 + SENDS).await;
         let (scans, read) = (after.0 - before.0, after.1 - before.1);
         assert!(scans >= SENDS, "one probe per retry, saw {scans} scans");
