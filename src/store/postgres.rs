@@ -387,8 +387,8 @@ impl Appender {
         let newest = self.warm().pop();
         match newest {
             Some((conn, used)) if used.elapsed() < WARM_FOR => Ok(conn),
-            // Stale (and so is any older one): the pool checks it before
-            // handing it out again.
+            // Stale (older ones are too, and go back when the next batch
+            // commits): the pool checks it before handing it out again.
             stale => {
                 drop(stale);
                 self.pool.acquire().await
