@@ -99,6 +99,7 @@ fn kind_of(key: &str) -> &'static str {
 /// registry lookup, however many hits a call decided).
 fn checked(kind: &'static str, started: std::time::Instant, count: usize) {
     let took = started.elapsed().as_secs_f64();
+    // Sends are checked once per message: their handle is registered once.
     let looked_up;
     let histogram = if kind == "send" {
         &crate::telemetry::per_message().send_check_seconds

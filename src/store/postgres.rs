@@ -351,8 +351,9 @@ impl Store for PostgresStore {
 /// Appends batches for [`GroupCommit`].
 struct Appender {
     pool: PgPool,
-    /// Connections that committed a batch less than [`WARM_FOR`] ago, with
-    /// when: the next batch takes one of them as it is.
+    /// Connections that committed a batch, with when, newest last: the
+    /// next batch takes the newest as it is if it is younger than
+    /// [`WARM_FOR`]. (At most one per committer.)
     warm: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
 }
 

@@ -586,8 +586,9 @@ impl Session {
             }
         };
         // What the send itself queued (the sender's copy of its messages,
-        // delivered here before the answer) leaves in the same write: one
-        // system call per send, not one for the ack and one for the copy.
+        // queued by the hub just before the store's answer came back)
+        // leaves in the same write, after the answers: one system call per
+        // send, not one for the ack and one for the copy.
         outbox.take(limit.saturating_sub(held.len()), |frame| held.push(frame));
         // The answers, in order, and the frames held meanwhile leave with
         // one flush, answers first.
