@@ -330,7 +330,7 @@ impl Chat {
                     let key = format!("send:{}", caller.id());
                     enforce_all(&*self.limiter, &key, self.limits.send, valid).await
                 }
-                Err(err) => (0..valid).map(|_| Err(err.again())).collect(),
+                Err(err) => err.for_each(valid),
             }
         };
         let mut verdicts = verdicts.into_iter();

@@ -138,7 +138,7 @@ impl ChatError {
     /// The same error again, for another of the operations it failed
     /// (e.g. every message of a batch whose transaction failed). A backend
     /// cause is carried as its text.
-    pub fn again(&self) -> Self {
+    fn again(&self) -> Self {
         match self {
             Self::BadRequest(m) => Self::BadRequest(m.clone()),
             Self::MessageTooLong(m) => Self::MessageTooLong(m.clone()),
@@ -153,6 +153,11 @@ impl ChatError {
             Self::Unavailable(cause) => Self::Unavailable(anyhow::anyhow!("{cause:#}")),
             Self::Internal(cause) => Self::Internal(anyhow::anyhow!("{cause:#}")),
         }
+    }
+
+    /// This error as the result of each of `count` operations it failed.
+    pub fn for_each<T>(&self, count: usize) -> Vec<Result<T, Self>> {
+        (0..count).map(|_| Err(self.again())).collect()
     }
 
     pub fn forbidden() -> Self {

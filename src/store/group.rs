@@ -96,13 +96,7 @@ impl GroupCommit {
 }
 
 fn stopped(count: usize) -> Results {
-    (0..count)
-        .map(|_| {
-            Err(ChatError::Internal(anyhow::anyhow!(
-                "the group committer stopped"
-            )))
-        })
-        .collect()
+    ChatError::Internal(anyhow::anyhow!("the group committer stopped")).for_each(count)
 }
 
 /// `in_flight` counts the transactions being committed.
@@ -178,7 +172,7 @@ async fn commit(
 ) -> Vec<Result<Appended, ChatError>> {
     match target.append_batch(batch).await {
         Ok(results) => results,
-        Err(err @ ChatError::Unavailable(_)) => batch.iter().map(|_| Err(err.again())).collect(),
+        Err(err @ ChatError::Unavailable(_)) => err.for_each(batch.len()),
         Err(err) if batch.len() == 1 => vec![Err(err)],
         Err(err) => {
             tracing::warn!(error = %err, size = batch.len(), "batch append failed; appending one by one");
@@ -356,8 +350,9 @@ mod tests {
         group: &Arc<GroupCommit>,
         body: &str,
     ) -> tokio::task::JoinHandle<Result<Appended, ChatError>> {
-        let group = send_all(group, &[body]);
-        tokio::spawn(async move { group.await.unwrap().pop().unwrap() })
+        let group = Arc::clone(group);
+        let message = new_message("lobby", "ada", body, None);
+        tokio::spawn(async move { group.append_all(vec![message]).await.pop().unwrap() })
     }
 
     fn seq(result: &Result<Appended, ChatError>) -> u64 {

@@ -26,24 +26,21 @@ async fn timed<T>(
     op: &'static str,
     call: impl Future<Output = Result<T, ChatError>>,
 ) -> Result<T, ChatError> {
-    measured(op, call, Result::is_err).await
+    let seconds = metrics::histogram!("chat_db_query_seconds", "op" => op);
+    measured(op, &seconds, call, Result::is_err).await
 }
 
-/// Times `call`, and counts it as an error when `failed` says so.
+/// Times `call` into `seconds` (`chat_db_query_seconds{op}`), and counts
+/// it as an error when `failed` says so.
 async fn measured<T>(
     op: &'static str,
+    seconds: &metrics::Histogram,
     call: impl Future<Output = T>,
     failed: impl FnOnce(&T) -> bool,
 ) -> T {
     let started = Instant::now();
     let result = call.await;
-    let took = started.elapsed().as_secs_f64();
-    if op == "append" {
-        // Once per send: a registered handle, not a lookup by name.
-        crate::telemetry::per_message().append_seconds.record(took);
-    } else {
-        metrics::histogram!("chat_db_query_seconds", "op" => op).record(took);
-    }
+    seconds.record(started.elapsed().as_secs_f64());
     if failed(&result) {
         metrics::counter!("chat_db_errors_total", "op" => op).increment(1);
     }
@@ -108,8 +105,13 @@ impl Store for MeteredStore {
     /// One `append` operation per call, however many messages it stores;
     /// an error when any of them failed.
     async fn append_all(&self, messages: Vec<NewMessage>) -> Vec<Result<Appended, ChatError>> {
+        // Once per send: a registered handle, not a lookup by name.
+        let seconds = &crate::telemetry::per_message().append_seconds;
         let call = self.inner.append_all(messages);
-        measured("append", call, |results| results.iter().any(Result::is_err)).await
+        measured("append", seconds, call, |results| {
+            results.iter().any(Result::is_err)
+        })
+        .await
     }
 
     async fn last_seq(&self, room: &RoomId) -> Result<u64, ChatError> {
