@@ -559,6 +559,101 @@ mod tests {
         );
     }
 
+    /// Two pods' batches naming the same rooms in opposite orders lock them
+    /// in one order, so they wait for each other instead of deadlocking
+    /// (PostgreSQL would abort one of a deadlocked pair after a second,
+    /// failing its batch). A third transaction holds the middle room while
+    /// both batches start, so each takes every lock it can before waiting:
+    /// locking in the batches' own orders, each would then hold a room the
+    /// other waits for.
+    #[tokio::test]
+    async fn batches_sharing_rooms_in_opposite_orders_never_deadlock() {
+        let schema = PgSchema::new().await;
+        let store = PostgresStore::connect(&schema.url).await.unwrap();
+        store.migrate().await.unwrap();
+        // Many rooms, as in production, so the planner looks the batch's
+        // rooms up one by one. (Over a table of a few rows it may read the
+        // whole index instead, in id order whatever order the function asks
+        // for, and the test would prove nothing.)
+        sqlx::query(
+            "INSERT INTO rooms (id, kind, name, created_at) \
+             SELECT format('room-%s', lpad(n::text, 4, '0')), 'public', 'Room', 0 \
+             FROM generate_series(0, 1999) AS n",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE rooms")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let rooms: Vec<String> = (0..40).map(|n| format!("room-{:04}", n * 50)).collect();
+        let mut holder = store.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM rooms WHERE id = 'room-1000' FOR UPDATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let mut backends = Vec::new();
+        let mut pods = Vec::new();
+        for (user, reversed) in [("ann", false), ("bob", true)] {
+            // A pool of its own, as another pod's.
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&schema.url)
+                .await
+                .unwrap();
+            sqlx::query(SESSION_SETTINGS).execute(&pool).await.unwrap();
+            let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            backends.push(backend);
+            let mut batch: Vec<NewMessage> = rooms
+                .iter()
+                .map(|room| new_message(room, user, user, None))
+                .collect();
+            if reversed {
+                batch.reverse();
+            }
+            pods.push(tokio::spawn(async move {
+                let appender = Appender::new(pool);
+                let results = appender.append_batch(&batch).await;
+                appender.give_back();
+                results.map(|results| results.iter().all(Result::is_ok))
+            }));
+        }
+        // Both batches wait on a lock (the middle room, or a room the other
+        // took first) before the holder lets go.
+        let mut waiting = 0;
+        for _ in 0..200 {
+            waiting = sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE pid = ANY($1) AND wait_event_type = 'Lock'",
+            )
+            .bind(&backends)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            if waiting == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(waiting, 2, "both batches should be waiting on a room lock");
+        holder.commit().await.unwrap();
+        for pod in pods {
+            assert!(pod.await.unwrap().unwrap(), "every message stored");
+        }
+        for room in &rooms {
+            let history = history_of(&store, room).await;
+            let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, [1, 2], "{room}");
+            let mut bodies: Vec<&str> = history.iter().map(|m| m.body.as_str()).collect();
+            bodies.sort_unstable();
+            assert_eq!(bodies, ["ann", "bob"], "{room}");
+        }
+    }
+
     /// The retry lookup must stay an index probe per message however small
     /// `messages` was when the session planned it: a plan made on the empty
     /// table once read the whole idempotency index for every batch. (Only a
