@@ -28,6 +28,7 @@ use crate::{
     config::ServeConfig,
     hub::{Coalescing, Hub},
     limiter::{Limiter, memory::MemoryLimiter, redis::RedisLimiter},
+    listener::ChatAcceptor,
     presence::{Presence, memory::MemoryPresence, redis::RedisPresence},
     store::{self, Store, cached::CachedStore, metered::MeteredStore},
     web, ws,
@@ -189,7 +190,7 @@ impl Backends {
 
 pub struct Application {
     state: AppState,
-    acceptor: NoDelay,
+    acceptor: ChatAcceptor,
     local_addr: SocketAddr,
 }
 
@@ -257,10 +258,11 @@ impl Application {
                  any user at POST /dev/token. Never turn it on outside local development."
             );
         }
-        let acceptor = NoDelay(
+        let acceptor = ChatAcceptor::new(
             TcpListener::bind(state.config.listen)
                 .into_acceptor()
                 .await?,
+            state.config.request_header_timeout,
         );
         let local_addr = acceptor
             .local_addr()
@@ -305,36 +307,6 @@ impl Application {
             .await?;
         background.cancel();
         Ok(())
-    }
-}
-
-/// Accepts TCP connections with Nagle's algorithm off. Chat frames are
-/// small and each must leave at once: with it on, a frame written while
-/// the previous one is unacknowledged waits for the peer's delayed ACK (up
-/// to 40 ms on Linux) — measured as a 40 ms floor under every `ack` in a
-/// busy room.
-pub struct NoDelay(poem::listener::TcpAcceptor);
-
-impl Acceptor for NoDelay {
-    type Io = tokio::net::TcpStream;
-
-    fn local_addr(&self) -> Vec<poem::web::LocalAddr> {
-        self.0.local_addr()
-    }
-
-    async fn accept(
-        &mut self,
-    ) -> std::io::Result<(
-        Self::Io,
-        poem::web::LocalAddr,
-        poem::web::RemoteAddr,
-        poem::http::uri::Scheme,
-    )> {
-        let accepted = self.0.accept().await?;
-        if let Err(err) = accepted.0.set_nodelay(true) {
-            tracing::debug!(error = %err, "could not turn Nagle's algorithm off");
-        }
-        Ok(accepted)
     }
 }
 
@@ -444,27 +416,4 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .nest("/docs", viewer)
         .around(api::observe)
         .data(state)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let mut acceptor = NoDelay(
-            TcpListener::bind("127.0.0.1:0")
-                .into_acceptor()
-                .await
-                .expect("a listener"),
-        );
-        let addr = *acceptor.local_addr()[0]
-            .as_socket_addr()
-            .expect("a socket address");
-        let client = tokio::net::TcpStream::connect(addr);
-        let (accepted, client) = tokio::join!(acceptor.accept(), client);
-        let (stream, ..) = accepted.expect("accepted");
-        client.expect("connected");
-        assert!(stream.nodelay().expect("the option reads"));
-    }
 }

@@ -261,6 +261,11 @@ pub struct ServeConfig {
     #[arg(long, global = true, env = "FRAME_FLOOD_LIMIT", default_value_t = 200)]
     pub frame_flood_limit: u32,
 
+    /// A connection that has not sent its first request's line and headers
+    /// this long after it was accepted is closed (0 = no limit).
+    #[arg(long, global = true, env = "REQUEST_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub request_header_timeout: Duration,
+
     /// A write to a socket that takes longer than this closes it as too slow.
     #[arg(long, global = true, env = "WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub write_timeout: Duration,

@@ -27,6 +27,7 @@ pub mod domain;
 pub mod error;
 pub mod hub;
 pub mod limiter;
+pub mod listener;
 pub mod outbox;
 pub mod presence;
 pub mod protocol;

@@ -288,6 +288,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "Messages stored per append transaction (group commit)",
     ),
     (
+        "chat_http_header_timeouts_total",
+        MetricKind::Counter,
+        "",
+        "Connections closed because their first request head did not arrive in time",
+    ),
+    (
         "chat_http_request_duration_seconds",
         MetricKind::Histogram,
         "route, method, status",

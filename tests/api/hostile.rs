@@ -630,6 +630,78 @@ async fn a_flood_of_connection_attempts_from_one_ip_is_refused_with_429_and_othe
     drop((idle, open));
 }
 
+/// Reads until the server closes the socket (end of stream or reset),
+/// which must not answer first.
+async fn closed_by_server(socket: &mut tokio::net::tcp::OwnedReadHalf) {
+    let mut buf = [0u8; 256];
+    if let Ok(n @ 1..) = socket.read(&mut buf).await {
+        panic!(
+            "the server answered: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+}
+
+/// Sockets that never finish their first request's line and headers, one
+/// silent and one sending a header line every 100 ms, are closed once
+/// `REQUEST_HEADER_TIMEOUT` has passed, and counted; WebSockets opened
+/// before then go on, and requests that come whole are answered.
+#[tokio::test]
+async fn connections_that_never_finish_their_request_head_are_closed_in_time() {
+    const LIMIT: Duration = Duration::from_millis(600);
+    let app = TestApp::spawn_with(|c| {
+        generous(c);
+        c.request_header_timeout = LIMIT;
+    })
+    .await;
+    let mut room = Bystanders::join(&app, "global").await;
+    let timeouts = || async {
+        let (_, metrics) = app.get_text("/metrics").await;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("chat_http_header_timeouts_total "))
+            .map_or(0.0, |value| value.parse::<f64>().unwrap())
+    };
+    let before = timeouts().await;
+
+    let started = tokio::time::Instant::now();
+    let (mut silent, _silent_writes) = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .unwrap()
+        .into_split();
+    let (mut slow, mut slow_writes) = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .unwrap()
+        .into_split();
+    let trickle = tokio::spawn(async move {
+        slow_writes
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow_writes.write_all(b"X-Slow: yes\r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    for socket in [&mut silent, &mut slow] {
+        tokio::time::timeout(crate::helpers::WAIT, closed_by_server(socket))
+            .await
+            .expect("closed within the harness's wait");
+    }
+    assert!(
+        started.elapsed() >= LIMIT,
+        "closed early: {:?}",
+        started.elapsed()
+    );
+    trickle.abort();
+
+    room.exchange(3).await;
+    assert_eq!(app.get_text("/healthz").await.0, 200);
+    assert!(timeouts().await - before >= 2.0, "both closes counted");
+}
+
 // ------------------------------------------------------------------ REST
 
 #[tokio::test]
