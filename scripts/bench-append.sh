@@ -66,6 +66,10 @@ SQL
 # children the postmaster has reaped (pgbench's session ends in there).
 server_ticks() {
     local pid total=0 fields
+    # pgbench's session has just ended: read once the postmaster has
+    # reaped its backend, or that backend's CPU may be in neither reading
+    # (seen as calls that cost 0.01 ms).
+    sleep 1
     for pid in $(pgrep -x postgres); do
         fields=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null) || continue
         total=$((total + fields))
