@@ -28,7 +28,7 @@ use crate::{
     config::ServeConfig,
     hub::{Coalescing, Hub},
     limiter::{Limiter, memory::MemoryLimiter, redis::RedisLimiter},
-    listener::ChatAcceptor,
+    listener::{ChatAcceptor, HeadTimeouts},
     presence::{Presence, memory::MemoryPresence, redis::RedisPresence},
     store::{self, Store, cached::CachedStore, metered::MeteredStore},
     web, ws,
@@ -262,7 +262,10 @@ impl Application {
             TcpListener::bind(state.config.listen)
                 .into_acceptor()
                 .await?,
-            state.config.request_header_timeout,
+            HeadTimeouts {
+                first: state.config.request_header_timeout,
+                keep_alive: state.config.keep_alive_timeout,
+            },
         );
         let local_addr = acceptor
             .local_addr()

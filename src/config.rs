@@ -266,6 +266,13 @@ pub struct ServeConfig {
     #[arg(long, global = true, env = "REQUEST_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub request_header_timeout: Duration,
 
+    /// A keep-alive connection whose next request's line and headers have
+    /// not arrived this long after the previous response began is closed
+    /// (0 = no limit). Keep it above the idle timeout of any load balancer
+    /// that reuses connections to the service.
+    #[arg(long, global = true, env = "KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = duration)]
+    pub keep_alive_timeout: Duration,
+
     /// A write to a socket that takes longer than this closes it as too slow.
     #[arg(long, global = true, env = "WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub write_timeout: Duration,

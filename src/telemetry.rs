@@ -291,7 +291,7 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "chat_http_header_timeouts_total",
         MetricKind::Counter,
         "",
-        "Connections closed because their first request head did not arrive in time",
+        "Connections closed because a request head did not arrive in time (idle keep-alive closes not counted)",
     ),
     (
         "chat_http_request_duration_seconds",

@@ -644,14 +644,17 @@ async fn closed_by_server(socket: &mut tokio::net::tcp::OwnedReadHalf) {
 
 /// Sockets that never finish their first request's line and headers, one
 /// silent and one sending a header line every 100 ms, are closed once
-/// `REQUEST_HEADER_TIMEOUT` has passed, and counted; WebSockets opened
-/// before then go on, and requests that come whole are answered.
+/// `REQUEST_HEADER_TIMEOUT` has passed, and counted; so is a keep-alive
+/// connection left idle after its answer, once `KEEP_ALIVE_TIMEOUT` has
+/// passed. WebSockets opened before then go on, and requests that come
+/// whole are answered.
 #[tokio::test]
 async fn connections_that_never_finish_their_request_head_are_closed_in_time() {
     const LIMIT: Duration = Duration::from_millis(600);
     let app = TestApp::spawn_with(|c| {
         generous(c);
         c.request_header_timeout = LIMIT;
+        c.keep_alive_timeout = LIMIT;
     })
     .await;
     let mut room = Bystanders::join(&app, "global").await;
@@ -685,6 +688,11 @@ async fn connections_that_never_finish_their_request_head_are_closed_in_time() {
             }
         }
     });
+    let mut kept = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = tokio::time::Instant::now();
     for socket in [&mut silent, &mut slow] {
         tokio::time::timeout(crate::helpers::WAIT, closed_by_server(socket))
             .await
@@ -696,10 +704,25 @@ async fn connections_that_never_finish_their_request_head_are_closed_in_time() {
         started.elapsed()
     );
     trickle.abort();
+    let mut answer = Vec::new();
+    tokio::time::timeout(crate::helpers::WAIT, kept.read_to_end(&mut answer))
+        .await
+        .expect("the idle keep-alive connection closed within the harness's wait")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        answered.elapsed() >= LIMIT,
+        "closed early: {:?}",
+        answered.elapsed()
+    );
 
     room.exchange(3).await;
     assert_eq!(app.get_text("/healthz").await.0, 200);
-    assert!(timeouts().await - before >= 2.0, "both closes counted");
+    assert!(timeouts().await - before >= 2.0, "both slow heads counted");
 }
 
 // ------------------------------------------------------------------ REST
