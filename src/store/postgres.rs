@@ -479,6 +479,17 @@ mod tests {
     use super::*;
     use crate::testing::{PgSchema, history_of, new_message, public_room};
 
+    /// A pool of one connection, with the store's session settings.
+    async fn one_session(url: &str) -> PgPool {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .unwrap();
+        sqlx::query(SESSION_SETTINGS).execute(&pool).await.unwrap();
+        pool
+    }
+
     fn stored(result: &Result<Appended, ChatError>) -> &Message {
         match result {
             Ok(Appended::Stored(message)) => message,
@@ -597,12 +608,7 @@ mod tests {
         let mut pods = Vec::new();
         for (user, reversed) in [("ann", false), ("bob", true)] {
             // A pool of its own, as another pod's.
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&schema.url)
-                .await
-                .unwrap();
-            sqlx::query(SESSION_SETTINGS).execute(&pool).await.unwrap();
+            let pool = one_session(&schema.url).await;
             let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                 .fetch_one(&pool)
                 .await
@@ -667,12 +673,7 @@ mod tests {
         store.create_room(&public_room("lobby"), &[]).await.unwrap();
         // One session, configured as the store's, does every append, so it
         // plans the lookup while `messages` holds a single row.
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&schema.url)
-            .await
-            .unwrap();
-        sqlx::query(SESSION_SETTINGS).execute(&pool).await.unwrap();
+        let pool = one_session(&schema.url).await;
         let appender = Appender::new(pool.clone());
         let send = |n: i64| new_message("lobby", "ann", "hello", Some(&format!("k{n}")));
         const SENDS: i64 = 300;
