@@ -385,8 +385,9 @@ mod tests {
     async fn a_connection_must_finish_its_first_head_in_time() {
         let (mut listener, addr) = listener(LIMIT, LIMIT).await;
 
-        let (mut silent, _client) = pair(&mut listener, addr).await;
+        // Before the accept, which starts the deadline.
         let started = tokio::time::Instant::now();
+        let (mut silent, _client) = pair(&mut listener, addr).await;
         assert_eq!(next_read(&mut silent).await, Err(io::ErrorKind::TimedOut));
         assert!(started.elapsed() >= LIMIT);
 
@@ -403,8 +404,8 @@ mod tests {
     #[tokio::test]
     async fn a_head_trickling_in_is_cut_off_at_the_deadline() {
         let (mut listener, addr) = listener(LIMIT, LIMIT).await;
-        let (mut slow, mut client) = pair(&mut listener, addr).await;
         let started = tokio::time::Instant::now();
+        let (mut slow, mut client) = pair(&mut listener, addr).await;
         let trickle = tokio::spawn(async move {
             client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
             for _ in 0..20 {

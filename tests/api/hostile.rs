@@ -689,10 +689,11 @@ async fn connections_that_never_finish_their_request_head_are_closed_in_time() {
         }
     });
     let mut kept = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // Before the request, so before the answer that starts the deadline.
+    let answered = tokio::time::Instant::now();
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let answered = tokio::time::Instant::now();
     for socket in [&mut silent, &mut slow] {
         tokio::time::timeout(crate::helpers::WAIT, closed_by_server(socket))
             .await
