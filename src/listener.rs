@@ -135,13 +135,21 @@ impl<S> HeadDeadline<S> {
         }
     }
 
-    /// Called with the first bytes of each write: the start of a response
-    /// ends the `Answering` phase. When a keep-alive deadline starts, its
-    /// timer is registered with the writing task at once: the connection's
-    /// read may already be waiting on the socket, and would not look at the
-    /// deadline until the client sent something.
+    /// True between a head's end and its response's first write: only
+    /// then do writes need a look (one branch on every other write, a
+    /// WebSocket's included).
+    fn answering(&self) -> bool {
+        matches!(self.phase, Phase::Answering)
+    }
+
+    /// Called, while [`answering`](Self::answering), with the first bytes
+    /// of a write: the start of a response ends the `Answering` phase. When
+    /// a keep-alive deadline starts, its timer is registered with the
+    /// writing task at once: the connection's read may already be waiting
+    /// on the socket, and would not look at the deadline until the client
+    /// sent something.
     fn writing(&mut self, bytes: &[u8], cx: &mut Context<'_>) {
-        if !matches!(self.phase, Phase::Answering) || bytes.is_empty() {
+        if bytes.is_empty() {
             return;
         }
         // An HTTP/1 status line: "HTTP/1.1 200 OK", the code at 9..12.
@@ -157,12 +165,8 @@ impl<S> HeadDeadline<S> {
             Some(_) if self.keep_alive_ms == 0 => Phase::Through,
             Some(_) => {
                 let deadline = Instant::now() + Duration::from_millis(self.keep_alive_ms.into());
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                timer.as_mut().reset(deadline);
                 // Pending: the deadline is ahead.
-                let _ = timer.as_mut().poll(cx);
+                let _ = wait_until(&mut self.timer, deadline, cx);
                 Phase::Head {
                     deadline,
                     end: HeadEnd::default(),
@@ -171,6 +175,21 @@ impl<S> HeadDeadline<S> {
             }
         };
     }
+}
+
+/// Polls the connection's timer for `deadline`, making it or moving it
+/// there first: Pending registers `cx`'s task to be woken at the deadline.
+fn wait_until(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    // A timer made for an earlier head is moved to this one's.
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    timer.as_mut().poll(cx)
 }
 
 /// The error that closes a connection whose head is late. A first head, or
@@ -214,20 +233,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadDeadline<S> {
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                let deadline = *deadline;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                // A timer made for an earlier head is moved to this one's.
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(too_slow(*first || end.started))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            Poll::Pending => wait_until(&mut this.timer, *deadline, cx)
+                .map(|()| Err(too_slow(*first || end.started))),
             failed => failed,
         }
     }
@@ -239,7 +246,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.writing(buf, cx);
+        if self.answering() {
+            self.writing(buf, cx);
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -248,8 +257,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            self.writing(first, cx);
+        if self.answering() {
+            if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+                self.writing(first, cx);
+            }
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }

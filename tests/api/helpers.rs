@@ -1,7 +1,7 @@
 //! Test harness: a real server on an ephemeral port, a real HTTP client and
 //! a real WebSocket client, and a fresh database per test.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use chat_service::{
     app::{AppState, Application},
@@ -638,4 +638,43 @@ impl TestApp {
             protocol: None,
         }
     }
+}
+
+/// A pod's `/metrics` page.
+pub async fn metrics_text(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Scrapes a real pod's `/metrics` with a Prometheus text parser: each
+/// sample by `name{label=value,...}` (labels sorted; `name{}` without).
+pub async fn scrape(addr: &str) -> HashMap<String, f64> {
+    let text = metrics_text(addr).await;
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+    let mut values = HashMap::new();
+    for sample in scrape.samples {
+        let mut labels: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        labels.sort();
+        let key = format!("{}{{{}}}", sample.metric, labels.join(","));
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets.last().map(|b| b.count).unwrap_or(0.0)
+            }
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        values.insert(key, value);
+    }
+    values
 }

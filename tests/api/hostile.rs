@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::{
     },
 };
 
-use crate::helpers::{Closed, SECRET, Service, TestApp, WsClient};
+use crate::helpers::{Closed, SECRET, Service, TestApp, WsClient, scrape};
 
 /// How long a well-behaved client may wait for its own message while a
 /// hostile one is busy. Far below every timeout a stall would hit (write
@@ -658,13 +658,8 @@ async fn connections_that_never_finish_their_request_head_are_closed_in_time() {
     })
     .await;
     let mut room = Bystanders::join(&app, "global").await;
-    let timeouts = || async {
-        let (_, metrics) = app.get_text("/metrics").await;
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix("chat_http_header_timeouts_total "))
-            .map_or(0.0, |value| value.parse::<f64>().unwrap())
-    };
+    let addr = app.addr.to_string();
+    let timeouts = || async { scrape(&addr).await["chat_http_header_timeouts_total{}"] };
     let before = timeouts().await;
 
     let started = tokio::time::Instant::now();

@@ -2,7 +2,7 @@
 //! a trace collector, a Prometheus scrape, and Grafana's PromQL.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -20,7 +20,7 @@ use poem::{
 };
 use prost::Message as _;
 
-use crate::helpers::{Backend, connect_to, spawn_service};
+use crate::helpers::{Backend, connect_to, metrics_text, scrape, spawn_service};
 
 /// The spans an in-process OTLP/HTTP receiver got.
 type Received = Arc<Mutex<Vec<Span>>>;
@@ -176,43 +176,6 @@ async fn a_send_is_traced_across_pods_without_tokens_or_bodies() {
             );
         }
     }
-}
-
-async fn metrics_text(addr: &str) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// Scrapes a real pod's `/metrics` with a Prometheus text parser.
-async fn scrape(addr: &str) -> HashMap<String, f64> {
-    let text = metrics_text(addr).await;
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
-    let mut values = HashMap::new();
-    for sample in scrape.samples {
-        let mut labels: Vec<String> = sample
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        labels.sort();
-        let key = format!("{}{{{}}}", sample.metric, labels.join(","));
-        let value = match sample.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(buckets) => {
-                buckets.last().map(|b| b.count).unwrap_or(0.0)
-            }
-            prometheus_parse::Value::Summary(_) => continue,
-        };
-        values.insert(key, value);
-    }
-    values
 }
 
 #[tokio::test]
