@@ -15,8 +15,8 @@
 //! | `c:room:{room}` | string | the room as JSON (only rooms that exist) | [`ROOM_TTL`] |
 //! | `c:members:{room}` | set | member ids plus [`COMPLETE`] | [`MEMBERS_TTL`] |
 //! | `c:members-token:{room}` | string | the set's generation token | [`TOKEN_TTL`] |
-//! | `c:recent:{room}` | sorted set | the newest messages as JSON, scored by seq | [`RECENT_TTL`] |
-//! | `c:recent-token:{room}` | string | the sorted set's generation token | [`TOKEN_TTL`] |
+//! | `c:history:{room}` | hash | the newest messages as JSON by seq, and (field `_token`) the token they were written under | [`RECENT_TTL`] |
+//! | `c:recent-token:{room}` | string | the room's history generation token | [`TOKEN_TTL`] |
 //!
 //! Rooms are never renamed or deleted in this service, so a cached room
 //! cannot go stale. A missing room is not cached: another pod may create it
@@ -32,17 +32,23 @@
 //! `MULTI`. Any write committed after A's database read is invalidated after
 //! A read the token, so A's fill is refused.
 //!
-//! History: `c:recent:{room}` holds the newest `recent` messages, and
-//! fewer than `TRIM_EVERY` older ones between trims. A page is served from
-//! it only when the cached run is provably the page: the seqs are
+//! History: `c:history:{room}` is a hash from seq to message: the newest
+//! `recent` messages, and fewer than `TRIM_EVERY` older ones between trims.
+//! (It was a sorted set scored by seq until 2026-12; a hash costs Redis
+//! about half as much per message added, and seqs have no gaps, so a page
+//! is a run of fields to ask for, not a range to search.) A page is served
+//! from it only when the cached run is provably the page: the seqs are
 //! consecutive (the store has no gaps, so a hole means the cache missed a
 //! write), start where the page starts, and either fill the limit or end
 //! where the page ends. Where that end depends on the room's newest seq, it
 //! is read from the inner store (`last_seq`, one primary-key lookup) rather
-//! than from a cached high-water mark, which could be as stale as the set
-//! itself. Entries are only ever written from committed messages, and a
-//! tombstone always wins over the live message of the same seq, whatever
-//! order the writes reach Redis in.
+//! than from a cached high-water mark, which could be as stale as the hash
+//! itself; a newest page without a cursor reads it first, to know which
+//! seqs to ask for. Entries are only ever written from committed messages,
+//! and a tombstone always wins over the live message of the same seq,
+//! whatever order the writes reach Redis in. The hash records the token it
+//! was written under, and is trusted only while the room's token still has
+//! that value.
 
 use std::{
     borrow::Cow,
@@ -79,7 +85,7 @@ pub const ROOM_TTL: Duration = Duration::from_secs(3600);
 /// lost (Redis unreachable from the writer and every retry failing): a
 /// removed member may keep access at most this long in that case.
 pub const MEMBERS_TTL: Duration = Duration::from_secs(60);
-/// Set when the sorted set is created and never extended, so that it is
+/// Set when a room's hash is created and never extended, so that it is
 /// rebuilt from the database at least this often whatever a lost write left
 /// in it.
 pub const RECENT_TTL: Duration = Duration::from_secs(600);
@@ -102,14 +108,21 @@ pub struct CachedStore {
     inner: Arc<dyn Store>,
     cache: Arc<Cache>,
     /// The queue of [`write_recent`], the task that adds stored messages to
-    /// the sorted sets.
+    /// the rooms' hashes.
     adds: mpsc::Sender<Add>,
 }
 
+/// Key kinds of the history cache: a room's hash of newest messages, its
+/// generation token, and the sorted set that held them before (written by
+/// pods of earlier versions; see [`CachedStore::delete_message`]).
+const HISTORY: &str = "history";
+const TOKEN: &str = "recent-token";
+const LEGACY_HISTORY: &str = "recent";
+
 /// Most messages one call of [`PUT_RECENT`] adds.
 const ADDS_PER_CALL: usize = 256;
-/// A room's sorted set is trimmed back to the newest `recent` entries at
-/// least once per this many seqs ([`PUT_RECENT`]), not on every add.
+/// A room's hash is trimmed back to about the newest `recent` entries once
+/// per this many seqs ([`PUT_RECENT`]), not on every add.
 const TRIM_EVERY: u64 = 32;
 /// Calls of [`write_recent`] at once.
 const ADD_CALLS_IN_FLIGHT: usize = 4;
@@ -143,7 +156,7 @@ impl CachedStore {
         Self { inner, cache, adds }
     }
 
-    /// Queues a just-stored message for the sorted set. The send does not
+    /// Queues a just-stored message for its room's hash. The send does not
     /// wait for Redis: until the entry lands, reads of that page see a hole
     /// (or a run that ends short of `last_seq`) and use the database.
     fn add_recent(&self, message: &Message) {
@@ -183,37 +196,50 @@ impl CachedStore {
     /// Serves a page from Redis when the cached run is provably the page;
     /// otherwise what was learned on the way, for the backfill.
     async fn history_from_cache(&self, room: &RoomId, span: &Span, limit: u32) -> Lookup {
-        let Some(run) = self.cache.read_recent(room, span, limit).await else {
-            return Lookup::Miss {
-                run: None,
-                last: None,
-            };
+        let miss = |run, last| Lookup::Miss { run, last };
+        // A newest page without a cursor ends at the room's newest message:
+        // read it first, so that Redis is asked for exactly the page's seqs.
+        let (span, mut last) = match span.hi {
+            None if span.newest_first => match self.inner.last_seq(room).await {
+                Ok(newest) if newest >= span.lo => (
+                    Span {
+                        hi: Some(newest),
+                        ..*span
+                    },
+                    Some(newest),
+                ),
+                // An empty room (or an error): the database answers.
+                _ => return miss(None, None),
+            },
+            _ => (*span, None),
+        };
+        let Some(run) = self.cache.read_recent(room, &span, limit).await else {
+            return miss(None, last);
         };
         let seqs: Vec<u64> = run.messages.iter().map(|m| m.seq).collect();
-        let mut last = None;
-        let proven = match judge(span, &seqs, limit as usize) {
+        let proven = match judge(&span, &seqs, limit as usize) {
             Verdict::Complete => true,
-            Verdict::CompleteIfLastAtMost(end) => match self.inner.last_seq(room).await {
-                Ok(newest) => {
-                    last = Some(newest);
-                    newest <= end
-                }
-                // Let the history read itself report what is wrong.
-                Err(_) => false,
+            Verdict::CompleteIfLastAtMost(end) => match last {
+                Some(newest) => newest <= end,
+                None => match self.inner.last_seq(room).await {
+                    Ok(newest) => {
+                        last = Some(newest);
+                        newest <= end
+                    }
+                    // Let the history read itself report what is wrong.
+                    Err(_) => false,
+                },
             },
             Verdict::Incomplete => false,
         };
         if proven {
             Lookup::Hit(run.messages)
         } else {
-            Lookup::Miss {
-                run: Some(run),
-                last,
-            }
+            miss(Some(run), last)
         }
     }
 
-    /// Whether a page read from the database belongs in the sorted set:
+    /// Whether a page read from the database belongs in the room's hash:
     /// only pages near the room's newest messages, which the trim would not
     /// drop at once (deep scrolling must not churn the cache).
     fn worth_backfilling(&self, page: Page, messages: &[Message], reference: Option<u64>) -> bool {
@@ -359,7 +385,7 @@ impl Store for CachedStore {
         count_lookup("history", false);
         let messages = self.inner.history(room, page, limit).await?;
         if let Some(run) = run
-            && self.worth_backfilling(page, &messages, last.or(run.top))
+            && self.worth_backfilling(page, &messages, last)
         {
             self.cache.backfill(room, &run.token, &messages).await;
         }
@@ -461,12 +487,10 @@ enum MemberLookup {
     },
 }
 
-/// Messages read from the sorted set for one page.
+/// Messages read from a room's hash for one page, in page order.
 struct CachedRun {
-    /// The set's generation token, for a backfill after a fallback.
+    /// The room's generation token, for a backfill after a fallback.
     token: String,
-    /// The newest seq in the set, if any.
-    top: Option<u64>,
     messages: Vec<Message>,
 }
 
@@ -681,14 +705,24 @@ impl Cache {
             &[(&tombstone.room_id, &entries)],
             Guard::Bump,
         )
+        .await?;
+        // Pods of earlier versions keep a room's newest messages in a sorted
+        // set this tombstone does not reach: during a rolling upgrade they
+        // would serve the deleted body from it. Without it they read the
+        // database (and refill it, with the tombstone).
+        let legacy = self.key(LEGACY_HISTORY, &tombstone.room_id);
+        self.run("recent_tombstone", Need::Required, |mut conn| async move {
+            redis::cmd("DEL")
+                .arg(legacy)
+                .query_async::<()>(&mut conn)
+                .await
+        })
         .await
-        .map(|_| ())
     }
 
-    /// Runs [`PUT_RECENT`] on the rooms' sorted sets: `Some(true)`
-    /// written, `Some(false)` refused by the token check, `None` not done.
-    /// A guard concerns the first room's token; only single-room calls have
-    /// one.
+    /// Runs [`PUT_RECENT`] on the rooms' hashes: `Some(true)` written,
+    /// `Some(false)` refused by the token check, `None` not done. Only
+    /// single-room calls have a guard other than [`Guard::None`].
     async fn put(
         &self,
         op: &'static str,
@@ -696,22 +730,25 @@ impl Cache {
         rooms: &[(&RoomId, &[Entry])],
         guard: Guard<'_>,
     ) -> Option<bool> {
-        let (first, _) = rooms.first()?;
-        let (expect, bump) = match guard {
-            Guard::None => (String::new(), String::new()),
-            Guard::Expect(token) => (token.to_owned(), String::new()),
-            Guard::Bump => (String::new(), new_token()),
+        if rooms.is_empty() {
+            return None;
+        }
+        let (mode, token) = match guard {
+            Guard::None => ("add", new_token()),
+            Guard::Expect(token) => ("backfill", token.to_owned()),
+            Guard::Bump => ("tombstone", new_token()),
         };
         let mut call = PUT_RECENT.prepare_invoke();
-        call.key(self.key("recent-token", first))
-            .arg(self.recent)
+        call.arg(self.recent)
             .arg(RECENT_TTL.as_secs())
-            .arg(expect)
-            .arg(bump)
+            .arg(mode)
+            .arg(token)
             .arg(TOKEN_TTL.as_secs())
             .arg(TRIM_EVERY);
         for (room, entries) in rooms {
-            call.key(self.key("recent", room)).arg(entries.len());
+            call.key(self.key(HISTORY, room))
+                .key(self.key(TOKEN, room))
+                .arg(entries.len());
             for entry in *entries {
                 call.arg(entry.seq)
                     .arg(if entry.tombstone { "1" } else { "0" })
@@ -726,40 +763,46 @@ impl Cache {
         Some(written == 1)
     }
 
+    /// Reads the entries of the seqs a page may hold, at most `limit` of
+    /// them from its start (`hi` down, or `lo` up). A newest-first span must
+    /// have its `hi`: the caller reads the room's newest seq first.
     async fn read_recent(&self, room: &RoomId, span: &Span, limit: u32) -> Option<CachedRun> {
-        let (set, token_key) = (self.key("recent", room), self.key("recent-token", room));
+        let (first, count, step) = match (span.newest_first, span.hi) {
+            (true, Some(hi)) => (hi, (hi - span.lo + 1).min(limit.into()), -1),
+            (true, None) => return None,
+            (false, hi) => {
+                let count = hi.map_or(limit.into(), |hi| (hi - span.lo + 1).min(limit.into()));
+                (span.lo, count, 1)
+            }
+        };
+        let (hash, token_key) = (self.key(HISTORY, room), self.key(TOKEN, room));
         let fresh = new_token();
-        let hi = span
-            .hi
-            .map_or_else(|| "+inf".to_owned(), |hi| hi.to_string());
-        let order = if span.newest_first { "desc" } else { "asc" };
-        let lo = span.lo;
-        let (token, top, items): (String, String, Vec<String>) = self
+        let (token, items): (String, Vec<Option<String>>) = self
             .run("recent_read", Need::Optional, |mut conn| async move {
                 let mut call = READ_RECENT.prepare_invoke();
-                call.key(set)
+                call.key(hash)
                     .key(token_key)
                     .arg(fresh)
                     .arg(TOKEN_TTL.as_secs())
-                    .arg(order)
-                    .arg(lo)
-                    .arg(hi)
-                    .arg(limit);
+                    .arg(first)
+                    .arg(count)
+                    .arg(step);
                 call.invoke_async(&mut conn).await
             })
             .await?;
-        let messages: Option<Vec<Message>> =
-            items.iter().map(|raw| decode_message(room, raw)).collect();
-        let Some(messages) = messages else {
-            self.corrupt("recent_read");
-            return None;
-        };
-        Some(CachedRun {
-            token,
-            // Scores are seqs, written as integers.
-            top: top.parse::<f64>().ok().map(|score| score as u64),
-            messages,
-        })
+        let mut messages = Vec::with_capacity(items.len());
+        for (n, item) in (0..).zip(&items) {
+            let Some(raw) = item else { continue };
+            let seq = if step > 0 { first + n } else { first - n };
+            match decode_message(room, raw) {
+                Some(message) if message.seq == seq => messages.push(message),
+                _ => {
+                    self.corrupt("recent_read");
+                    return None;
+                }
+            }
+        }
+        Some(CachedRun { token, messages })
     }
 
     /// Retries a required write in the background until it lands or
@@ -792,7 +835,7 @@ impl Cache {
     }
 }
 
-/// What a write to the sorted set checks or changes in its token.
+/// What a write to a room's hash checks or changes in its token.
 #[derive(Clone, Copy)]
 enum Guard<'a> {
     None,
@@ -860,8 +903,10 @@ impl Health {
 enum Plan {
     /// The page is empty whatever the room holds.
     Empty,
-    /// Cursors the SQL stores bind as `i64` in their own way: leave these
-    /// rare values to them so the answers stay identical.
+    /// Cursors beyond 2^53: the cache's scripts compute seqs in Lua's
+    /// doubles, and the SQL stores bind cursors as `i64` in their own way.
+    /// These rare values are left to the stores, so the answers stay
+    /// identical.
     Database,
     Read(Span),
 }
@@ -875,7 +920,7 @@ struct Span {
 }
 
 fn plan(page: Page, limit: u32) -> Plan {
-    let max = i64::MAX as u64;
+    let max = 1 << 53;
     let (after, before, newest_first) = match page {
         Page::Newest { before } => (0, before, true),
         Page::Oldest { after, before } => (after, before, false),
@@ -1103,91 +1148,134 @@ return 1
     )
 });
 
-/// One page of the sorted set, its newest score and its token (created when
-/// missing, as above).
+/// The entries of one page and the room's token (created when missing, as
+/// above). A hash written under another token (a pod of an earlier version
+/// bumped it on a delete this hash never saw, or the token expired) is
+/// deleted, not read: the page is then a miss, and its backfill starts the
+/// hash afresh.
 ///
-/// KEYS: sorted set, token. ARGV: fresh token, token TTL, 'asc' or 'desc',
-/// lowest seq, highest seq (or '+inf'), limit.
+/// KEYS: the hash, the token. ARGV: fresh token, token TTL, first seq, how
+/// many seqs, step (1 up, -1 down). Returns the token and, per seq asked, its
+/// JSON or nil.
 static READ_RECENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local items
-if ARGV[3] == 'asc' then
-  items = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[5], 'LIMIT', 0, ARGV[6])
-else
-  items = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[5], ARGV[4], 'LIMIT', 0, ARGV[6])
-end
-local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local token = redis.call('GET', KEYS[2])
 if not token then
   token = ARGV[1]
   redis.call('SET', KEYS[2], token, 'EX', ARGV[2])
 end
-return {token, top[2] or '', items}
+local held = redis.call('HGET', KEYS[1], '_token')
+if held ~= token then
+  if held then
+    redis.call('DEL', KEYS[1])
+  end
+  return {token, {}}
+end
+local first, count, step = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local fields = {}
+for n = 0, count - 1 do
+  fields[n + 1] = string.format('%d', first + step * n)
+end
+return {token, redis.call('HMGET', KEYS[1], unpack(fields))}
 ",
     )
 });
 
-/// Writes messages into one or more rooms' sorted sets and keeps each to
-/// about the newest `keep`. A live message never replaces an entry already
-/// there for its seq (which is the same message or its tombstone); a
-/// tombstone always replaces it. So a delete and the add of the message it
-/// deletes may reach Redis in either order. The TTL is set only when a set
-/// is created. The token guard concerns the first set's token.
+/// Writes messages into one or more rooms' hashes (field: seq, value: the
+/// message as JSON), in one of three modes:
+/// - `add`, a committed message: the usual case, once per message under
+///   load, so one command per message (`HSETNX`) and one `EXISTS` per room.
+///   A room without a hash gets one, under the room's token (created if
+///   missing), with [`RECENT_TTL`]. A hash written under another token is
+///   left as it is: reads will not trust it.
+/// - `backfill`, a page read from the database: refused (0) if the token
+///   changed since the read that preceded it; a hash under another token is
+///   replaced.
+/// - `tombstone`: changes the token (refusing backfills read before it); a
+///   hash still under the old token keeps its entries under the new one,
+///   any other is replaced.
 ///
-/// Commands per set, since this runs once per message under load: one read
-/// of the newest entry (`ZREVRANGE 0 0`, which starts at the tail; a
-/// `ZRANGE -1 -1` walks the skiplist down by rank, about 6 % of Redis's
-/// CPU under ingest) tells whether the set exists (for the TTL) and lets
-/// every add above it skip the check for an entry at its seq; the trim runs
-/// when a call brings several entries or a tombstone, or when an added seq
-/// is a multiple of [`TRIM_EVERY`]. So a set holds at most `keep` entries
-/// plus the adds since its last trim: fewer than `keep + TRIM_EVERY` while
-/// a room's messages arrive one call at a time.
+/// A live message never replaces an entry already there for its seq (the
+/// same message or its tombstone); a tombstone always does. So a delete and
+/// the add of the message it deletes may reach Redis in either order.
 ///
-/// KEYS: the token, then the sorted sets. ARGV: keep, set TTL, expected
-/// token or '', new token or '', token TTL, trim period, then per set: its
-/// message count, then per message: seq, '1' for a tombstone or '0', JSON.
+/// Trimming costs no read: an entry whose seq is a multiple of the trim
+/// period deletes the period of seqs that ends `keep` below it (after the
+/// call's entries are written, so a backfill cannot put them back), so as
+/// a room's seqs advance every seq is deleted once it is `keep` to `keep +
+/// period` behind the newest. An entry that escapes (its trimming entry was
+/// lost) goes with the hash's TTL, which is set when the hash is created
+/// and never extended.
+///
+/// KEYS: per room, its hash and its token. ARGV: keep, hash TTL, mode, a
+/// fresh token (`add`, `tombstone`) or the expected one (`backfill`), token
+/// TTL, trim period, then per room: its message count, then per message:
+/// seq, '1' for a tombstone or '0', JSON.
 static PUT_RECENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if ARGV[3] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[3] then
-  return 0
+local keep, ttl, mode, given = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local token_ttl, trim_every = ARGV[5], tonumber(ARGV[6])
+-- Makes the hash trusted under `new`, keeping its entries only if they
+-- were written under `current`.
+local function adopt(hash, current, new)
+  local held = redis.call('HGET', hash, '_token')
+  if not held or held ~= current then
+    redis.call('DEL', hash)
+    redis.call('HSET', hash, '_token', new)
+    redis.call('EXPIRE', hash, ttl)
+  elseif current ~= new then
+    redis.call('HSET', hash, '_token', new)
+  end
 end
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[5])
-end
-local trim_every = tonumber(ARGV[6])
 local i = 7
-for k = 2, #KEYS do
-  local set = KEYS[k]
-  local count = tonumber(ARGV[i])
-  local last = i + 3 * count
+for k = 1, #KEYS, 2 do
+  local hash, token_key = KEYS[k], KEYS[k + 1]
+  local token = nil
+  if mode == 'add' then
+    if redis.call('EXISTS', hash) == 0 then
+      token = redis.call('GET', token_key)
+      if not token then
+        token = given
+        redis.call('SET', token_key, token, 'EX', token_ttl)
+      end
+      adopt(hash, token, token)
+    end
+  else
+    token = redis.call('GET', token_key)
+    if mode == 'backfill' then
+      if token ~= given then
+        return 0
+      end
+      adopt(hash, token, token)
+    else
+      redis.call('SET', token_key, given, 'EX', token_ttl)
+      adopt(hash, token, given)
+    end
+  end
+  local last = i + 3 * tonumber(ARGV[i])
+  local trims = {}
   i = i + 1
-  local newest = redis.call('ZREVRANGE', set, 0, 0, 'WITHSCORES')[2]
-  local top = tonumber(newest) or -1
-  local trim = count > 1
   while i <= last do
     local seq = ARGV[i]
-    local n = tonumber(seq)
     if ARGV[i + 1] == '1' then
-      redis.call('ZREMRANGEBYSCORE', set, seq, seq)
-      redis.call('ZADD', set, seq, ARGV[i + 2])
-      trim = true
-    elseif n > top or redis.call('ZCOUNT', set, seq, seq) == 0 then
-      redis.call('ZADD', set, seq, ARGV[i + 2])
-      trim = trim or n % trim_every == 0
+      redis.call('HSET', hash, seq, ARGV[i + 2])
+    else
+      redis.call('HSETNX', hash, seq, ARGV[i + 2])
     end
-    if n > top then
-      top = n
+    local n = tonumber(seq)
+    if n % trim_every == 0 and n > keep then
+      trims[#trims + 1] = n - keep
     end
     i = i + 3
   end
-  if trim then
-    redis.call('ZREMRANGEBYRANK', set, 0, -tonumber(ARGV[1]) - 1)
-  end
-  if not newest then
-    redis.call('EXPIRE', set, ARGV[2])
+  for _, top in ipairs(trims) do
+    local old = {}
+    for s = top - trim_every + 1, top do
+      old[#old + 1] = string.format('%d', s)
+    end
+    redis.call('HDEL', hash, unpack(old))
   end
 end
 return 1
@@ -1439,14 +1527,20 @@ mod tests {
         )
     }
 
-    async fn remove_seqs(world: &World, room: &RoomId, seqs: &[u64]) {
+    /// Drops entries from a room's hash, once the queued writes have landed.
+    async fn remove_seqs(world: &World, store: &CachedStore, room: &RoomId, seqs: &[u64]) {
+        store.flush_recent().await;
         let mut conn = world.redis();
-        for &seq in seqs {
-            let _: i64 = conn
-                .zrembyscore(world.key("recent", room), seq, seq)
-                .await
-                .unwrap();
-        }
+        let _: i64 = conn.hdel(world.key(HISTORY, room), seqs).await.unwrap();
+    }
+
+    /// The seqs a room's hash holds, in order.
+    async fn cached_seqs(world: &World, room: &RoomId) -> Vec<u64> {
+        let mut conn = world.redis();
+        let fields: Vec<String> = conn.hkeys(world.key(HISTORY, room)).await.unwrap();
+        let mut seqs: Vec<u64> = fields.iter().filter_map(|f| f.parse().ok()).collect();
+        seqs.sort_unstable();
+        seqs
     }
 
     #[test]
@@ -1585,7 +1679,12 @@ mod tests {
             .await
             .unwrap();
         assert!(page[0].deleted && page[0].body.is_empty());
-        // …and older pages are not.
+        // …and pages reaching below the trimmed seqs are not (seq 32 trimmed
+        // those up to 32 - 20 = 12; 13 to 25 are kept until seq 64 comes).
+        assert_eq!(
+            cached_seqs(&world, &lobby).await,
+            (13..=45).collect::<Vec<_>>()
+        );
         for (page, limit) in [
             (
                 Page::Oldest {
@@ -1594,8 +1693,8 @@ mod tests {
                 },
                 5,
             ),
-            (Page::Newest { before: None }, 21),
-            (Page::Newest { before: Some(20) }, 3),
+            (Page::Newest { before: None }, 40),
+            (Page::Newest { before: Some(13) }, 3),
         ] {
             assert!(
                 !served_from_redis(&store, &lobby, page, limit).await,
@@ -1613,7 +1712,7 @@ mod tests {
         let newest = Page::Newest { before: None };
 
         // Lost adds (a pod whose ZADD timed out): holes in the window.
-        remove_seqs(&world, &lobby, &[30, 45]).await;
+        remove_seqs(&world, &store, &lobby, &[30, 45]).await;
         assert!(!served_from_redis(&store, &lobby, newest, 3).await);
         assert!(
             !served_from_redis(
@@ -1645,9 +1744,9 @@ mod tests {
 
         // An entry this code cannot read.
         let mut conn = world.redis();
-        remove_seqs(&world, &lobby, &[40]).await;
+        remove_seqs(&world, &store, &lobby, &[40]).await;
         let _: i64 = conn
-            .zadd(world.key("recent", &lobby), "{not json", 40)
+            .hset(world.key(HISTORY, &lobby), 40, "{not json")
             .await
             .unwrap();
         assert!(
@@ -1665,9 +1764,9 @@ mod tests {
         assert_pages_match(&store, &*world.inner, &lobby, 45).await;
 
         // Redis restarted: nothing cached, then a partial set built by appends.
-        let _: i64 = conn.del(world.key("recent", &lobby)).await.unwrap();
+        let _: i64 = conn.del(world.key(HISTORY, &lobby)).await.unwrap();
         assert_pages_match(&store, &*world.inner, &lobby, 45).await;
-        let _: i64 = conn.del(world.key("recent", &lobby)).await.unwrap();
+        let _: i64 = conn.del(world.key(HISTORY, &lobby)).await.unwrap();
         for n in 0..3 {
             store
                 .append(new_message(
@@ -1724,7 +1823,7 @@ mod tests {
 
         // Message 5's add was lost altogether, then it is deleted, then the
         // lost add turns up late.
-        remove_seqs(&world, &lobby, &[5]).await;
+        remove_seqs(&world, &store, &lobby, &[5]).await;
         let (tombstone, _) = store
             .delete_message(&lobby, &messages[4].id)
             .await
@@ -1742,7 +1841,7 @@ mod tests {
         // the tombstone was trimmed away, is refused.
         let span = Span {
             lo: 1,
-            hi: None,
+            hi: Some(10),
             newest_first: true,
         };
         let Some(run) = store.cache.read_recent(&lobby, &span, 20).await else {
@@ -1754,7 +1853,7 @@ mod tests {
             .await
             .unwrap();
         store.delete_message(&lobby, &messages[1].id).await.unwrap();
-        remove_seqs(&world, &lobby, &[2]).await;
+        remove_seqs(&world, &store, &lobby, &[2]).await;
         store
             .cache
             .backfill(&lobby, &run.token, &before_delete)
@@ -1784,11 +1883,53 @@ mod tests {
         };
         assert_eq!(first, again);
         store.flush_recent().await;
-        let mut conn = world.redis();
-        let cached: u64 = conn.zcard(world.key("recent", &lobby)).await.unwrap();
-        assert_eq!(cached, 3);
+        assert_eq!(cached_seqs(&world, &lobby).await, [1, 2, 3]);
         assert!(served_from_redis(&store, &lobby, Page::Newest { before: None }, 10).await);
         assert_pages_match(&store, &*world.inner, &lobby, 3).await;
+        world.clean_up().await;
+    }
+
+    /// A pod of an earlier version deletes a message: it changes the room's
+    /// token and writes the tombstone to a sorted set of its own, not to the
+    /// hash. The hash, written under the token before, is no longer trusted
+    /// (nor read: the next backfill replaces it). And a delete through this
+    /// version drops the earlier version's sorted set.
+    #[tokio::test]
+    async fn a_hash_written_under_another_token_is_not_trusted() {
+        let world = World::new().await;
+        let store = world.pod(20);
+        let (lobby, messages) = room_with_messages(&store, "lobby", 10).await;
+        let newest = Page::Newest { before: None };
+        assert!(served_from_redis(&store, &lobby, newest, 10).await);
+
+        world
+            .inner
+            .delete_message(&lobby, &messages[6].id)
+            .await
+            .unwrap();
+        let mut conn = world.redis();
+        let _: () = conn
+            .set(world.key(TOKEN, &lobby), "an-earlier-version-s-token")
+            .await
+            .unwrap();
+        assert!(!served_from_redis(&store, &lobby, newest, 10).await);
+        let page = store.history(&lobby, newest, 10).await.unwrap();
+        assert_eq!(
+            page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=10).rev().collect::<Vec<_>>()
+        );
+        assert!(page[3].deleted && page[3].body.is_empty(), "{:?}", page[3]);
+        // That read's backfill started the hash again, under the new token.
+        assert!(served_from_redis(&store, &lobby, newest, 10).await);
+        assert_pages_match(&store, &*world.inner, &lobby, 10).await;
+
+        let legacy = world.key(LEGACY_HISTORY, &lobby);
+        let _: i64 = conn.zadd(&legacy, "{\"seq\":3}", 3).await.unwrap();
+        store.delete_message(&lobby, &messages[2].id).await.unwrap();
+        let kept: bool = conn.exists(&legacy).await.unwrap();
+        assert!(!kept, "the earlier version's sorted set should be gone");
+        let page = store.history(&lobby, newest, 10).await.unwrap();
+        assert!(page[7].deleted, "{:?}", page[7]);
         world.clean_up().await;
     }
 
@@ -1853,8 +1994,8 @@ mod tests {
         world.clean_up().await;
     }
 
-    /// Messages cached one call at a time: the set gets its TTL when the
-    /// first one creates it, is trimmed back to the newest `recent` at least
+    /// Messages cached one call at a time: the hash gets its TTL when the
+    /// first one creates it, is trimmed back to about the newest `recent`
     /// every `TRIM_EVERY` seqs, and still serves the newest pages.
     #[tokio::test]
     async fn a_room_cached_one_message_at_a_time_stays_bounded_and_expires() {
@@ -1862,7 +2003,7 @@ mod tests {
         let store = world.pod(20);
         let lobby = room("lobby", RoomKind::Public);
         store.create_room(&lobby, &[uid("alice")]).await.unwrap();
-        let set = world.key("recent", &lobby.id);
+        let set = world.key(HISTORY, &lobby.id);
         let mut conn = world.redis();
         let mut largest = 0;
         for n in 1..=150u64 {
@@ -1875,7 +2016,7 @@ mod tests {
                 let ttl: i64 = conn.ttl(&set).await.unwrap();
                 assert!(ttl > 0 && ttl <= RECENT_TTL.as_secs() as i64, "TTL {ttl}");
             }
-            let held: u64 = conn.zcard(&set).await.unwrap();
+            let held = cached_seqs(&world, &lobby.id).await.len() as u64;
             assert!(held >= n.min(20), "{held} cached after {n} messages");
             largest = largest.max(held);
         }
@@ -1883,8 +2024,8 @@ mod tests {
             largest < 20 + TRIM_EVERY,
             "the set grew to {largest} entries"
         );
-        let oldest: Vec<(String, u64)> = conn.zrange_withscores(&set, 0, 0).await.unwrap();
-        assert!(oldest[0].1 > 150 - 20 - TRIM_EVERY, "{oldest:?}");
+        let oldest = cached_seqs(&world, &lobby.id).await[0];
+        assert!(oldest > 150 - 20 - TRIM_EVERY, "{oldest}");
         assert!(served_from_redis(&store, &lobby.id, Page::Newest { before: None }, 20).await);
         assert_pages_match(&store, &*world.inner, &lobby.id, 150).await;
         world.clean_up().await;
