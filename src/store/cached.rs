@@ -124,6 +124,9 @@ const ADDS_PER_CALL: usize = 256;
 /// A room's hash is trimmed back to about the newest `recent` entries once
 /// per this many seqs ([`PUT_RECENT`]), not on every add.
 const TRIM_EVERY: u64 = 32;
+/// Most seqs one read asks for: Lua passes at most about 8,000 values to a
+/// command.
+const MOST_SEQS_PER_READ: u64 = 4096;
 /// Calls of [`write_recent`] at once.
 const ADD_CALLS_IN_FLIGHT: usize = 4;
 /// Messages waiting for [`write_recent`]. It fills only while Redis is
@@ -764,16 +767,22 @@ impl Cache {
     }
 
     /// Reads the entries of the seqs a page may hold, at most `limit` of
-    /// them from its start (`hi` down, or `lo` up). A newest-first span must
-    /// have its `hi`: the caller reads the room's newest seq first.
+    /// them from its start (`hi` down, or `lo` up), and no more than a hash
+    /// holds (a longer run is never all there, so [`judge`] decides the
+    /// same on what is). A newest-first span must have its `hi`: the caller
+    /// reads the room's newest seq first.
     async fn read_recent(&self, room: &RoomId, span: &Span, limit: u32) -> Option<CachedRun> {
+        let most = u64::from(limit)
+            .min(self.recent as u64 + TRIM_EVERY)
+            .min(MOST_SEQS_PER_READ);
         let (first, count, step) = match (span.newest_first, span.hi) {
-            (true, Some(hi)) => (hi, (hi - span.lo + 1).min(limit.into()), -1),
+            (true, Some(hi)) => (hi, (hi - span.lo + 1).min(most), -1),
             (true, None) => return None,
-            (false, hi) => {
-                let count = hi.map_or(limit.into(), |hi| (hi - span.lo + 1).min(limit.into()));
-                (span.lo, count, 1)
-            }
+            (false, hi) => (
+                span.lo,
+                hi.map_or(most, |hi| (hi - span.lo + 1).min(most)),
+                1,
+            ),
         };
         let (hash, token_key) = (self.key(HISTORY, room), self.key(TOKEN, room));
         let fresh = new_token();
@@ -1173,6 +1182,9 @@ if held ~= token then
   return {token, {}}
 end
 local first, count, step = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if count < 1 then
+  return {token, {}}
+end
 local fields = {}
 for n = 0, count - 1 do
   fields[n + 1] = string.format('%d', first + step * n)
@@ -1679,6 +1691,20 @@ mod tests {
             .await
             .unwrap();
         assert!(page[0].deleted && page[0].body.is_empty());
+        // Pages longer than a hash holds ask for what it can hold.
+        for limit in [53, 10_000] {
+            for newest_first in [false, true] {
+                let span = Span {
+                    lo: 1,
+                    hi: newest_first.then_some(45),
+                    newest_first,
+                };
+                let Some(run) = store.cache.read_recent(&lobby, &span, limit).await else {
+                    panic!("Redis answers a read of {limit}");
+                };
+                assert_eq!(run.messages.len(), 33, "{span:?} {limit}");
+            }
+        }
         // …and pages reaching below the trimmed seqs are not (seq 32 trimmed
         // those up to 32 - 20 = 12; 13 to 25 are kept until seq 64 comes).
         assert_eq!(
@@ -1711,7 +1737,7 @@ mod tests {
         let (lobby, _) = room_with_messages(&store, "lobby", 45).await;
         let newest = Page::Newest { before: None };
 
-        // Lost adds (a pod whose ZADD timed out): holes in the window.
+        // Lost adds (a pod whose script call timed out): holes in the window.
         remove_seqs(&world, &store, &lobby, &[30, 45]).await;
         assert!(!served_from_redis(&store, &lobby, newest, 3).await);
         assert!(
