@@ -21,7 +21,10 @@
 #      machine, to LOAD_CPUS (their affinity is reset to every core at exit);
 #   5. runs chat-bench: its JSON line goes to stdout, its summary to stderr,
 #      followed by each core's busy share and each process group's CPU over
-#      the run (so a reader can tell who was saturated).
+#      the run (so a reader can tell who was saturated). chat-bench also
+#      reports PostgreSQL's and Redis's CPU over each measured phase when
+#      they run here, and for ingest what an acked message cost each process
+#      (`cpu_us_per_acked`).
 #
 # Settings (environment):
 #   MODE         cluster (PostgreSQL + Redis, default) or embedded (SQLite)
@@ -154,6 +157,12 @@ group_ticks() {
 # Each pod's PID: chat-bench reports their RSS (idle) or their CPU over each
 # measured phase (fanout, ingest).
 extra=("${pid_args[@]}")
+# PostgreSQL and Redis on this machine too, for each phase's CPU and (ingest)
+# each one's CPU per acked message; an older chat-bench (BIN_DIR) lacks the
+# option.
+if ((${#local_pids[@]})) && "$BIN/chat-bench" --help | grep -q -- --watch; then
+    extra+=(--watch postgres --watch redis-server)
+fi
 say "$PODS pod(s) on CPU $SERVER_CPUS, load on CPU $LOAD_CPUS, mode $MODE, RUST_LOG=$RUST_LOG"
 cpu_before=$(cpu_ticks)
 groups_before=$(group_ticks)

@@ -111,6 +111,8 @@ async fn every_scenario_runs_and_reports() {
             "1",
             "--duration",
             "500ms",
+            "--watch",
+            "chat-service",
         ],
     )
     .await;
@@ -119,4 +121,13 @@ async fn every_scenario_runs_and_reports() {
         "{ingest}"
     );
     assert_eq!(ingest["refused"], 0);
+    // The watched processes (found by name: this test's server among
+    // them) are reported with the servers, and what a message cost each.
+    let watched = &ingest["cpu"]["watched"][0];
+    assert_eq!(watched["name"], "chat-service", "{ingest}");
+    assert!(watched["processes"].as_u64().unwrap() >= 1, "{ingest}");
+    for who in ["servers", "generator", "chat-service"] {
+        let cost = ingest["cpu_us_per_acked"][who].as_f64();
+        assert!(cost.is_some_and(|us| us >= 0.0), "{who}: {ingest}");
+    }
 }

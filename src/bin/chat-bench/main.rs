@@ -69,6 +69,13 @@ struct Args {
     /// measured phase for `fanout` and `ingest`.
     #[arg(long = "pid", global = true)]
     pids: Vec<u32>,
+    /// A process name (as `pgrep -x` matches it; repeatable) whose
+    /// processes' CPU each measured phase reports: the database and Redis
+    /// beside the servers, say (`--watch postgres --watch redis-server`).
+    /// The processes are those running when the phase starts. `ingest` also
+    /// divides each one's CPU by the messages acked.
+    #[arg(long = "watch", global = true)]
+    watch: Vec<String>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -172,19 +179,56 @@ fn cpu_seconds_of(pid: u32) -> f64 {
     cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
-/// CPU use of the generator and the given servers over one measured phase.
+/// The processes named `name` (their `comm`, as `pgrep -x` matches it)
+/// running now, each with its CPU time so far.
+fn processes_named(name: &str) -> Vec<(u32, f64)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .map(|pid| (pid, cpu_seconds_of(pid)))
+        .collect()
+}
+
+/// CPU use of the generator, the given servers and the watched groups over
+/// one measured phase.
 struct CpuMeter {
     started: Instant,
     own: f64,
     servers: Vec<(u32, f64)>,
+    /// Per `--watch` name, its processes at the start.
+    watched: Vec<(String, Vec<(u32, f64)>)>,
+}
+
+/// CPU seconds each used over a phase, and the phase's wall time.
+struct CpuUsed {
+    wall: f64,
+    generator: f64,
+    servers: Vec<(u32, f64)>,
+    /// Per `--watch` name: its processes, and their CPU seconds.
+    watched: Vec<(String, usize, f64)>,
 }
 
 impl CpuMeter {
-    fn start(pids: &[u32]) -> Self {
+    fn start(bench: &Bench) -> Self {
         Self {
             started: Instant::now(),
             own: own_cpu_seconds(),
-            servers: pids.iter().map(|&pid| (pid, cpu_seconds_of(pid))).collect(),
+            servers: bench
+                .pids
+                .iter()
+                .map(|&pid| (pid, cpu_seconds_of(pid)))
+                .collect(),
+            watched: bench
+                .watched
+                .iter()
+                .map(|name| (name.clone(), processes_named(name)))
+                .collect(),
         }
     }
 
@@ -192,22 +236,75 @@ impl CpuMeter {
         self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
+    fn used(&self) -> CpuUsed {
+        CpuUsed {
+            wall: self.wall_seconds(),
+            generator: own_cpu_seconds() - self.own,
+            servers: self
+                .servers
+                .iter()
+                .map(|&(pid, before)| (pid, cpu_seconds_of(pid) - before))
+                .collect(),
+            // A process that ended during the phase takes its CPU with it
+            // (its time is no longer readable): it counts as none, not as
+            // less than none.
+            watched: self
+                .watched
+                .iter()
+                .map(|(name, processes)| {
+                    let used = processes
+                        .iter()
+                        .map(|&(pid, before)| (cpu_seconds_of(pid) - before).max(0.0))
+                        .sum();
+                    (name.clone(), processes.len(), used)
+                })
+                .collect(),
+        }
+    }
+
     /// Percent of one core each used since `start`.
     fn report(&self) -> serde_json::Value {
-        let wall = self.wall_seconds();
-        let percent = |seconds: f64| (1000.0 * seconds / wall).round() / 10.0;
+        self.used().report()
+    }
+}
+
+impl CpuUsed {
+    fn report(&self) -> serde_json::Value {
+        let percent = |seconds: f64| (1000.0 * seconds / self.wall).round() / 10.0;
         let servers: Vec<serde_json::Value> = self
             .servers
             .iter()
-            .map(|&(pid, before)| {
-                json!({"pid": pid, "percent_of_one_core": percent(cpu_seconds_of(pid) - before)})
+            .map(|&(pid, used)| json!({"pid": pid, "percent_of_one_core": percent(used)}))
+            .collect();
+        let watched: Vec<serde_json::Value> = self
+            .watched
+            .iter()
+            .map(|(name, processes, used)| {
+                json!({"name": name, "processes": processes, "percent_of_one_core": percent(*used)})
             })
             .collect();
         json!({
-            "wall_seconds": wall,
-            "generator_percent_of_one_core": percent(own_cpu_seconds() - self.own),
+            "wall_seconds": self.wall,
+            "generator_percent_of_one_core": percent(self.generator),
             "servers": servers,
+            "watched": watched,
         })
+    }
+
+    /// Microseconds of CPU per message, for each of: the servers together,
+    /// the generator, each watched group.
+    fn per_message(&self, messages: u64) -> serde_json::Value {
+        let each = |seconds: f64| (10.0 * 1e6 * seconds / messages.max(1) as f64).round() / 10.0;
+        let mut out = serde_json::Map::new();
+        out.insert(
+            "servers".into(),
+            json!(each(self.servers.iter().map(|&(_, used)| used).sum())),
+        );
+        out.insert("generator".into(), json!(each(self.generator)));
+        for (name, _, used) in &self.watched {
+            out.insert(name.clone(), json!(each(*used)));
+        }
+        serde_json::Value::Object(out)
     }
 }
 
@@ -274,6 +371,7 @@ struct Bench {
     http: reqwest::Client,
     run_id: String,
     pids: Vec<u32>,
+    watched: Vec<String>,
 }
 
 type Socket =
@@ -373,6 +471,7 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
         http: reqwest::Client::new(),
         run_id: format!("{:x}", unix_micros()),
         pids: args.pids.clone(),
+        watched: args.watch.clone(),
     });
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
@@ -601,7 +700,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
     let (stop, stopped) = watch::channel(false);
     let mut receivers = Vec::new();
     let setup_started = unix_micros();
-    let setup_cpu = CpuMeter::start(&bench.pids);
+    let setup_cpu = CpuMeter::start(bench);
     let joins = room_ids
         .iter()
         .flat_map(|room| (0..members).map(move |m| (room, m)))
@@ -683,7 +782,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         let this_phase = phase.fetch_add(1, Ordering::Relaxed) + 1;
         let started = Instant::now();
         let started_us = unix_micros();
-        let cpu = CpuMeter::start(&bench.pids);
+        let cpu = CpuMeter::start(bench);
         let per_sender = current / sockets.len() as f64;
         let period = Duration::from_secs_f64(1.0 / per_sender.max(0.001));
         let senders = sockets.len();
@@ -844,7 +943,7 @@ async fn ingest(
         bench.create_room(&room).await?;
         rest_rooms.push(room);
     }
-    let cpu = CpuMeter::start(&bench.pids);
+    let cpu = CpuMeter::start(bench);
     let end = Instant::now() + duration;
     let mut tasks = Vec::new();
     for mut socket in sockets {
@@ -915,7 +1014,8 @@ async fn ingest(
     for task in tasks {
         let _ = task.await;
     }
-    let elapsed = cpu.wall_seconds().max(duration.as_secs_f64());
+    let used = cpu.used();
+    let elapsed = used.wall.max(duration.as_secs_f64());
     let (ws, rest) = (
         ws_acked.load(Ordering::Relaxed),
         rest_acked.load(Ordering::Relaxed),
@@ -930,7 +1030,8 @@ async fn ingest(
         "rest_acked": rest,
         "refused": refused.load(Ordering::Relaxed),
         "acked_per_second": (ws + rest) as f64 / elapsed,
-        "cpu": cpu.report(),
+        "cpu": used.report(),
+        "cpu_us_per_acked": used.per_message(ws + rest),
     }))
 }
 
