@@ -160,7 +160,7 @@ extra=("${pid_args[@]}")
 # PostgreSQL and Redis on this machine too, for each phase's CPU and (ingest)
 # each one's CPU per acked message; an older chat-bench (BIN_DIR) lacks the
 # option.
-if ((${#local_pids[@]})) && "$BIN/chat-bench" --help | grep -q -- --watch; then
+if ((${#local_pids[@]})) && [[ $("$BIN/chat-bench" --help) == *--watch* ]]; then
     extra+=(--watch postgres --watch redis-server)
 fi
 say "$PODS pod(s) on CPU $SERVER_CPUS, load on CPU $LOAD_CPUS, mode $MODE, RUST_LOG=$RUST_LOG"
