@@ -89,10 +89,11 @@ pub struct HeadDeadline<S> {
     inner: S,
     phase: Phase,
     /// Wakes a read waiting for the rest of a head at its deadline. Made
-    /// only when a read has to wait: a client's first head usually arrives
-    /// with its connection (87 timers for 19,000 connections in the idle
-    /// benchmark), and the accept path saves an allocation and a timer
-    /// registration for the others.
+    /// only when a read has to wait (a client's first head usually arrives
+    /// with its connection: 87 timers for 19,000 connections in the idle
+    /// benchmark, so the accept path saves an allocation and a timer
+    /// registration for the others) or a keep-alive deadline starts; reused
+    /// for every later head, dropped once no head follows.
     timer: Option<Pin<Box<Sleep>>>,
     /// [`HeadTimeouts::keep_alive`] in milliseconds, for the heads after
     /// the first (a quarter of `Duration`'s size: every open connection
@@ -174,6 +175,11 @@ impl<S> HeadDeadline<S> {
                 }
             }
         };
+        // Kept while heads may follow (a keep-alive connection moves one
+        // timer from head to head); a WebSocket's goes here.
+        if matches!(self.phase, Phase::Through) {
+            self.timer = None;
+        }
     }
 }
 
@@ -225,7 +231,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadDeadline<S> {
             Poll::Ready(Ok(())) => {
                 if end.complete_in(&buf.filled()[before..]) {
                     this.phase = Phase::Answering;
-                    this.timer = None;
                 } else if Instant::now() >= *deadline {
                     // Still in the head, a byte at a time past the deadline.
                     buf.set_filled(before);
