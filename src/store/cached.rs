@@ -36,8 +36,14 @@
 //! `recent` messages, and fewer than `TRIM_EVERY` older ones between trims.
 //! (It was a sorted set scored by seq until 2026-12; a hash costs Redis
 //! about half as much per message added, and seqs have no gaps, so a page
-//! is a run of fields to ask for, not a range to search.) A page is served
-//! from it only when the cached run is provably the page: the seqs are
+//! is a run of fields to ask for, not a range to search.) A read makes a
+//! room's hash: a page near the newest messages that the hash could not
+//! serve is read from the database and written back (a backfill); so does
+//! a delete, whose tombstone is always written. From then on each message
+//! stored in the room is added to it, until its TTL ends. A room nobody
+//! reads costs Redis one `EXISTS` per batch of its messages, and no memory
+//! (until 2026-12 every add made the hash it did not find). A page is
+//! served from it only when the cached run is provably the page: the seqs are
 //! consecutive (the store has no gaps, so a hole means the cache missed a
 //! write), start where the page starts, and either fill the limit or end
 //! where the page ends. Where that end depends on the room's newest seq, it
@@ -159,9 +165,10 @@ impl CachedStore {
         Self { inner, cache, adds }
     }
 
-    /// Queues a just-stored message for its room's hash. The send does not
-    /// wait for Redis: until the entry lands, reads of that page see a hole
-    /// (or a run that ends short of `last_seq`) and use the database.
+    /// Queues a just-stored message for its room's hash, if the room has
+    /// one. The send does not wait for Redis: until the entry lands, reads
+    /// of that page see a hole (or a run that ends short of `last_seq`) and
+    /// use the database.
     fn add_recent(&self, message: &Message) {
         if self.cache.recent == 0 {
             return;
@@ -737,7 +744,7 @@ impl Cache {
             return None;
         }
         let (mode, token) = match guard {
-            Guard::None => ("add", new_token()),
+            Guard::None => ("add", String::new()),
             Guard::Expect(token) => ("backfill", token.to_owned()),
             Guard::Bump => ("tombstone", new_token()),
         };
@@ -1198,9 +1205,10 @@ return {token, redis.call('HMGET', KEYS[1], unpack(fields))}
 /// message as JSON), in one of three modes:
 /// - `add`, a committed message: the usual case, once per message under
 ///   load, so one command per message (`HSETNX`) and one `EXISTS` per room.
-///   A room without a hash gets one, under the room's token (created if
-///   missing), with [`RECENT_TTL`]. A hash written under another token is
-///   left as it is: reads will not trust it.
+///   Only rooms that have a hash are written: a hash is made by a read
+///   (`backfill`), so a room nobody reads costs its `EXISTS` and nothing
+///   more. A hash written under another token is left as it is: reads will
+///   not trust it.
 /// - `backfill`, a page read from the database: refused (0) if the token
 ///   changed since the read that preceded it; a hash under another token is
 ///   replaced.
@@ -1221,7 +1229,8 @@ return {token, redis.call('HMGET', KEYS[1], unpack(fields))}
 /// and never extended.
 ///
 /// KEYS: per room, its hash and its token. ARGV: keep, hash TTL, mode, a
-/// fresh token (`add`, `tombstone`) or the expected one (`backfill`), token
+/// fresh token (`tombstone`), the expected one (`backfill`) or nothing
+/// (`add` reads and writes no token), token
 /// TTL, trim period, then per room: its message count, then per message:
 /// seq, '1' for a tombstone or '0', JSON.
 static PUT_RECENT: LazyLock<Script> = LazyLock::new(|| {
@@ -1244,18 +1253,11 @@ end
 local i = 7
 for k = 1, #KEYS, 2 do
   local hash, token_key = KEYS[k], KEYS[k + 1]
-  local token = nil
+  local write = true
   if mode == 'add' then
-    if redis.call('EXISTS', hash) == 0 then
-      token = redis.call('GET', token_key)
-      if not token then
-        token = given
-        redis.call('SET', token_key, token, 'EX', token_ttl)
-      end
-      adopt(hash, token, token)
-    end
+    write = redis.call('EXISTS', hash) == 1
   else
-    token = redis.call('GET', token_key)
+    local token = redis.call('GET', token_key)
     if mode == 'backfill' then
       if token ~= given then
         return 0
@@ -1266,28 +1268,29 @@ for k = 1, #KEYS, 2 do
       adopt(hash, token, given)
     end
   end
-  local last = i + 3 * tonumber(ARGV[i])
-  local trims = {}
-  i = i + 1
-  while i <= last do
-    local seq = ARGV[i]
-    if ARGV[i + 1] == '1' then
-      redis.call('HSET', hash, seq, ARGV[i + 2])
-    else
-      redis.call('HSETNX', hash, seq, ARGV[i + 2])
+  local first, last = i + 1, i + 3 * tonumber(ARGV[i])
+  i = last + 1
+  if write then
+    local trims = {}
+    for j = first, last, 3 do
+      local seq = ARGV[j]
+      if ARGV[j + 1] == '1' then
+        redis.call('HSET', hash, seq, ARGV[j + 2])
+      else
+        redis.call('HSETNX', hash, seq, ARGV[j + 2])
+      end
+      local n = tonumber(seq)
+      if n % trim_every == 0 and n > keep then
+        trims[#trims + 1] = n - keep
+      end
     end
-    local n = tonumber(seq)
-    if n % trim_every == 0 and n > keep then
-      trims[#trims + 1] = n - keep
+    for _, top in ipairs(trims) do
+      local old = {}
+      for s = top - trim_every + 1, top do
+        old[#old + 1] = string.format('%d', s)
+      end
+      redis.call('HDEL', hash, unpack(old))
     end
-    i = i + 3
-  end
-  for _, top in ipairs(trims) do
-    local old = {}
-    for s = top - trim_every + 1, top do
-      old[#old + 1] = string.format('%d', s)
-    end
-    redis.call('HDEL', hash, unpack(old))
   end
 end
 return 1
@@ -1451,7 +1454,17 @@ mod tests {
             );
             messages.push(stored(store.append(new).await.unwrap()));
         }
+        read_newest(store, &lobby.id, count).await;
         (lobby.id, messages)
+    }
+
+    /// Reads a room's newest page, as a client opening the room does: a
+    /// room's hash is made by such a read (messages stored before it were
+    /// not cached).
+    async fn read_newest(store: &CachedStore, room: &RoomId, limit: usize) {
+        let limit = u32::try_from(limit).unwrap();
+        let page = store.history(room, Page::Newest { before: None }, limit);
+        assert_eq!(page.await.unwrap().len(), limit as usize);
     }
 
     /// Many pages, including empty ones, cursors at and around the edges of
@@ -1789,7 +1802,8 @@ mod tests {
         );
         assert_pages_match(&store, &*world.inner, &lobby, 45).await;
 
-        // Redis restarted: nothing cached, then a partial set built by appends.
+        // Redis restarted: nothing cached. Messages stored meanwhile do not
+        // make the hash again; the next read of the newest page does.
         let _: i64 = conn.del(world.key(HISTORY, &lobby)).await.unwrap();
         assert_pages_match(&store, &*world.inner, &lobby, 45).await;
         let _: i64 = conn.del(world.key(HISTORY, &lobby)).await.unwrap();
@@ -1804,6 +1818,15 @@ mod tests {
                 .await
                 .unwrap();
         }
+        store.flush_recent().await;
+        assert_eq!(cached_seqs(&world, &lobby).await, Vec::<u64>::new());
+        assert!(!served_from_redis(&store, &lobby, newest, 10).await);
+        assert_pages_match(&store, &*world.inner, &lobby, 48).await;
+        assert!(served_from_redis(&store, &lobby, newest, 10).await);
+        store
+            .append(new_message(&lobby, "bob", "after the read", None))
+            .await
+            .unwrap();
         assert!(
             served_from_redis(
                 &store,
@@ -1816,9 +1839,6 @@ mod tests {
             )
             .await
         );
-        assert!(!served_from_redis(&store, &lobby, newest, 10).await);
-        assert_pages_match(&store, &*world.inner, &lobby, 48).await;
-        assert!(served_from_redis(&store, &lobby, newest, 10).await);
         world.clean_up().await;
     }
 
@@ -1994,9 +2014,7 @@ mod tests {
         let store = Arc::new(world.pod(30));
         let mut rooms = Vec::new();
         for n in 0..6 {
-            let lobby = room(&format!("room-{n}"), RoomKind::Public);
-            store.create_room(&lobby, &[uid("alice")]).await.unwrap();
-            rooms.push(lobby.id);
+            rooms.push(room_with_messages(&store, &format!("room-{n}"), 1).await.0);
         }
         let mut tasks = Vec::new();
         for n in 0..20 {
@@ -2014,35 +2032,62 @@ mod tests {
             task.await.unwrap();
         }
         for id in &rooms {
-            assert!(served_from_redis(&store, id, Page::Newest { before: None }, 20).await);
-            assert_pages_match(&store, &*world.inner, id, 20).await;
+            assert!(served_from_redis(&store, id, Page::Newest { before: None }, 21).await);
+            assert_pages_match(&store, &*world.inner, id, 21).await;
         }
         world.clean_up().await;
     }
 
+    /// Only a read makes a room's hash: the messages stored before the
+    /// first read leave Redis as it was; that read caches the newest page,
+    /// and the messages stored after it join it.
+    #[tokio::test]
+    async fn a_room_is_cached_from_its_first_read() {
+        let world = World::new().await;
+        let store = world.pod(20);
+        let lobby = room("lobby", RoomKind::Public);
+        store.create_room(&lobby, &[uid("alice")]).await.unwrap();
+        let append = |n: u64| store.append(new_message(&lobby.id, "bob", &format!("#{n}"), None));
+        for n in 1..=5 {
+            append(n).await.unwrap();
+        }
+        store.flush_recent().await;
+        let mut conn = world.redis();
+        let made: bool = conn.exists(world.key(HISTORY, &lobby.id)).await.unwrap();
+        assert!(!made, "a room nobody read got a hash");
+        let newest = Page::Newest { before: None };
+        assert!(!served_from_redis(&store, &lobby.id, newest, 5).await);
+
+        read_newest(&store, &lobby.id, 5).await;
+        assert_eq!(cached_seqs(&world, &lobby.id).await, [1, 2, 3, 4, 5]);
+        for n in 6..=8 {
+            append(n).await.unwrap();
+        }
+        assert!(served_from_redis(&store, &lobby.id, newest, 8).await);
+        assert_pages_match(&store, &*world.inner, &lobby.id, 8).await;
+        world.clean_up().await;
+    }
+
     /// Messages cached one call at a time: the hash gets its TTL when the
-    /// first one creates it, is trimmed back to about the newest `recent`
+    /// first read makes it, is trimmed back to about the newest `recent`
     /// every `TRIM_EVERY` seqs, and still serves the newest pages.
     #[tokio::test]
     async fn a_room_cached_one_message_at_a_time_stays_bounded_and_expires() {
         let world = World::new().await;
         let store = world.pod(20);
-        let lobby = room("lobby", RoomKind::Public);
-        store.create_room(&lobby, &[uid("alice")]).await.unwrap();
-        let set = world.key(HISTORY, &lobby.id);
+        let (lobby, _) = room_with_messages(&store, "lobby", 1).await;
+        let set = world.key(HISTORY, &lobby);
         let mut conn = world.redis();
+        let ttl: i64 = conn.ttl(&set).await.unwrap();
+        assert!(ttl > 0 && ttl <= RECENT_TTL.as_secs() as i64, "TTL {ttl}");
         let mut largest = 0;
-        for n in 1..=150u64 {
+        for n in 2..=150u64 {
             store
-                .append(new_message(&lobby.id, "bob", &format!("#{n}"), None))
+                .append(new_message(&lobby, "bob", &format!("#{n}"), None))
                 .await
                 .unwrap();
             store.flush_recent().await;
-            if n == 1 {
-                let ttl: i64 = conn.ttl(&set).await.unwrap();
-                assert!(ttl > 0 && ttl <= RECENT_TTL.as_secs() as i64, "TTL {ttl}");
-            }
-            let held = cached_seqs(&world, &lobby.id).await.len() as u64;
+            let held = cached_seqs(&world, &lobby).await.len() as u64;
             assert!(held >= n.min(20), "{held} cached after {n} messages");
             largest = largest.max(held);
         }
@@ -2050,10 +2095,10 @@ mod tests {
             largest < 20 + TRIM_EVERY,
             "the set grew to {largest} entries"
         );
-        let oldest = cached_seqs(&world, &lobby.id).await[0];
+        let oldest = cached_seqs(&world, &lobby).await[0];
         assert!(oldest > 150 - 20 - TRIM_EVERY, "{oldest}");
-        assert!(served_from_redis(&store, &lobby.id, Page::Newest { before: None }, 20).await);
-        assert_pages_match(&store, &*world.inner, &lobby.id, 150).await;
+        assert!(served_from_redis(&store, &lobby, Page::Newest { before: None }, 20).await);
+        assert_pages_match(&store, &*world.inner, &lobby, 150).await;
         world.clean_up().await;
     }
 
