@@ -41,8 +41,9 @@
 //! serve is read from the database and written back (a backfill); so does
 //! a delete, whose tombstone is always written. From then on each message
 //! stored in the room is added to it, until its TTL ends. A room nobody
-//! reads costs Redis one `EXISTS` per batch of its messages, and no memory
-//! (until 2026-12 every add made the hash it did not find). A page is
+//! reads costs Redis no memory, and a pod one add a second: an add that
+//! finds no hash makes the pod skip the room for a second ([`ColdRooms`];
+//! until 2026-12 every add made the hash it did not find). A page is
 //! served from it only when the cached run is provably the page: the seqs are
 //! consecutive (the store has no gaps, so a hole means the cache missed a
 //! write), start where the page starts, and either fill the limit or end
@@ -61,7 +62,7 @@ use std::{
     collections::HashMap,
     future::Future,
     sync::{
-        Arc, LazyLock,
+        Arc, LazyLock, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -133,6 +134,9 @@ const TRIM_EVERY: u64 = 32;
 /// Most seqs one read asks for: Lua passes at most about 8,000 values to a
 /// command.
 const MOST_SEQS_PER_READ: u64 = 4096;
+/// How long a pod sends no messages of a room whose hash an add did not
+/// find (see [`ColdRooms`]).
+const COLD_FOR: Duration = Duration::from_secs(1);
 /// Calls of [`write_recent`] at once.
 const ADD_CALLS_IN_FLIGHT: usize = 4;
 /// Messages waiting for [`write_recent`]. It fills only while Redis is
@@ -159,18 +163,19 @@ impl CachedStore {
             prefix,
             recent,
             health: Health::new(),
+            cold: Mutex::new(ColdRooms::default()),
         });
         let (adds, queue) = mpsc::channel(ADD_QUEUE);
         tokio::spawn(write_recent(Arc::clone(&cache), queue));
         Self { inner, cache, adds }
     }
 
-    /// Queues a just-stored message for its room's hash, if the room has
-    /// one. The send does not wait for Redis: until the entry lands, reads
-    /// of that page see a hole (or a run that ends short of `last_seq`) and
-    /// use the database.
+    /// Queues a just-stored message for its room's hash, unless the room
+    /// had none a moment ago ([`ColdRooms`]). The send does not wait for
+    /// Redis: until the entry lands, reads of that page see a hole (or a
+    /// run that ends short of `last_seq`) and use the database.
     fn add_recent(&self, message: &Message) {
-        if self.cache.recent == 0 {
+        if self.cache.recent == 0 || self.cache.is_cold(&message.room_id) {
             return;
         }
         let add = Add::Message(message.room_id.clone(), Entry::of(message));
@@ -451,9 +456,12 @@ async fn write_recent(cache: Arc<Cache>, mut queue: mpsc::Receiver<Add>) {
                     .iter()
                     .map(|(room, entries)| (room, entries.as_slice()))
                     .collect();
-                cache
+                let put = cache
                     .put("recent_add", Need::Optional, &sets, Guard::None)
                     .await;
+                if let Some(put) = put {
+                    cache.mark_cold(put.cold.iter().filter_map(|&n| sets.get(n)).map(|s| s.0));
+                }
             });
         }
         if !flushed.is_empty() {
@@ -477,6 +485,29 @@ struct Cache {
     prefix: String,
     recent: usize,
     health: Health,
+    cold: Mutex<ColdRooms>,
+}
+
+/// Rooms whose hash an add did not find, with when: their new messages
+/// are not sent to Redis for [`COLD_FOR`] after that (not even encoded),
+/// so a room nobody reads costs one add a second instead of one per
+/// message. A hash that another pod's read makes meanwhile misses the
+/// messages this pod stores until then: holes, so misses, which the next
+/// read of those pages fills from the database. This pod's own reads and
+/// deletes warm the room at once.
+#[derive(Default)]
+struct ColdRooms {
+    since: HashMap<RoomId, Instant>,
+    /// When rooms cold for longer than [`COLD_FOR`] were last dropped.
+    pruned: Option<Instant>,
+}
+
+/// What one [`PUT_RECENT`] call did.
+struct Put {
+    /// False when a backfill was refused by the token check.
+    written: bool,
+    /// The rooms an `add` found without a hash, as indexes into its rooms.
+    cold: Vec<usize>,
 }
 
 /// Whether a call may be skipped while Redis is known to be failing.
@@ -520,6 +551,41 @@ enum Repair {
 }
 
 impl Cache {
+    fn is_cold(&self, room: &RoomId) -> bool {
+        let mut cold = self.cold.lock().unwrap_or_else(PoisonError::into_inner);
+        match cold.since.get(room) {
+            Some(since) if since.elapsed() < COLD_FOR => true,
+            Some(_) => {
+                cold.since.remove(room);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_cold<'a>(&self, rooms: impl Iterator<Item = &'a RoomId>) {
+        let now = Instant::now();
+        let mut cold = self.cold.lock().unwrap_or_else(PoisonError::into_inner);
+        if cold
+            .pruned
+            .is_none_or(|at| now.duration_since(at) >= COLD_FOR)
+        {
+            cold.since
+                .retain(|_, since| now.duration_since(*since) < COLD_FOR);
+            cold.pruned = Some(now);
+        }
+        for room in rooms {
+            cold.since.insert(room.clone(), now);
+        }
+    }
+
+    /// The room has a hash now (this pod made it): its messages go to
+    /// Redis again.
+    fn warm(&self, room: &RoomId) {
+        let mut cold = self.cold.lock().unwrap_or_else(PoisonError::into_inner);
+        cold.since.remove(room);
+    }
+
     fn key(&self, kind: &str, room: &RoomId) -> String {
         format!("{}c:{kind}:{room}", self.prefix)
     }
@@ -690,13 +756,17 @@ impl Cache {
     /// expired by now, and must not come back as the live message).
     async fn backfill(&self, room: &RoomId, token: &str, messages: &[Message]) {
         let entries: Vec<Entry> = messages.iter().map(Entry::of).collect();
-        self.put(
-            "recent_backfill",
-            Need::Optional,
-            &[(room, &entries)],
-            Guard::Expect(token),
-        )
-        .await;
+        let put = self
+            .put(
+                "recent_backfill",
+                Need::Optional,
+                &[(room, &entries)],
+                Guard::Expect(token),
+            )
+            .await;
+        if put.is_some_and(|put| put.written) {
+            self.warm(room);
+        }
     }
 
     /// Replaces a message by its tombstone; required, since a missed
@@ -716,6 +786,7 @@ impl Cache {
             Guard::Bump,
         )
         .await?;
+        self.warm(&tombstone.room_id);
         // Pods of earlier versions keep a room's newest messages in a sorted
         // set this tombstone does not reach: during a rolling upgrade they
         // would serve the deleted body from it. Without it they read the
@@ -730,8 +801,7 @@ impl Cache {
         .await
     }
 
-    /// Runs [`PUT_RECENT`] on the rooms' hashes: `Some(true)` written,
-    /// `Some(false)` refused by the token check, `None` not done. Only
+    /// Runs [`PUT_RECENT`] on the rooms' hashes; `None` when not done. Only
     /// single-room calls have a guard other than [`Guard::None`].
     async fn put(
         &self,
@@ -739,7 +809,7 @@ impl Cache {
         need: Need,
         rooms: &[(&RoomId, &[Entry])],
         guard: Guard<'_>,
-    ) -> Option<bool> {
+    ) -> Option<Put> {
         if rooms.is_empty() {
             return None;
         }
@@ -765,12 +835,17 @@ impl Cache {
                     .arg(&entry.json);
             }
         }
-        let written: i64 = self
+        let reply: Vec<usize> = self
             .run(op, need, |mut conn| async move {
                 call.invoke_async(&mut conn).await
             })
             .await?;
-        Some(written == 1)
+        let (&written, cold) = reply.split_first()?;
+        Some(Put {
+            written: written == 1,
+            // The script counts rooms from 1.
+            cold: cold.iter().filter_map(|n| n.checked_sub(1)).collect(),
+        })
     }
 
     /// Reads the entries of the seqs a page may hold, at most `limit` of
@@ -1207,9 +1282,10 @@ return {token, redis.call('HMGET', KEYS[1], unpack(fields))}
 ///   load, so one command per message (`HSETNX`) and one `EXISTS` per room.
 ///   Only rooms that have a hash are written: a hash is made by a read
 ///   (`backfill`), so a room nobody reads costs its `EXISTS` and nothing
-///   more. A hash written under another token is left as it is: reads will
-///   not trust it.
-/// - `backfill`, a page read from the database: refused (0) if the token
+///   more (and the pod stops sending its messages for a while: the reply
+///   names the rooms without a hash). A hash written under another token
+///   is left as it is: reads will not trust it.
+/// - `backfill`, a page read from the database: refused if the token
 ///   changed since the read that preceded it; a hash under another token is
 ///   replaced.
 /// - `tombstone`: changes the token (refusing backfills read before it); a
@@ -1230,9 +1306,12 @@ return {token, redis.call('HMGET', KEYS[1], unpack(fields))}
 ///
 /// KEYS: per room, its hash and its token. ARGV: keep, hash TTL, mode, a
 /// fresh token (`tombstone`), the expected one (`backfill`) or nothing
-/// (`add` reads and writes no token), token
-/// TTL, trim period, then per room: its message count, then per message:
-/// seq, '1' for a tombstone or '0', JSON.
+/// (`add` reads and writes no token), token TTL, trim period, then per
+/// room: its message count, then per message: seq, '1' for a tombstone or
+/// '0', JSON.
+///
+/// Returns `{0}` for a refused backfill, otherwise `1` followed by the
+/// rooms an `add` found without a hash (their places in KEYS, from 1).
 static PUT_RECENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -1251,16 +1330,20 @@ local function adopt(hash, current, new)
   end
 end
 local i = 7
+local reply = {1}
 for k = 1, #KEYS, 2 do
   local hash, token_key = KEYS[k], KEYS[k + 1]
   local write = true
   if mode == 'add' then
     write = redis.call('EXISTS', hash) == 1
+    if not write then
+      reply[#reply + 1] = (k + 1) / 2
+    end
   else
     local token = redis.call('GET', token_key)
     if mode == 'backfill' then
       if token ~= given then
-        return 0
+        return {0}
       end
       adopt(hash, token, token)
     else
@@ -1293,7 +1376,7 @@ for k = 1, #KEYS, 2 do
     end
   end
 end
-return 1
+return reply
 ",
     )
 });
@@ -2065,6 +2148,37 @@ mod tests {
         }
         assert!(served_from_redis(&store, &lobby.id, newest, 8).await);
         assert_pages_match(&store, &*world.inner, &lobby.id, 8).await;
+        world.clean_up().await;
+    }
+
+    /// A pod that found a room without a hash sends none of the room's
+    /// messages for `COLD_FOR`. When another pod's read makes the hash
+    /// meanwhile, what the first pod stores in between is missing from it:
+    /// reads of those pages go to the database (and put the messages
+    /// back), and once `COLD_FOR` has passed the first pod's adds land.
+    #[tokio::test]
+    async fn a_pod_skips_a_room_without_a_hash_for_a_while() {
+        let world = World::new().await;
+        let (writer, reader) = (world.pod(20), world.pod(20));
+        let lobby = room("lobby", RoomKind::Public);
+        writer.create_room(&lobby, &[uid("alice")]).await.unwrap();
+        let append = |n: u64| writer.append(new_message(&lobby.id, "bob", &format!("#{n}"), None));
+        append(1).await.unwrap();
+        writer.flush_recent().await;
+        read_newest(&reader, &lobby.id, 1).await;
+        assert_eq!(cached_seqs(&world, &lobby.id).await, [1]);
+        append(2).await.unwrap();
+        writer.flush_recent().await;
+        assert_eq!(cached_seqs(&world, &lobby.id).await, [1]);
+        let newest = Page::Newest { before: None };
+        assert!(!served_from_redis(&reader, &lobby.id, newest, 2).await);
+        assert_pages_match(&reader, &*world.inner, &lobby.id, 2).await;
+        assert_eq!(cached_seqs(&world, &lobby.id).await, [1, 2]);
+
+        tokio::time::sleep(COLD_FOR).await;
+        append(3).await.unwrap();
+        assert!(served_from_redis(&writer, &lobby.id, newest, 3).await);
+        assert_pages_match(&writer, &*world.inner, &lobby.id, 3).await;
         world.clean_up().await;
     }
 
