@@ -1550,6 +1550,19 @@ mod tests {
         assert_eq!(page.await.unwrap().len(), limit as usize);
     }
 
+    /// A public room with no messages yet.
+    async fn empty_room(store: &CachedStore, id: &str) -> RoomId {
+        let lobby = room(id, RoomKind::Public);
+        store.create_room(&lobby, &[uid("alice")]).await.unwrap();
+        lobby.id
+    }
+
+    /// Stores message `#n` from bob.
+    async fn append_numbered(store: &CachedStore, room: &RoomId, n: u64) {
+        let new = new_message(room, "bob", &format!("#{n}"), None);
+        store.append(new).await.unwrap();
+    }
+
     /// Many pages, including empty ones, cursors at and around the edges of
     /// the cached window, and limits around its size.
     fn pages(last: u64) -> Vec<(Page, u32)> {
@@ -2128,26 +2141,24 @@ mod tests {
     async fn a_room_is_cached_from_its_first_read() {
         let world = World::new().await;
         let store = world.pod(20);
-        let lobby = room("lobby", RoomKind::Public);
-        store.create_room(&lobby, &[uid("alice")]).await.unwrap();
-        let append = |n: u64| store.append(new_message(&lobby.id, "bob", &format!("#{n}"), None));
+        let lobby = empty_room(&store, "lobby").await;
         for n in 1..=5 {
-            append(n).await.unwrap();
+            append_numbered(&store, &lobby, n).await;
         }
         store.flush_recent().await;
         let mut conn = world.redis();
-        let made: bool = conn.exists(world.key(HISTORY, &lobby.id)).await.unwrap();
+        let made: bool = conn.exists(world.key(HISTORY, &lobby)).await.unwrap();
         assert!(!made, "a room nobody read got a hash");
         let newest = Page::Newest { before: None };
-        assert!(!served_from_redis(&store, &lobby.id, newest, 5).await);
+        assert!(!served_from_redis(&store, &lobby, newest, 5).await);
 
-        read_newest(&store, &lobby.id, 5).await;
-        assert_eq!(cached_seqs(&world, &lobby.id).await, [1, 2, 3, 4, 5]);
+        read_newest(&store, &lobby, 5).await;
+        assert_eq!(cached_seqs(&world, &lobby).await, [1, 2, 3, 4, 5]);
         for n in 6..=8 {
-            append(n).await.unwrap();
+            append_numbered(&store, &lobby, n).await;
         }
-        assert!(served_from_redis(&store, &lobby.id, newest, 8).await);
-        assert_pages_match(&store, &*world.inner, &lobby.id, 8).await;
+        assert!(served_from_redis(&store, &lobby, newest, 8).await);
+        assert_pages_match(&store, &*world.inner, &lobby, 8).await;
         world.clean_up().await;
     }
 
@@ -2160,25 +2171,23 @@ mod tests {
     async fn a_pod_skips_a_room_without_a_hash_for_a_while() {
         let world = World::new().await;
         let (writer, reader) = (world.pod(20), world.pod(20));
-        let lobby = room("lobby", RoomKind::Public);
-        writer.create_room(&lobby, &[uid("alice")]).await.unwrap();
-        let append = |n: u64| writer.append(new_message(&lobby.id, "bob", &format!("#{n}"), None));
-        append(1).await.unwrap();
+        let lobby = empty_room(&writer, "lobby").await;
+        append_numbered(&writer, &lobby, 1).await;
         writer.flush_recent().await;
-        read_newest(&reader, &lobby.id, 1).await;
-        assert_eq!(cached_seqs(&world, &lobby.id).await, [1]);
-        append(2).await.unwrap();
+        read_newest(&reader, &lobby, 1).await;
+        assert_eq!(cached_seqs(&world, &lobby).await, [1]);
+        append_numbered(&writer, &lobby, 2).await;
         writer.flush_recent().await;
-        assert_eq!(cached_seqs(&world, &lobby.id).await, [1]);
+        assert_eq!(cached_seqs(&world, &lobby).await, [1]);
         let newest = Page::Newest { before: None };
-        assert!(!served_from_redis(&reader, &lobby.id, newest, 2).await);
-        assert_pages_match(&reader, &*world.inner, &lobby.id, 2).await;
-        assert_eq!(cached_seqs(&world, &lobby.id).await, [1, 2]);
+        assert!(!served_from_redis(&reader, &lobby, newest, 2).await);
+        assert_pages_match(&reader, &*world.inner, &lobby, 2).await;
+        assert_eq!(cached_seqs(&world, &lobby).await, [1, 2]);
 
         tokio::time::sleep(COLD_FOR).await;
-        append(3).await.unwrap();
-        assert!(served_from_redis(&writer, &lobby.id, newest, 3).await);
-        assert_pages_match(&writer, &*world.inner, &lobby.id, 3).await;
+        append_numbered(&writer, &lobby, 3).await;
+        assert!(served_from_redis(&writer, &lobby, newest, 3).await);
+        assert_pages_match(&writer, &*world.inner, &lobby, 3).await;
         world.clean_up().await;
     }
 
@@ -2196,10 +2205,7 @@ mod tests {
         assert!(ttl > 0 && ttl <= RECENT_TTL.as_secs() as i64, "TTL {ttl}");
         let mut largest = 0;
         for n in 2..=150u64 {
-            store
-                .append(new_message(&lobby, "bob", &format!("#{n}"), None))
-                .await
-                .unwrap();
+            append_numbered(&store, &lobby, n).await;
             store.flush_recent().await;
             let held = cached_seqs(&world, &lobby).await.len() as u64;
             assert!(held >= n.min(20), "{held} cached after {n} messages");
