@@ -459,7 +459,7 @@ async fn write_recent(cache: Arc<Cache>, mut queue: mpsc::Receiver<Add>) {
                 let put = cache
                     .put("recent_add", Need::Optional, &sets, Guard::None)
                     .await;
-                if let Some(put) = put {
+                if let Some(put) = put.filter(|put| !put.cold.is_empty()) {
                     cache.mark_cold(put.cold.iter().filter_map(|&n| sets.get(n)).map(|s| s.0));
                 }
             });
@@ -552,17 +552,14 @@ enum Repair {
 
 impl Cache {
     fn is_cold(&self, room: &RoomId) -> bool {
-        let mut cold = self.cold.lock().unwrap_or_else(PoisonError::into_inner);
-        match cold.since.get(room) {
-            Some(since) if since.elapsed() < COLD_FOR => true,
-            Some(_) => {
-                cold.since.remove(room);
-                false
-            }
-            None => false,
-        }
+        let cold = self.cold.lock().unwrap_or_else(PoisonError::into_inner);
+        cold.since
+            .get(room)
+            .is_some_and(|since| since.elapsed() < COLD_FOR)
     }
 
+    /// Pauses the rooms; rooms paused longer ago than [`COLD_FOR`] are
+    /// dropped here, at most once per [`COLD_FOR`].
     fn mark_cold<'a>(&self, rooms: impl Iterator<Item = &'a RoomId>) {
         let now = Instant::now();
         let mut cold = self.cold.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1903,26 +1900,15 @@ mod tests {
         let _: i64 = conn.del(world.key(HISTORY, &lobby)).await.unwrap();
         assert_pages_match(&store, &*world.inner, &lobby, 45).await;
         let _: i64 = conn.del(world.key(HISTORY, &lobby)).await.unwrap();
-        for n in 0..3 {
-            store
-                .append(new_message(
-                    &lobby,
-                    "bob",
-                    &format!("after restart {n}"),
-                    None,
-                ))
-                .await
-                .unwrap();
+        for n in 46..=48 {
+            append_numbered(&store, &lobby, n).await;
         }
         store.flush_recent().await;
         assert_eq!(cached_seqs(&world, &lobby).await, Vec::<u64>::new());
         assert!(!served_from_redis(&store, &lobby, newest, 10).await);
         assert_pages_match(&store, &*world.inner, &lobby, 48).await;
         assert!(served_from_redis(&store, &lobby, newest, 10).await);
-        store
-            .append(new_message(&lobby, "bob", "after the read", None))
-            .await
-            .unwrap();
+        append_numbered(&store, &lobby, 49).await;
         assert!(
             served_from_redis(
                 &store,
