@@ -100,6 +100,28 @@ async fn every_scenario_runs_and_reports() {
     let delivered = result["delivered"].as_f64().unwrap();
     assert!((rate * span - delivered).abs() < 1.0, "{fanout}");
     assert!(result["send_to_delivery"]["p99_ms"].as_f64().is_some());
+    // The timeline holds the slowest latency of each 250 ms of sends: two
+    // slices here, and the slowest of them is the run's slowest.
+    let timeline = &result["slowest_by_send_time"];
+    for (series, overall) in [
+        ("delivery_ms", "send_to_delivery"),
+        ("ack_ms", "send_to_ack"),
+    ] {
+        let slices: Vec<f64> = timeline[series]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(slices.len(), 2, "{fanout}");
+        let slowest = slices.iter().copied().fold(0.0, f64::max);
+        let max = result[overall]["max_ms"].as_f64().unwrap();
+        // (The histogram keeps three significant digits.)
+        assert!(
+            slowest > 0.0 && (slowest - max).abs() <= max * 0.01,
+            "{fanout}"
+        );
+    }
     assert!(fanout["generator"]["cpu_seconds"].as_f64().is_some());
 
     let ingest = bench(

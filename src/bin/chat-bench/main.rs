@@ -316,22 +316,44 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-/// Latency histograms in shards, so recording is nearly contention-free.
+/// Latency histograms in shards, so recording is nearly contention-free,
+/// and the slowest latency of the sends made in each [`SLICE_US`] of the
+/// phase: a tail made by one stall shows as a few slices far above the
+/// rest, one made by a steady overload as every slice high.
 struct Latencies {
     shards: Vec<Mutex<Histogram<u64>>>,
+    started_us: AtomicU64,
+    slowest: Vec<AtomicU64>,
 }
 
+/// The width of one slice of [`Latencies`]'s timeline.
+const SLICE_US: u64 = 250_000;
+
 impl Latencies {
-    fn new() -> Self {
+    /// With a timeline for phases of up to `longest`.
+    fn new(longest: Duration) -> Self {
         let shards = (0..16)
             .map(|_| {
                 Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"))
             })
             .collect();
-        Self { shards }
+        let slices = (longest.as_micros() as u64).div_ceil(SLICE_US) as usize;
+        Self {
+            shards,
+            started_us: AtomicU64::new(0),
+            slowest: (0..slices).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
-    fn record(&self, shard: usize, micros: u64) {
+    /// Records what was sent at `sent_us` and arrived at `now_us`.
+    fn record(&self, shard: usize, sent_us: u64, now_us: u64) {
+        let micros = now_us.saturating_sub(sent_us);
+        let slice = sent_us.saturating_sub(self.started_us.load(Ordering::Relaxed)) / SLICE_US;
+        // A sender's last tick can come a moment after the phase's end.
+        let last = self.slowest.len().saturating_sub(1);
+        if let Some(slowest) = self.slowest.get((slice as usize).min(last)) {
+            slowest.fetch_max(micros, Ordering::Relaxed);
+        }
         let mut h = self.shards[shard % self.shards.len()]
             .lock()
             .expect("histogram lock");
@@ -346,10 +368,23 @@ impl Latencies {
         all
     }
 
-    fn reset(&self) {
+    /// The slowest latency (ms) of the sends of each slice, in order.
+    fn timeline(&self) -> Vec<f64> {
+        self.slowest
+            .iter()
+            .map(|slowest| slowest.load(Ordering::Relaxed) as f64 / 1000.0)
+            .collect()
+    }
+
+    /// Empties the histograms and starts the timeline at `started_us`.
+    fn reset(&self, started_us: u64) {
         for shard in &self.shards {
             shard.lock().expect("histogram lock").reset();
         }
+        for slowest in &self.slowest {
+            slowest.store(0, Ordering::Relaxed);
+        }
+        self.started_us.store(started_us, Ordering::Relaxed);
     }
 }
 
@@ -363,6 +398,28 @@ fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
         "p999_ms": ms(h.value_at_quantile(0.999)),
         "max_ms": ms(h.max()),
     })
+}
+
+/// The three slices of a phase whose deliveries were slowest, with their
+/// acks', as "+offset: delivery / ack" (a stall shows as an offset whose
+/// acks were as slow).
+fn slowest_slices(delivery: &[f64], ack: &[f64]) -> String {
+    let mut slices: Vec<usize> = (0..delivery.len()).collect();
+    slices.sort_by(|a, b| delivery[*b].total_cmp(&delivery[*a]));
+    let worst: Vec<String> = slices
+        .iter()
+        .take(3)
+        .map(|&n| {
+            let offset = (n as u64 * SLICE_US) as f64 / 1e6;
+            let ack = ack.get(n).copied().unwrap_or_default();
+            format!("+{offset:.2} s: {:.1} / {ack:.1} ms", delivery[n])
+        })
+        .collect();
+    format!(
+        "slowest {} ms of sends (delivery / ack): {}",
+        SLICE_US / 1000,
+        worst.join(", ")
+    )
 }
 
 struct Bench {
@@ -692,8 +749,8 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         bench.create_room(room).await?;
     }
     let counts = Arc::new(Counts::default());
-    let delivery = Arc::new(Latencies::new());
-    let ack = Arc::new(Latencies::new());
+    let delivery = Arc::new(Latencies::new(duration));
+    let ack = Arc::new(Latencies::new(duration));
     // Phase numbers are carried in bodies so that stragglers of a previous
     // phase are not counted in the next.
     let phase = Arc::new(AtomicU64::new(0));
@@ -737,7 +794,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                         let Some((sent, in_phase)) = member::delivery_stamp(frame) else { continue };
                         if in_phase != phase.load(Ordering::Relaxed) { continue; }
                         let now = unix_micros();
-                        delivery.record(m, now.saturating_sub(sent));
+                        delivery.record(m, sent, now);
                         counts.delivered.fetch_add(1, Ordering::Relaxed);
                         counts.first_delivery_us.fetch_min(now, Ordering::Relaxed);
                         counts.last_delivery_us.fetch_max(now, Ordering::Relaxed);
@@ -777,11 +834,11 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         counts.delivered.store(0, Ordering::Relaxed);
         counts.first_delivery_us.store(u64::MAX, Ordering::Relaxed);
         counts.last_delivery_us.store(0, Ordering::Relaxed);
-        delivery.reset();
-        ack.reset();
         let this_phase = phase.fetch_add(1, Ordering::Relaxed) + 1;
         let started = Instant::now();
         let started_us = unix_micros();
+        delivery.reset(started_us);
+        ack.reset(started_us);
         let cpu = CpuMeter::start(bench);
         let per_sender = current / sockets.len() as f64;
         let period = Duration::from_secs_f64(1.0 / per_sender.max(0.001));
@@ -824,7 +881,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                             match frame.kind {
                                 "ack" => {
                                     counts.acked.fetch_add(1, Ordering::Relaxed);
-                                    if let Some(t) = in_flight.pop_front() { ack.record(i, unix_micros().saturating_sub(t)); }
+                                    if let Some(t) = in_flight.pop_front() { ack.record(i, t, unix_micros()); }
                                 }
                                 "error" => {
                                     counts.refused.fetch_add(1, Ordering::Relaxed);
@@ -880,12 +937,22 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "elapsed_seconds": elapsed,
             "send_to_delivery": percentiles(&latency),
             "send_to_ack": percentiles(&ack.merged()),
+            "slowest_by_send_time": {
+                "slice_ms": SLICE_US / 1000,
+                "started_unix_ms": started_us / 1000,
+                "delivery_ms": delivery.timeline(),
+                "ack_ms": ack.timeline(),
+            },
             "cpu": cpu.report(),
         });
         let passed = loss == 0 && unacked == 0 && refused == 0 && p99_ms <= max_p99_ms;
         eprintln!(
             "rate {current:.0}/s: delivered {delivered}/{expected} ({rate:.0}/s over {:.2} s, the last {:.2} s after the sends ended), unacked {unacked}, p99 {p99_ms:.2} ms",
             span.seconds, span.drain_seconds,
+        );
+        eprintln!(
+            "  {}",
+            slowest_slices(&delivery.timeline(), &ack.timeline())
         );
         phases.push(result);
         if !find_max || !passed {
