@@ -72,6 +72,8 @@ async fn every_scenario_runs_and_reports() {
             "500ms",
             "--join-concurrency",
             "3",
+            "--warmup",
+            "300ms",
         ],
     )
     .await;
@@ -84,6 +86,11 @@ async fn every_scenario_runs_and_reports() {
     assert!(fanout["setup"]["seconds"].as_f64().is_some(), "{fanout}");
     let result = &fanout["result"];
     assert!(result["acked"].as_u64().unwrap() > 0, "{fanout}");
+    // What the senders sent in the warm-up before the measured 0.5 s is
+    // not counted: 40/s for 0.5 s is 20 sends due (fewer if the machine
+    // stalls past the end), and the warm-up's 12 would show.
+    assert_eq!(fanout["warmup_seconds"], 0.3, "{fanout}");
+    assert!(result["sent"].as_u64().unwrap() <= 20, "{fanout}");
     assert_eq!(result["loss"], 0, "{fanout}");
     assert_eq!(result["delivered"], result["expected"]);
     assert_eq!(result["unacked"], 0, "{fanout}");
