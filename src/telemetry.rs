@@ -425,3 +425,50 @@ pub fn per_message() -> &'static PerMessage {
         })
     })
 }
+
+/// Lets a repeated warning through at most once per period, so that an
+/// outage logs a line every few seconds instead of one per failed call.
+/// Lock-free: it is asked on per-message paths.
+pub struct LogThrottle {
+    every: std::time::Duration,
+    epoch: std::time::Instant,
+    /// When the next line may be logged, in ms since `epoch`.
+    next_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    pub fn new(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            epoch: std::time::Instant::now(),
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the caller may log now; `true` for one caller per period.
+    pub fn allow(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Relaxed);
+        now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + self.every.as_millis() as u64, Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period() {
+        let throttle = LogThrottle::new(std::time::Duration::from_millis(50));
+        assert!(throttle.allow(), "the first line");
+        assert!(!throttle.allow(), "a second within the period");
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(throttle.allow(), "the next period's first");
+        assert!(!throttle.allow());
+    }
+}

@@ -25,7 +25,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -35,7 +35,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, Event, Inbound};
-use crate::{config::Secret, domain::RoomId, error::ChatError, redis_conn::RedisConn};
+use crate::{
+    config::Secret, domain::RoomId, error::ChatError, redis_conn::RedisConn, telemetry::LogThrottle,
+};
 
 /// A publish or a subscription change that takes longer fails (and is
 /// recovered from the store, or retried on reconnection).
@@ -205,7 +207,7 @@ struct Outgoing {
 /// its events (the bus is best effort: see the module docs of `bus`).
 async fn publish_queued(redis: RedisConn, mut queue: mpsc::Receiver<Outgoing>) {
     let mut events = Vec::with_capacity(PUBLISHES_PER_CALL);
-    let mut last_warning: Option<Instant> = None;
+    let warnings = LogThrottle::new(WARN_EVERY);
     while queue.recv_many(&mut events, PUBLISHES_PER_CALL).await > 0 {
         let count = events.len();
         let mut pipeline = redis::pipe();
@@ -220,8 +222,7 @@ async fn publish_queued(redis: RedisConn, mut queue: mpsc::Receiver<Outgoing>) {
             Err(_) => anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"),
         };
         metrics::counter!("chat_bus_publish_errors_total").increment(count as u64);
-        if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-            last_warning = Some(Instant::now());
+        if warnings.allow() {
             tracing::warn!(error = %format!("{error:#}"), events = count, "could not publish events to the bus");
         }
     }

@@ -43,7 +43,7 @@ use tokio::{
 };
 
 use super::{Decision, Limit, Limiter, memory::MemoryLimiter};
-use crate::error::ChatError;
+use crate::{error::ChatError, telemetry::LogThrottle};
 
 /// The longest a hit waits for Redis (its turn in the queue and connection
 /// set-up included) before the in-process window decides instead: a hung
@@ -147,13 +147,13 @@ pub struct RedisLimiter {
     fallback: MemoryLimiter,
     /// Held only to read or update two instants, never across an await.
     outage: Mutex<Outage>,
+    warnings: LogThrottle,
 }
 
 #[derive(Debug, Default)]
 struct Outage {
     /// Hits go straight to the fallback until then.
     bypass_until: Option<Instant>,
-    last_warning: Option<Instant>,
 }
 
 impl RedisLimiter {
@@ -169,6 +169,7 @@ impl RedisLimiter {
             seq: AtomicU64::new(0),
             fallback: MemoryLimiter::default(),
             outage: Mutex::new(Outage::default()),
+            warnings: LogThrottle::new(WARN_EVERY),
         }
     }
 
@@ -217,14 +218,11 @@ impl RedisLimiter {
 
     /// Starts (or extends) a bypass and warns, at most once per period.
     fn record_failure(&self, err: &anyhow::Error) {
-        let now = Instant::now();
-        let mut outage = self.outage.lock().expect("limiter outage lock");
-        outage.bypass_until = Some(now + BYPASS_AFTER_FAILURE);
-        if outage
-            .last_warning
-            .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
-        {
-            outage.last_warning = Some(now);
+        self.outage
+            .lock()
+            .expect("limiter outage lock")
+            .bypass_until = Some(Instant::now() + BYPASS_AFTER_FAILURE);
+        if self.warnings.allow() {
             tracing::warn!(
                 error = %format!("{err:#}"),
                 "Redis rate limiter unavailable; limits are enforced per instance meanwhile"

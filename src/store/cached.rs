@@ -68,7 +68,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::redis_conn::RedisConn;
+use crate::{redis_conn::RedisConn, telemetry::LogThrottle};
 use async_trait::async_trait;
 use redis::{RedisResult, Script};
 use serde::{Deserialize, Serialize};
@@ -939,13 +939,12 @@ fn new_token() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
-/// Breaker and log throttle, as milliseconds since `epoch` in atomics: no
-/// lock on the per-message path.
+/// Breaker and log throttle, in atomics: no lock on the per-message path.
 struct Health {
     epoch: Instant,
+    /// Until when (ms since `epoch`) Redis is skipped.
     skip_until: AtomicU64,
-    /// When the next log line is allowed.
-    log_after: AtomicU64,
+    warnings: LogThrottle,
 }
 
 impl Health {
@@ -953,7 +952,7 @@ impl Health {
         Self {
             epoch: Instant::now(),
             skip_until: AtomicU64::new(0),
-            log_after: AtomicU64::new(0),
+            warnings: LogThrottle::new(LOG_EVERY),
         }
     }
 
@@ -971,18 +970,7 @@ impl Health {
     }
 
     fn may_log(&self) -> bool {
-        let now = self.now();
-        let allowed = self.log_after.load(Ordering::Relaxed);
-        now >= allowed
-            && self
-                .log_after
-                .compare_exchange(
-                    allowed,
-                    now + LOG_EVERY.as_millis() as u64,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+        self.warnings.allow()
     }
 }
 
