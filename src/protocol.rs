@@ -52,8 +52,12 @@ enum RawFrame {
     },
 }
 
-/// Every field any client frame has; unknown ones are skipped.
+/// Every field any client frame has, and only those: a frame with any
+/// other field goes to the tree. (Skipping an unknown field's value would
+/// not count its nesting, so a frame the tree refuses for its depth would
+/// pass here.)
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PlainFields<'a> {
     #[serde(rename = "type", borrow)]
     kind: std::borrow::Cow<'a, str>,
@@ -77,9 +81,9 @@ impl ClientFrame {
         Self::parse_plain(text).map_or_else(|| Self::parse_checked(text), Ok)
     }
 
-    /// The common frame, read in one pass: an object whose fields have the
-    /// types the contract gives them, each at most once. `None` for
-    /// anything else, which [`Self::parse_checked`] then reads, so what a
+    /// The common frame, read in one pass: an object of the contract's
+    /// fields only, each of the type the contract gives it, at most once.
+    /// `None` for anything else, which [`Self::parse_checked`] then reads, so what a
     /// frame is answered (and every error's wording) is decided there
     /// alone; this only skips building a JSON tree for frames that are
     /// fine.
@@ -334,13 +338,19 @@ mod tests {
     /// it declines are the tree's to accept or refuse.
     #[test]
     fn the_one_pass_reading_agrees_with_the_tree_or_declines() {
+        // Refused by the tree for its depth, whatever the field.
+        let deep = format!(
+            r#"{{"type":"ping","a":{}1{}}}"#,
+            r#"{"a":"#.repeat(200),
+            "}".repeat(200)
+        );
         let frames = [
             (
                 r#"{"type":"message","body":"gl hf","client_id":"b7"}"#,
                 true,
             ),
             (
-                r#" {"type":"message","body":"a\nb \u00e9","extra":[1,{}]}"#,
+                r#" {"type":"message","body":"a\nb \u00e9 {[\"x\"]}"}"#,
                 true,
             ),
             (r#"{"body":"x","type":"message","client_id":null}"#, true),
@@ -348,6 +358,8 @@ mod tests {
             (r#"{"type":"ping"}"#, true),
             (r#"{"type":"refresh","token":"t","client_id":"r1"}"#, true),
             // Declined, and then accepted or refused by the tree.
+            (r#"{"type":"message","body":"x","extra":[1,{}]}"#, false),
+            (&deep, false),
             (r#"{"type":"typing","body":5}"#, false),
             (r#"{"type":"message","body":"a","body":"b"}"#, false),
             (r#"{"type":"message","body":"x","client_id":""}"#, false),

@@ -625,7 +625,7 @@ impl Cache {
     fn fault(&self, op: &'static str, reason: &'static str, err: &anyhow::Error) {
         metrics::counter!("chat_cache_errors_total", "op" => op, "reason" => reason).increment(1);
         self.health.trip();
-        if self.health.may_log() {
+        if self.health.warnings.allow() {
             tracing::warn!(op, error = %format!("{err:#}"), "Redis cache unavailable; using the database");
         }
     }
@@ -634,7 +634,7 @@ impl Cache {
     /// Redis itself is fine, so the breaker stays closed.
     fn corrupt(&self, op: &'static str) {
         metrics::counter!("chat_cache_errors_total", "op" => op, "reason" => "decode").increment(1);
-        if self.health.may_log() {
+        if self.health.warnings.allow() {
             tracing::warn!(op, "undecodable Redis cache entry; using the database");
         }
     }
@@ -967,10 +967,6 @@ impl Health {
     fn trip(&self) {
         let until = self.now() + COOL_DOWN.as_millis() as u64;
         self.skip_until.fetch_max(until, Ordering::Relaxed);
-    }
-
-    fn may_log(&self) -> bool {
-        self.warnings.allow()
     }
 }
 
