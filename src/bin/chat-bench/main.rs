@@ -410,6 +410,27 @@ fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
+/// What a `--find-max` step showed.
+struct Step {
+    /// Sends due at the step's rate over its duration.
+    due: f64,
+    sent: u64,
+    /// Deliveries missing, plus sends unanswered or refused.
+    lost: u64,
+    p99_ms: f64,
+}
+
+impl Step {
+    /// Whether the step's rate was sustained: nothing lost, p99 within the
+    /// bound, and the rate offered at all. A rate the senders could not
+    /// offer (their sockets full: under 95 % of the sends due went out) is
+    /// not one the server sustained, however low the latency of what got
+    /// through.
+    fn sustained(&self, max_p99_ms: f64) -> bool {
+        self.sent as f64 >= 0.95 * self.due && self.lost == 0 && self.p99_ms <= max_p99_ms
+    }
+}
+
 /// The three slices of a phase whose deliveries were slowest, with their
 /// acks', as "+offset: delivery / ack" (a stall shows as an offset whose
 /// acks were as slow).
@@ -970,11 +991,13 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             },
             "cpu": cpu.report(),
         });
-        // A rate the senders could not even offer (their sockets full) is
-        // not one the server sustained, however low the latency of what
-        // got through.
-        let offered = sent as f64 >= 0.95 * current * duration.as_secs_f64();
-        let passed = offered && loss == 0 && unacked == 0 && refused == 0 && p99_ms <= max_p99_ms;
+        let passed = Step {
+            due: current * duration.as_secs_f64(),
+            sent,
+            lost: loss + unacked + refused,
+            p99_ms,
+        }
+        .sustained(max_p99_ms);
         eprintln!(
             "rate {current:.0}/s: delivered {delivered}/{expected} ({rate:.0}/s over {:.2} s, the last {:.2} s after the sends ended), unacked {unacked}, p99 {p99_ms:.2} ms",
             span.seconds, span.drain_seconds,
@@ -1147,6 +1170,23 @@ mod tests {
         assert_eq!(span.rate(2_000_000), 100_000.0);
         assert_eq!(span.seconds, 20.0);
         assert_eq!(span.drain_seconds, 5.001);
+    }
+
+    /// A step passes only when everything got through in time and the
+    /// senders could send what was due.
+    #[test]
+    fn a_step_is_sustained_only_when_offered_delivered_and_in_time() {
+        let step = |sent, lost, p99_ms| Step {
+            due: 1_000.0,
+            sent,
+            lost,
+            p99_ms,
+        };
+        assert!(step(1_000, 0, 40.0).sustained(50.0));
+        assert!(step(950, 0, 40.0).sustained(50.0));
+        assert!(!step(870, 0, 40.0).sustained(50.0), "not offered");
+        assert!(!step(1_000, 1, 40.0).sustained(50.0), "one lost");
+        assert!(!step(1_000, 0, 50.5).sustained(50.0), "too slow");
     }
 
     /// A server that keeps up delivers over the sending window shifted by
