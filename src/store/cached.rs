@@ -1629,6 +1629,19 @@ mod tests {
         )
     }
 
+    /// The newest page of `limit` is answered by Redis alone, and every page
+    /// of a room whose newest seq is `last` equals the database's.
+    async fn assert_newest_cached(
+        world: &World,
+        store: &CachedStore,
+        room: &RoomId,
+        limit: u32,
+        last: u64,
+    ) {
+        assert!(served_from_redis(store, room, Page::Newest { before: None }, limit).await);
+        assert_pages_match(store, &*world.inner, room, last).await;
+    }
+
     /// Drops entries from a room's hash, once the queued writes have landed.
     async fn remove_seqs(world: &World, store: &CachedStore, room: &RoomId, seqs: &[u64]) {
         store.flush_recent().await;
@@ -1996,8 +2009,7 @@ mod tests {
         assert_eq!(first, again);
         store.flush_recent().await;
         assert_eq!(cached_seqs(&world, &lobby).await, [1, 2, 3]);
-        assert!(served_from_redis(&store, &lobby, Page::Newest { before: None }, 10).await);
-        assert_pages_match(&store, &*world.inner, &lobby, 3).await;
+        assert_newest_cached(&world, &store, &lobby, 10, 3).await;
         world.clean_up().await;
     }
 
@@ -2032,8 +2044,7 @@ mod tests {
         );
         assert!(page[3].deleted && page[3].body.is_empty(), "{:?}", page[3]);
         // That read's backfill started the hash again, under the new token.
-        assert!(served_from_redis(&store, &lobby, newest, 10).await);
-        assert_pages_match(&store, &*world.inner, &lobby, 10).await;
+        assert_newest_cached(&world, &store, &lobby, 10, 10).await;
 
         let legacy = world.key(LEGACY_HISTORY, &lobby);
         let _: i64 = conn.zadd(&legacy, "{\"seq\":3}", 3).await.unwrap();
@@ -2098,8 +2109,7 @@ mod tests {
             task.await.unwrap();
         }
         for id in &rooms {
-            assert!(served_from_redis(&store, id, Page::Newest { before: None }, 21).await);
-            assert_pages_match(&store, &*world.inner, id, 21).await;
+            assert_newest_cached(&world, &store, id, 21, 21).await;
         }
         world.clean_up().await;
     }
@@ -2127,8 +2137,7 @@ mod tests {
         for n in 6..=8 {
             append_numbered(&store, &lobby, n).await;
         }
-        assert!(served_from_redis(&store, &lobby, newest, 8).await);
-        assert_pages_match(&store, &*world.inner, &lobby, 8).await;
+        assert_newest_cached(&world, &store, &lobby, 8, 8).await;
         world.clean_up().await;
     }
 
@@ -2156,8 +2165,7 @@ mod tests {
 
         tokio::time::sleep(COLD_FOR).await;
         append_numbered(&writer, &lobby, 3).await;
-        assert!(served_from_redis(&writer, &lobby, newest, 3).await);
-        assert_pages_match(&writer, &*world.inner, &lobby, 3).await;
+        assert_newest_cached(&world, &writer, &lobby, 3, 3).await;
         world.clean_up().await;
     }
 
@@ -2187,8 +2195,7 @@ mod tests {
         );
         let oldest = cached_seqs(&world, &lobby).await[0];
         assert!(oldest > 150 - 20 - TRIM_EVERY, "{oldest}");
-        assert!(served_from_redis(&store, &lobby, Page::Newest { before: None }, 20).await);
-        assert_pages_match(&store, &*world.inner, &lobby, 150).await;
+        assert_newest_cached(&world, &store, &lobby, 20, 150).await;
         world.clean_up().await;
     }
 
