@@ -99,7 +99,7 @@ impl RedisBus {
         inbound: mpsc::Sender<Inbound>,
         stop: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url.expose())?;
+        let client = crate::redis_conn::client(url.expose())?;
         let (watch, requests) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
         let subscriber = Subscriber {
