@@ -130,6 +130,19 @@ async fn every_scenario_runs_and_reports() {
         );
     }
     assert!(fanout["generator"]["cpu_seconds"].as_f64().is_some());
+    // The server's own view of the phase: the sends it answered between
+    // the phase's two readings of its /metrics, taken while the senders
+    // send on, so a warm-up send may fall on either side of the first.
+    let view = &result["server_view"];
+    assert_eq!(view["pods_unread"], 0, "{fanout}");
+    let answered = view["send_to_ack"]["count"].as_u64().unwrap();
+    let acked = result["acked"].as_u64().unwrap();
+    assert!(answered > 0 && answered <= acked + 12, "{fanout}");
+    assert!(
+        view["send_to_ack"]["p50_at_most_ms"].as_f64().unwrap()
+            <= view["send_to_ack"]["p99_at_most_ms"].as_f64().unwrap(),
+        "{fanout}"
+    );
 
     let ingest = bench(
         &addr,
@@ -160,4 +173,19 @@ async fn every_scenario_runs_and_reports() {
         let cost = ingest["cpu_us_per_acked"][who].as_f64();
         assert!(cost.is_some_and(|us| us >= 0.0), "{who}: {ingest}");
     }
+    // Ingest reads the server before its first send and after its last
+    // answer: the server answered exactly what the tool counted, over both
+    // transports, and stored each of them.
+    let view = &ingest["server_view"];
+    let acked = ingest["ws_acked"].as_f64().unwrap() + ingest["rest_acked"].as_f64().unwrap();
+    assert_eq!(
+        view["send_to_ack"]["count"].as_f64(),
+        Some(acked),
+        "{ingest}"
+    );
+    assert!(
+        view["send_to_ack"]["mean_ms"].as_f64().unwrap() > 0.0,
+        "{ingest}"
+    );
+    assert!(view["append"]["count"].as_u64().unwrap() >= 1, "{ingest}");
 }

@@ -51,6 +51,7 @@ use tokio::{net::TcpStream, sync::watch};
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
 
 mod member;
+mod server_view;
 
 use member::Member;
 
@@ -942,6 +943,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         // The CPU of the measured part only.
         tokio::time::sleep_until(tokio::time::Instant::from_std(started)).await;
         let cpu = CpuMeter::start(bench);
+        let server_before = server_view::Reading::take(&bench.http, &bench.urls).await;
         let mut back = Vec::new();
         for task in tasks {
             back.push(task.await?);
@@ -950,6 +952,9 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         // Let the last deliveries arrive: until the members have heard
         // nothing for a while.
         settle(&counts).await;
+        let server = server_view::Reading::take(&bench.http, &bench.urls)
+            .await
+            .since(&server_before);
         let elapsed = started.elapsed().as_secs_f64();
         let (sent, acked, refused) = (
             counts.sent.load(Ordering::Relaxed),
@@ -990,6 +995,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                 "ack_ms": ack.timeline(),
             },
             "cpu": cpu.report(),
+            "server_view": server,
         });
         let passed = Step {
             due: current * duration.as_secs_f64(),
@@ -1006,6 +1012,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "  {}",
             slowest_slices(&delivery.timeline(), &ack.timeline())
         );
+        eprintln!("  {}", server_view::summary(&result["server_view"]));
         phases.push(result);
         if !find_max || !passed {
             break;
@@ -1066,6 +1073,7 @@ async fn ingest(
         rest_rooms.push(room);
     }
     let cpu = CpuMeter::start(bench);
+    let server_before = server_view::Reading::take(&bench.http, &bench.urls).await;
     let end = Instant::now() + duration;
     let mut tasks = Vec::new();
     for mut socket in sockets {
@@ -1137,6 +1145,9 @@ async fn ingest(
         let _ = task.await;
     }
     let used = cpu.used();
+    let server = server_view::Reading::take(&bench.http, &bench.urls)
+        .await
+        .since(&server_before);
     let elapsed = used.wall.max(duration.as_secs_f64());
     let (ws, rest) = (
         ws_acked.load(Ordering::Relaxed),
@@ -1154,6 +1165,7 @@ async fn ingest(
         "acked_per_second": (ws + rest) as f64 / elapsed,
         "cpu": used.report(),
         "cpu_us_per_acked": used.per_message(ws + rest),
+        "server_view": server,
     }))
 }
 
