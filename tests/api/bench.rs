@@ -130,6 +130,10 @@ async fn every_scenario_runs_and_reports() {
         );
     }
     assert!(fanout["generator"]["cpu_seconds"].as_f64().is_some());
+    // The generator's own event loop, probed every 10 ms over the phase.
+    let lag = &result["generator_loop_lag"];
+    assert!(lag["samples"].as_u64().unwrap() >= 10, "{fanout}");
+    assert!(lag["max_ms"].as_f64().unwrap() >= lag["p50_ms"].as_f64().unwrap());
     // The server's own view of the phase: the sends it answered between
     // the phase's two readings of its /metrics, taken while the senders
     // send on, so a warm-up send may fall on either side of the first.

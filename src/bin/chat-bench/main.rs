@@ -50,6 +50,7 @@ use serde_json::json;
 use tokio::{net::TcpStream, sync::watch};
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
 
+mod loop_lag;
 mod member;
 mod server_view;
 
@@ -944,6 +945,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         tokio::time::sleep_until(tokio::time::Instant::from_std(started)).await;
         let cpu = CpuMeter::start(bench);
         let server_before = server_view::Reading::take(&bench.http, &bench.urls).await;
+        let lag = loop_lag::LoopLag::start();
         let mut back = Vec::new();
         for task in tasks {
             back.push(task.await?);
@@ -952,6 +954,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         // Let the last deliveries arrive: until the members have heard
         // nothing for a while.
         settle(&counts).await;
+        let lag = lag.finish().await;
         let server = server_view::Reading::take(&bench.http, &bench.urls)
             .await
             .since(&server_before);
@@ -996,6 +999,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             },
             "cpu": cpu.report(),
             "server_view": server,
+            "generator_loop_lag": lag,
         });
         let passed = Step {
             due: current * duration.as_secs_f64(),
@@ -1013,6 +1017,12 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             slowest_slices(&delivery.timeline(), &ack.timeline())
         );
         eprintln!("  {}", server_view::summary(&result["server_view"]));
+        eprintln!(
+            "  the generator's event loop ran late by p50 {} / p99 {} / max {} ms",
+            result["generator_loop_lag"]["p50_ms"],
+            result["generator_loop_lag"]["p99_ms"],
+            result["generator_loop_lag"]["max_ms"],
+        );
         phases.push(result);
         if !find_max || !passed {
             break;
