@@ -62,7 +62,9 @@ struct PlainFields<'a> {
     #[serde(rename = "type", borrow)]
     kind: std::borrow::Cow<'a, str>,
     body: Option<String>,
-    client_id: Option<String>,
+    /// Borrowed: [`ClientId::parse`] makes the copy it keeps.
+    #[serde(borrow)]
+    client_id: Option<std::borrow::Cow<'a, str>>,
     token: Option<String>,
 }
 

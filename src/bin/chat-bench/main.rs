@@ -976,6 +976,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             started_us + duration.as_micros() as u64,
         );
         let rate = span.rate(delivered);
+        let (delivery_slices, ack_slices) = (delivery.timeline(), ack.timeline());
         let result = json!({
             "target_rate": current,
             "sent": sent,
@@ -994,8 +995,8 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "slowest_by_send_time": {
                 "slice_ms": SLICE_US / 1000,
                 "started_unix_ms": started_us / 1000,
-                "delivery_ms": delivery.timeline(),
-                "ack_ms": ack.timeline(),
+                "delivery_ms": &delivery_slices,
+                "ack_ms": &ack_slices,
             },
             "cpu": cpu.report(),
             "server_view": server,
@@ -1012,10 +1013,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "rate {current:.0}/s: delivered {delivered}/{expected} ({rate:.0}/s over {:.2} s, the last {:.2} s after the sends ended), unacked {unacked}, p99 {p99_ms:.2} ms",
             span.seconds, span.drain_seconds,
         );
-        eprintln!(
-            "  {}",
-            slowest_slices(&delivery.timeline(), &ack.timeline())
-        );
+        eprintln!("  {}", slowest_slices(&delivery_slices, &ack_slices));
         eprintln!("  {}", server_view::summary(&result["server_view"]));
         eprintln!(
             "  the generator's event loop ran late by p50 {} / p99 {} / max {} ms",
