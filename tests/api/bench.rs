@@ -74,6 +74,7 @@ async fn every_scenario_runs_and_reports() {
             "3",
             "--warmup",
             "300ms",
+            "--arrival-stamps",
         ],
     )
     .await;
@@ -128,6 +129,26 @@ async fn every_scenario_runs_and_reports() {
             slowest > 0.0 && (slowest - max).abs() <= max * 0.01,
             "{fanout}"
         );
+    }
+    // With `--arrival-stamps`, each latency again to the frame's arrival
+    // in the generator's socket, which comes before its read: every
+    // message counted, and no percentile later than the read's.
+    for (read, arrival, count) in [
+        ("send_to_delivery", "send_to_delivery_arrival", "delivered"),
+        ("send_to_ack", "send_to_ack_arrival", "acked"),
+    ] {
+        assert_eq!(result[arrival]["count"], result[count], "{fanout}");
+        for q in ["p50_ms", "p99_ms", "max_ms"] {
+            let (early, late) = (
+                result[arrival][q].as_f64().unwrap(),
+                result[read][q].as_f64().unwrap(),
+            );
+            // (Three significant digits each.)
+            assert!(
+                early > 0.0 && early <= late * 1.01,
+                "{arrival} {q}: {fanout}"
+            );
+        }
     }
     assert!(fanout["generator"]["cpu_seconds"].as_f64().is_some());
     // The generator's own event loop, probed every 10 ms over the phase.

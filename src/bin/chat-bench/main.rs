@@ -47,13 +47,15 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::{net::TcpStream, sync::watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
 
+mod arrival;
 mod loop_lag;
 mod member;
 mod server_view;
 
+use arrival::Stamped;
 use member::Member;
 
 /// Bytes read from a socket at a time: many server frames.
@@ -80,6 +82,12 @@ struct Args {
     /// divides each one's CPU by the messages acked.
     #[arg(long = "watch", global = true)]
     watch: Vec<String>,
+    /// Also report `fanout`'s latencies to when each frame reached the
+    /// generator's socket, by the kernel's receive timestamps, which leave
+    /// out the generator's own lateness in reading it. Costs the generator
+    /// about a tenth more CPU (docs/benchmarks.md).
+    #[arg(long, global = true)]
+    arrival_stamps: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -332,8 +340,12 @@ fn rss_kib(pid: u32) -> Option<u64> {
 /// and the slowest latency of the sends made in each [`SLICE_US`] of the
 /// phase: a tail made by one stall shows as a few slices far above the
 /// rest, one made by a steady overload as every slice high.
+///
+/// Each latency is kept to when the generator read the frame and, with
+/// `--arrival-stamps`, to when it reached the generator's socket
+/// ([`arrival`]).
 struct Latencies {
-    shards: Vec<Mutex<Histogram<u64>>>,
+    shards: Vec<Mutex<Pair>>,
     started_us: AtomicU64,
     slowest: Vec<AtomicU64>,
 }
@@ -341,14 +353,26 @@ struct Latencies {
 /// The width of one slice of [`Latencies`]'s timeline.
 const SLICE_US: u64 = 250_000;
 
+/// One shard's histograms: latencies to the read, and to the arrival.
+struct Pair {
+    read: Histogram<u64>,
+    arrival: Histogram<u64>,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let empty = Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        Self {
+            read: empty.clone(),
+            arrival: empty,
+        }
+    }
+}
+
 impl Latencies {
     /// With a timeline for phases of up to `longest`.
     fn new(longest: Duration) -> Self {
-        let shards = (0..16)
-            .map(|_| {
-                Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"))
-            })
-            .collect();
+        let shards = (0..16).map(|_| Mutex::new(Pair::new())).collect();
         let slices = (longest.as_micros() as u64).div_ceil(SLICE_US) as usize;
         Self {
             shards,
@@ -357,8 +381,10 @@ impl Latencies {
         }
     }
 
-    /// Records what was sent at `sent_us` and arrived at `now_us`.
-    fn record(&self, shard: usize, sent_us: u64, now_us: u64) {
+    /// Records what was sent at `sent_us`, reached the generator's socket
+    /// at `arrived_us` (when stamped) and was read at `now_us`. The
+    /// timeline is the read's.
+    fn record(&self, shard: usize, sent_us: u64, arrived_us: Option<u64>, now_us: u64) {
         let micros = now_us.saturating_sub(sent_us);
         let slice = sent_us.saturating_sub(self.started_us.load(Ordering::Relaxed)) / SLICE_US;
         // A sender's last tick can come a moment after the phase's end.
@@ -369,13 +395,19 @@ impl Latencies {
         let mut h = self.shards[shard % self.shards.len()]
             .lock()
             .expect("histogram lock");
-        let _ = h.record(micros.clamp(1, 60_000_000));
+        let _ = h.read.record(micros.clamp(1, 60_000_000));
+        if let Some(arrived_us) = arrived_us {
+            let arrival = arrived_us.min(now_us).saturating_sub(sent_us);
+            let _ = h.arrival.record(arrival.clamp(1, 60_000_000));
+        }
     }
 
-    fn merged(&self) -> Histogram<u64> {
-        let mut all = Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    fn merged(&self) -> Pair {
+        let mut all = Pair::new();
         for shard in &self.shards {
-            let _ = all.add(&*shard.lock().expect("histogram lock"));
+            let shard = shard.lock().expect("histogram lock");
+            let _ = all.read.add(&shard.read);
+            let _ = all.arrival.add(&shard.arrival);
         }
         all
     }
@@ -391,7 +423,9 @@ impl Latencies {
     /// Empties the histograms and starts the timeline at `started_us`.
     fn reset(&self, started_us: u64) {
         for shard in &self.shards {
-            shard.lock().expect("histogram lock").reset();
+            let mut shard = shard.lock().expect("histogram lock");
+            shard.read.reset();
+            shard.arrival.reset();
         }
         for slowest in &self.slowest {
             slowest.store(0, Ordering::Relaxed);
@@ -455,6 +489,19 @@ fn slowest_slices(delivery: &[f64], ack: &[f64]) -> String {
     )
 }
 
+/// The latencies to the frames' arrival in the generator's sockets.
+fn arrival_summary(delivery: &Histogram<u64>, ack: &Histogram<u64>) -> String {
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    format!(
+        "to the frames' arrival in the generator's sockets: delivery p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms, ack p50 {:.2} / p99 {:.2} ms",
+        ms(delivery, 0.5),
+        ms(delivery, 0.99),
+        ms(delivery, 0.999),
+        ms(ack, 0.5),
+        ms(ack, 0.99),
+    )
+}
+
 struct Bench {
     urls: Vec<String>,
     keys: JwtKeys,
@@ -462,10 +509,11 @@ struct Bench {
     run_id: String,
     pids: Vec<u32>,
     watched: Vec<String>,
+    /// `--arrival-stamps`.
+    arrival_stamps: bool,
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket = tokio_tungstenite::WebSocketStream<arrival::Stamped>;
 
 impl Bench {
     fn token(&self, user: &str, roles: &[String]) -> anyhow::Result<String> {
@@ -486,13 +534,15 @@ impl Bench {
     async fn connect(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Socket> {
         let base = self.url(n).replacen("http", "ws", 1);
         let url = format!("{base}{}", self.ws_path(room, user)?);
+        let host = self.url(n).trim_start_matches("http://");
         // tungstenite zeroes a whole read chunk before every read: its
         // default 128 KiB chunk made `memset` a quarter of the generator's
         // time. Nagle off, as a real client should: small frames leave at
-        // once.
+        // once (`Stamped::connect`).
         let config = WebSocketConfig::default().read_buffer_size(READ_CHUNK_BYTES);
+        let stream = Stamped::connect(host, self.arrival_stamps).await?;
         let (mut socket, _) =
-            tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+            tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
         // The first frame is `ready`.
         match socket.next().await {
             Some(Ok(Message::Text(_))) => Ok(socket),
@@ -501,8 +551,9 @@ impl Bench {
     }
 
     /// A connection that only listens ([`Member`]), once it is `ready`.
-    async fn listen(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Member<TcpStream>> {
-        let mut member = Member::connect(self.url(n), &self.ws_path(room, user)?).await?;
+    async fn listen(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Member<Stamped>> {
+        let mut member =
+            Member::connect(self.url(n), &self.ws_path(room, user)?, self.arrival_stamps).await?;
         match member.next_text().await? {
             Some(frame) if memchr::memmem::find(frame, br#""type":"ready""#).is_some() => {
                 Ok(member)
@@ -562,6 +613,7 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
         run_id: format!("{:x}", unix_micros()),
         pids: args.pids.clone(),
         watched: args.watch.clone(),
+        arrival_stamps: args.arrival_stamps,
     });
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
@@ -828,7 +880,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                         let Some((sent, in_phase)) = member::delivery_stamp(frame) else { continue };
                         if in_phase != phase.load(Ordering::Relaxed) { continue; }
                         let now = unix_micros();
-                        delivery.record(m, sent, now);
+                        delivery.record(m, sent, member.arrived_us(), now);
                         counts.delivered.fetch_add(1, Ordering::Relaxed);
                         counts.first_delivery_us.fetch_min(now, Ordering::Relaxed);
                         counts.last_delivery_us.fetch_max(now, Ordering::Relaxed);
@@ -925,7 +977,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                                     let Some((t, measured)) = in_flight.pop_front() else { continue };
                                     if measured {
                                         counts.acked.fetch_add(1, Ordering::Relaxed);
-                                        ack.record(i, t, unix_micros());
+                                        ack.record(i, t, socket.get_ref().arrived_us(), unix_micros());
                                     }
                                 }
                                 "error" => {
@@ -967,8 +1019,8 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         let unacked = sent.saturating_sub(acked + refused);
         let delivered = counts.delivered.load(Ordering::Relaxed);
         let expected = acked * members as u64;
-        let latency = delivery.merged();
-        let p99_ms = latency.value_at_quantile(0.99) as f64 / 1000.0;
+        let (latency, ack_latency) = (delivery.merged(), ack.merged());
+        let p99_ms = latency.read.value_at_quantile(0.99) as f64 / 1000.0;
         let loss = expected.saturating_sub(delivered);
         let span = DeliverySpan::new(
             counts.first_delivery_us.load(Ordering::Relaxed),
@@ -990,8 +1042,8 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "delivery_seconds": span.seconds,
             "drain_seconds": span.drain_seconds,
             "elapsed_seconds": elapsed,
-            "send_to_delivery": percentiles(&latency),
-            "send_to_ack": percentiles(&ack.merged()),
+            "send_to_delivery": percentiles(&latency.read),
+            "send_to_ack": percentiles(&ack_latency.read),
             "slowest_by_send_time": {
                 "slice_ms": SLICE_US / 1000,
                 "started_unix_ms": started_us / 1000,
@@ -1002,6 +1054,13 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "server_view": server,
             "generator_loop_lag": lag,
         });
+        let mut result = result;
+        if bench.arrival_stamps {
+            // To when the frame reached the generator's socket: without the
+            // generator's own lateness in reading it.
+            result["send_to_delivery_arrival"] = percentiles(&latency.arrival);
+            result["send_to_ack_arrival"] = percentiles(&ack_latency.arrival);
+        }
         let passed = Step {
             due: current * duration.as_secs_f64(),
             sent,
@@ -1014,6 +1073,12 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             span.seconds, span.drain_seconds,
         );
         eprintln!("  {}", slowest_slices(&delivery_slices, &ack_slices));
+        if bench.arrival_stamps {
+            eprintln!(
+                "  {}",
+                arrival_summary(&latency.arrival, &ack_latency.arrival)
+            );
+        }
         eprintln!("  {}", server_view::summary(&result["server_view"]));
         eprintln!(
             "  the generator's event loop ran late by p50 {} / p99 {} / max {} ms",

@@ -23,6 +23,8 @@ use memchr::memmem::Finder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
+use crate::arrival::Stamped;
+
 /// Bytes asked of the socket per read: many small frames at once.
 const READ_CHUNK: usize = 8192;
 
@@ -54,17 +56,24 @@ struct FrameAt {
     payload: std::ops::Range<usize>,
 }
 
-impl Member<tokio::net::TcpStream> {
+impl Member<Stamped> {
     /// Connects to `url` (`http://host:port`) and opens the WebSocket at
-    /// `path_and_query`, Nagle off as a real client would have it.
-    pub async fn connect(url: &str, path_and_query: &str) -> anyhow::Result<Self> {
+    /// `path_and_query`, Nagle off as a real client would have it, with
+    /// the arrival of what it reads stamped if `stamped` ([`Stamped`]).
+    pub async fn connect(url: &str, path_and_query: &str, stamped: bool) -> anyhow::Result<Self> {
         let host = url
             .strip_prefix("http://")
             .with_context(|| format!("chat-bench's members speak plain ws://, not {url}"))?
             .trim_end_matches('/');
-        let stream = tokio::net::TcpStream::connect(host).await?;
-        stream.set_nodelay(true)?;
+        let stream = Stamped::connect(host, stamped).await?;
         Self::handshake(stream, host, path_and_query).await
+    }
+
+    /// When the frame [`Member::next_text`] last returned reached the
+    /// socket (if stamped): it was completed by the newest read, since the
+    /// buffer is read into only when it holds no complete frame.
+    pub fn arrived_us(&self) -> Option<u64> {
+        self.stream.arrived_us()
     }
 }
 
