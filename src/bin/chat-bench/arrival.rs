@@ -14,6 +14,11 @@
 //! arrived earlier in the same read is charged the later arrival, so an
 //! arrival latency is never below the true one, and never above the one
 //! stamped at the read.
+//!
+//! The kernel turns its receive stamps on a moment after the first socket
+//! on the machine asks for them (deferred work); bytes that arrive unstamped
+//! take their read's time. A run's connections are all open, and their
+//! `ready` frames read, before anything is measured.
 
 use std::{
     io::{self, IoSliceMut, Write},
@@ -179,11 +184,24 @@ mod tests {
     #[tokio::test]
     async fn bytes_read_late_carry_the_time_they_arrived() {
         let (mut stamped, mut peer) = pair(true).await;
+        let mut buf = [0u8; 64];
+        // The kernel turns stamping on a moment after the first socket on
+        // the machine asks for it: until then bytes come unstamped (and
+        // take their read's time). Wait for one stamped at its write.
+        for attempt in 0.. {
+            peer.write_all(b".").await.expect("write");
+            let after_write = unix_micros();
+            stamped.read(&mut buf).await.expect("read");
+            if stamped.arrived_us().is_some_and(|at| at <= after_write + 1) {
+                break;
+            }
+            assert!(attempt < 100, "no arrival stamped in a second");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let before_write = unix_micros();
         peer.write_all(b"hello").await.expect("write");
         let after_write = unix_micros();
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let mut buf = [0u8; 64];
         let n = stamped.read(&mut buf).await.expect("read");
         let read_at = unix_micros();
         assert_eq!(&buf[..n], b"hello");

@@ -1029,7 +1029,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         );
         let rate = span.rate(delivered);
         let (delivery_slices, ack_slices) = (delivery.timeline(), ack.timeline());
-        let result = json!({
+        let mut result = json!({
             "target_rate": current,
             "sent": sent,
             "acked": acked,
@@ -1054,7 +1054,6 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "server_view": server,
             "generator_loop_lag": lag,
         });
-        let mut result = result;
         if bench.arrival_stamps {
             // To when the frame reached the generator's socket: without the
             // generator's own lateness in reading it.
