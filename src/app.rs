@@ -109,6 +109,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // harness); ours then only renders what it saw.
             let _ = metrics::set_global_recorder(recorder);
             crate::telemetry::describe_metrics();
+            crate::telemetry::record_runtime();
             handle
         })
         .clone()

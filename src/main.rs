@@ -14,8 +14,24 @@ use chat_service::{
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// One CPU (a pod limited to one, or a process pinned to one core) gets
+/// tokio's single-threaded scheduler; more get the work-stealing one, with a
+/// worker per CPU (`TOKIO_WORKER_THREADS` overrides the count). With one
+/// worker, work stealing only costs: its queues' atomics, the handoffs
+/// between the worker and the I/O driver. The single-threaded scheduler
+/// took 8–10 % off the server's CPU per delivery and per message
+/// (docs/benchmarks.md, nineteenth VM). `chat_runtime_info` says which runs.
+fn main() -> anyhow::Result<()> {
+    let one_cpu = std::thread::available_parallelism().map_or(1, usize::from) == 1;
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     // A missing .env is fine; a malformed one is not silently half-read.
     if let Err(err) = dotenvy::dotenv()
         && !err.not_found()

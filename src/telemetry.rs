@@ -180,6 +180,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "WebSocket connections open on this pod",
     ),
     (
+        "chat_runtime_info",
+        MetricKind::Gauge,
+        "flavor, workers",
+        "Always 1; its labels name the pod's async scheduler (current_thread on one CPU, else multi_thread) and its worker threads",
+    ),
+    (
         "chat_connections_total",
         MetricKind::Counter,
         "",
@@ -356,11 +362,28 @@ pub fn describe_metrics() {
             }
             MetricKind::Gauge => {
                 metrics::describe_gauge!(*name, *help);
-                metrics::gauge!(*name).increment(0.0);
+                if labels.is_empty() {
+                    metrics::gauge!(*name).increment(0.0);
+                }
             }
             MetricKind::Histogram => metrics::describe_histogram!(*name, *help),
         }
     }
+}
+
+/// Records which async scheduler runs this process (`chat_runtime_info`),
+/// when called on a tokio runtime.
+pub fn record_runtime() {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let flavor = match runtime.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+        tokio::runtime::RuntimeFlavor::MultiThread => "multi_thread",
+        _ => "other",
+    };
+    let workers = runtime.metrics().num_workers().to_string();
+    metrics::gauge!("chat_runtime_info", "flavor" => flavor, "workers" => workers).set(1.0);
 }
 
 /// Handles of the metrics recorded for every message and delivery,

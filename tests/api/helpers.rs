@@ -404,8 +404,28 @@ pub async fn spawn_service_logging(
     env: &[(&str, &str)],
     on_line: impl FnMut(String) + Send + 'static,
 ) -> (Service, String) {
+    spawn_service_via(&[], dir, env, on_line).await
+}
+
+/// [`spawn_service_logging`], the binary started through `wrapper` (a
+/// program and its arguments, e.g. `taskset -c 0`) when it is not empty.
+pub async fn spawn_service_via(
+    wrapper: &[&str],
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    on_line: impl FnMut(String) + Send + 'static,
+) -> (Service, String) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chat-service"))
+    let binary = env!("CARGO_BIN_EXE_chat-service");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = std::process::Command::new(program);
+            command.args(args).arg(binary);
+            command
+        }
+        None => std::process::Command::new(binary),
+    };
+    let mut child = command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("JWT_SECRET", SECRET)

@@ -201,6 +201,71 @@ async fn heartbeats_keep_live_clients_and_close_silent_ones() {
     silent.closed().await;
 }
 
+/// The first CPU this process may run on.
+fn first_allowed_cpu() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    list.trim()
+        .split([',', '-'])
+        .next()
+        .expect("a CPU")
+        .to_owned()
+}
+
+/// Pinned to one CPU (as a pod limited to one is), the real binary runs
+/// tokio's single-threaded scheduler and serves as usual; with more CPUs,
+/// the work-stealing one. `chat_runtime_info` says which.
+#[tokio::test]
+async fn the_scheduler_follows_the_cpus_and_one_cpu_serves() {
+    let cpu = first_allowed_cpu();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let unpinned = if cpus > 1 {
+        "multi_thread"
+    } else {
+        "current_thread"
+    };
+    for (wrapper, flavor) in [
+        (vec!["taskset", "-c", cpu.as_str()], "current_thread"),
+        (vec![], unpinned),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_child, addr) =
+            crate::helpers::spawn_service_via(&wrapper, dir.path(), &[], drop).await;
+        let mut alice = crate::helpers::connect_to(&addr, "global", "alice").await;
+        let mut bob = crate::helpers::connect_to(&addr, "global", "bob").await;
+        assert_eq!(alice.next_json().await["type"], "ready");
+        assert_eq!(bob.next_json().await["type"], "ready");
+        alice.say("one cpu or more", None).await;
+        let ack = alice.next_answer().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let message = bob.next_of("message").await;
+        assert_eq!(message["body"], "one cpu or more", "{message}");
+
+        let metrics = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let info: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("chat_runtime_info{"))
+            .collect();
+        assert_eq!(info.len(), 1, "{metrics}");
+        assert!(
+            info[0].contains(&format!("flavor=\"{flavor}\"")) && info[0].ends_with(" 1"),
+            "{wrapper:?}: {}",
+            info[0]
+        );
+        if flavor == "current_thread" {
+            assert!(info[0].contains("workers=\"1\""), "{}", info[0]);
+        }
+    }
+}
+
 /// The real binary, stopped with SIGTERM: clients get 1012 and it exits 0.
 #[tokio::test]
 async fn sigterm_drains_connections_with_1012_and_exits() {

@@ -191,7 +191,7 @@ mod tests {
         for attempt in 0.. {
             peer.write_all(b".").await.expect("write");
             let after_write = unix_micros();
-            stamped.read(&mut buf).await.expect("read");
+            stamped.read_exact(&mut buf[..1]).await.expect("read");
             if stamped.arrived_us().is_some_and(|at| at <= after_write + 1) {
                 break;
             }
