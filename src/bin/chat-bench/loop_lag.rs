@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+
+use crate::ms;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 /// How often the probe asks to wake.
@@ -27,8 +29,7 @@ impl LoopLag {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             // Microseconds, up to a minute (a longer stall counts as one).
-            let mut lag =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut lag = crate::latency_histogram();
             let mut due = Instant::now() + PERIOD;
             loop {
                 tokio::select! {
@@ -53,7 +54,6 @@ impl LoopLag {
         let Ok(lag) = self.task.await else {
             return Value::Null;
         };
-        let ms = |us: u64| us as f64 / 1000.0;
         json!({
             "period_ms": PERIOD.as_millis() as u64,
             "samples": lag.len(),

@@ -353,6 +353,20 @@ struct Latencies {
 /// The width of one slice of [`Latencies`]'s timeline.
 const SLICE_US: u64 = 250_000;
 
+/// The longest latency a histogram tells apart: a minute, in µs.
+const LONGEST_US: u64 = 60_000_000;
+
+/// An empty latency histogram: µs from 1 to [`LONGEST_US`], three
+/// significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LONGEST_US, 3).expect("histogram bounds")
+}
+
+/// µs as ms, for reports.
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
 /// One shard's histograms: latencies to the read, and to the arrival.
 struct Pair {
     read: Histogram<u64>,
@@ -361,10 +375,9 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
-        let empty = Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
         Self {
-            read: empty.clone(),
-            arrival: empty,
+            read: latency_histogram(),
+            arrival: latency_histogram(),
         }
     }
 }
@@ -395,10 +408,10 @@ impl Latencies {
         let mut h = self.shards[shard % self.shards.len()]
             .lock()
             .expect("histogram lock");
-        let _ = h.read.record(micros.clamp(1, 60_000_000));
+        let _ = h.read.record(micros.clamp(1, LONGEST_US));
         if let Some(arrived_us) = arrived_us {
             let arrival = arrived_us.min(now_us).saturating_sub(sent_us);
-            let _ = h.arrival.record(arrival.clamp(1, 60_000_000));
+            let _ = h.arrival.record(arrival.clamp(1, LONGEST_US));
         }
     }
 
@@ -416,7 +429,7 @@ impl Latencies {
     fn timeline(&self) -> Vec<f64> {
         self.slowest
             .iter()
-            .map(|slowest| slowest.load(Ordering::Relaxed) as f64 / 1000.0)
+            .map(|slowest| ms(slowest.load(Ordering::Relaxed)))
             .collect()
     }
 
@@ -435,7 +448,6 @@ impl Latencies {
 }
 
 fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
-    let ms = |v: u64| v as f64 / 1000.0;
     json!({
         "count": h.len(),
         "p50_ms": ms(h.value_at_quantile(0.5)),
@@ -491,14 +503,14 @@ fn slowest_slices(delivery: &[f64], ack: &[f64]) -> String {
 
 /// The latencies to the frames' arrival in the generator's sockets.
 fn arrival_summary(delivery: &Histogram<u64>, ack: &Histogram<u64>) -> String {
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let at = |h: &Histogram<u64>, q: f64| ms(h.value_at_quantile(q));
     format!(
         "to the frames' arrival in the generator's sockets: delivery p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms, ack p50 {:.2} / p99 {:.2} ms",
-        ms(delivery, 0.5),
-        ms(delivery, 0.99),
-        ms(delivery, 0.999),
-        ms(ack, 0.5),
-        ms(ack, 0.99),
+        at(delivery, 0.5),
+        at(delivery, 0.99),
+        at(delivery, 0.999),
+        at(ack, 0.5),
+        at(ack, 0.99),
     )
 }
 
@@ -1020,7 +1032,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         let delivered = counts.delivered.load(Ordering::Relaxed);
         let expected = acked * members as u64;
         let (latency, ack_latency) = (delivery.merged(), ack.merged());
-        let p99_ms = latency.read.value_at_quantile(0.99) as f64 / 1000.0;
+        let p99_ms = ms(latency.read.value_at_quantile(0.99));
         let loss = expected.saturating_sub(delivered);
         let span = DeliverySpan::new(
             counts.first_delivery_us.load(Ordering::Relaxed),
