@@ -20,7 +20,7 @@
 //! idempotency index and the retry lookup are part of what is measured.
 //!
 //! The generator keeps its own cost low: one runtime, bodies that carry only
-//! the send time, listening connections that read frames in place without a
+//! the send time, connections that read and write frames in place without a
 //! WebSocket library ([`member`]), and latency histograms sharded to avoid
 //! lock contention. It reports its own CPU use, and that
 //! of the servers given with `--pid`, over each measured phase (setup
@@ -31,6 +31,7 @@
 //! limits raised for load (see docs/benchmarks.md).
 
 use std::{
+    io::Write,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -43,12 +44,10 @@ use chat_service::{
     config::{Secret, ServeConfig},
 };
 use clap::{Parser, Subcommand};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
 
 mod arrival;
 mod loop_lag;
@@ -56,10 +55,7 @@ mod member;
 mod server_view;
 
 use arrival::Stamped;
-use member::Member;
-
-/// Bytes read from a socket at a time: many server frames.
-const READ_CHUNK_BYTES: usize = 8192;
+use member::{Member, Reply};
 
 #[derive(Debug, Parser)]
 #[command(name = "chat-bench", about = "Load generator for the chat service")]
@@ -156,13 +152,6 @@ struct FanoutArgs {
     /// storm; the report's `setup` says how long it took to settle.
     #[arg(long, default_value_t = 1)]
     join_concurrency: usize,
-}
-
-/// The field of a server frame a sender reads; the rest is skipped.
-#[derive(Deserialize)]
-struct Frame<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
 }
 
 fn unix_micros() -> u64 {
@@ -525,8 +514,6 @@ struct Bench {
     arrival_stamps: bool,
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<arrival::Stamped>;
-
 impl Bench {
     fn token(&self, user: &str, roles: &[String]) -> anyhow::Result<String> {
         self.keys
@@ -542,28 +529,8 @@ impl Bench {
         Ok(format!("/ws/chat/{room}?token={}", self.token(user, &[])?))
     }
 
-    /// A connection that sends (through tungstenite), once it is `ready`.
-    async fn connect(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Socket> {
-        let base = self.url(n).replacen("http", "ws", 1);
-        let url = format!("{base}{}", self.ws_path(room, user)?);
-        let host = self.url(n).trim_start_matches("http://");
-        // tungstenite zeroes a whole read chunk before every read: its
-        // default 128 KiB chunk made `memset` a quarter of the generator's
-        // time. Nagle off, as a real client should: small frames leave at
-        // once (`Stamped::connect`).
-        let config = WebSocketConfig::default().read_buffer_size(READ_CHUNK_BYTES);
-        let stream = Stamped::connect(host, self.arrival_stamps).await?;
-        let (mut socket, _) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
-        // The first frame is `ready`.
-        match socket.next().await {
-            Some(Ok(Message::Text(_))) => Ok(socket),
-            other => anyhow::bail!("no ready frame: {other:?}"),
-        }
-    }
-
-    /// A connection that only listens ([`Member`]), once it is `ready`.
-    async fn listen(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Member<Stamped>> {
+    /// A connection ([`Member`]), once it is `ready`.
+    async fn connect(&self, n: usize, room: &str, user: &str) -> anyhow::Result<Member<Stamped>> {
         let mut member =
             Member::connect(self.url(n), &self.ws_path(room, user)?, self.arrival_stamps).await?;
         match member.next_text().await? {
@@ -693,7 +660,7 @@ async fn idle(
     let mut failed = 0;
     for n in 0..connections {
         match bench
-            .listen(n, &room_of(n), &format!("idle-{}-{n}", bench.run_id))
+            .connect(n, &room_of(n), &format!("idle-{}-{n}", bench.run_id))
             .await
         {
             Ok(mut member) => {
@@ -862,7 +829,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         .enumerate()
         .map(|(n, (room, m))| async move {
             let member = bench
-                .listen(n, room, &format!("m-{}-{n}", bench.run_id))
+                .connect(n, room, &format!("m-{}-{n}", bench.run_id))
                 .await;
             (m, member)
         });
@@ -955,7 +922,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                 // (and reported as `unacked`).
                 let give_up = end + ACK_GRACE;
                 let mut in_flight = std::collections::VecDeque::new();
-                let mut sends = 0u64;
+                let (mut sends, mut frame) = (0u64, Vec::new());
                 loop {
                     if Instant::now() >= end && in_flight.is_empty() {
                         break;
@@ -973,30 +940,27 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                             // Phase 0 is no phase: the members skip what
                             // the warm-up sent.
                             let counted = if measured { this_phase } else { 0 };
-                            let frame = format!(r#"{{"type":"message","body":"t:{now}:{counted}","client_id":"{this_phase}-{sends}"}}"#);
-                            if socket.send(Message::text(frame)).await.is_err() { break; }
+                            frame.clear();
+                            let _ = write!(frame, r#"{{"type":"message","body":"t:{now}:{counted}","client_id":"{this_phase}-{sends}"}}"#);
+                            if socket.send_text(&frame).await.is_err() { break; }
                             if measured { counts.sent.fetch_add(1, Ordering::Relaxed); }
                             in_flight.push_back((now, measured));
                         }
-                        frame = socket.next() => {
-                            let Some(Ok(Message::Text(text))) = frame else {
-                                if matches!(frame, None | Some(Err(_))) { break; }
-                                continue;
-                            };
-                            let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
-                            match frame.kind {
-                                "ack" => {
+                        frame = socket.next_text() => {
+                            let Ok(Some(frame)) = frame else { break };
+                            match member::reply(frame) {
+                                Reply::Ack => {
                                     let Some((t, measured)) = in_flight.pop_front() else { continue };
                                     if measured {
                                         counts.acked.fetch_add(1, Ordering::Relaxed);
-                                        ack.record(i, t, socket.get_ref().arrived_us(), unix_micros());
+                                        ack.record(i, t, socket.arrived_us(), unix_micros());
                                     }
                                 }
-                                "error" => {
+                                Reply::Error => {
                                     let measured = in_flight.pop_front().is_some_and(|(_, measured)| measured);
                                     counts.refused.fetch_add(u64::from(measured), Ordering::Relaxed);
                                 }
-                                _ => {}
+                                Reply::Other => {}
                             }
                         }
                         () = tokio::time::sleep_until(give_up.into()) => break,
@@ -1163,38 +1127,34 @@ async fn ingest(
     for mut socket in sockets {
         let (acked, refused) = (Arc::clone(&ws_acked), Arc::clone(&refused));
         tasks.push(tokio::spawn(async move {
-            let (mut in_flight, mut sends) = (0, 0u64);
+            let (mut in_flight, mut sends, mut frame) = (0, 0u64, Vec::new());
             loop {
+                // What the window has room for leaves in one write.
                 while in_flight < window && Instant::now() < end {
                     sends += 1;
-                    let frame =
-                        format!(r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#);
-                    if socket.send(Message::text(frame)).await.is_err() {
-                        return;
-                    }
+                    frame.clear();
+                    let _ = write!(
+                        frame,
+                        r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#
+                    );
+                    socket.queue_text(&frame);
                     in_flight += 1;
                 }
-                if in_flight == 0 {
+                if socket.flush().await.is_err() || in_flight == 0 {
                     return;
                 }
-                match socket.next().await {
-                    Some(Ok(Message::Text(text))) => {
-                        let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
-                            continue;
-                        };
-                        match frame.kind {
-                            "ack" => {
-                                acked.fetch_add(1, Ordering::Relaxed);
-                                in_flight -= 1;
-                            }
-                            "error" => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                                in_flight -= 1;
-                            }
-                            _ => {}
+                match socket.next_text().await {
+                    Ok(Some(frame)) => match member::reply(frame) {
+                        Reply::Ack => {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                            in_flight -= 1;
                         }
-                    }
-                    Some(Ok(_)) => {}
+                        Reply::Error => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            in_flight -= 1;
+                        }
+                        Reply::Other => {}
+                    },
                     _ => return,
                 }
             }

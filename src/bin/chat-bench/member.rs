@@ -1,5 +1,4 @@
-//! The receiving side of the generator: a WebSocket client that only
-//! listens.
+//! The generator's WebSocket client, for every connection it opens.
 //!
 //! Members and idle connections make nearly all of the generator's frames
 //! (at 100,000 deliveries/s, one frame per delivery), so they read them
@@ -8,13 +7,17 @@
 //! borrowed bytes. A member looks only for the send time a benchmark body
 //! carries ([`delivery_stamp`]), with two substring searches instead of
 //! parsing the frame's JSON. Pings are answered and a close ends the
-//! connection; nothing else is ever written. Senders, which write, keep
-//! tungstenite.
+//! connection.
+//!
+//! Senders use the same client: each text frame is masked into one buffer
+//! the connection keeps, several frames queued at once leave in one write,
+//! and a reply is told apart by its `type` alone ([`reply`]).
 //!
 //! Measured with `perf` at 2,000 msg/s into rooms of 50 (100,000
 //! deliveries/s): tungstenite's framing, its per-message buffers and the
 //! JSON parse were about 12 % of the generator's samples, and its wakers
-//! another 3 %.
+//! another 3 %. Durable ingest (one reply per send) measured the same of
+//! the senders: docs/benchmarks.md, twentieth VM.
 
 use std::{io, sync::LazyLock};
 
@@ -40,7 +43,7 @@ const OPCODE_CLOSE: u8 = 0x8;
 const OPCODE_PING: u8 = 0x9;
 const OPCODE_PONG: u8 = 0xA;
 
-/// A receive-only WebSocket client connection.
+/// A WebSocket client connection.
 pub struct Member<S> {
     stream: S,
     /// Always initialised up to its length: read into from `end`, consumed
@@ -48,6 +51,36 @@ pub struct Member<S> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Frames queued to be written ([`Member::queue_text`]); empty, and
+    /// without an allocation, on a connection that never sends.
+    out: Vec<u8>,
+}
+
+/// What a sender makes of a server frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Ack,
+    Error,
+    /// Anything else: the room's traffic, presence.
+    Other,
+}
+
+/// The kind of reply `frame` is, by its `type` (the first key of every
+/// server frame; inside a JSON string its quotes would be escaped, so a
+/// body cannot fake it).
+pub fn reply(frame: &[u8]) -> Reply {
+    static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""type":""#));
+    let Some(at) = TYPE.find(frame) else {
+        return Reply::Other;
+    };
+    let value = &frame[at + TYPE.needle().len()..];
+    if value.starts_with(br#"ack""#) {
+        Reply::Ack
+    } else if value.starts_with(br#"error""#) {
+        Reply::Error
+    } else {
+        Reply::Other
+    }
 }
 
 /// One complete frame found in the buffer, by position.
@@ -96,6 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
             buf: vec![0; READ_CHUNK],
             start: 0,
             end: 0,
+            out: Vec::new(),
         };
         let head_end = loop {
             if let Some(at) = memchr::memmem::find(&member.buf[..member.end], b"\r\n\r\n") {
@@ -228,16 +262,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
         Ok(read)
     }
 
-    /// Writes a masked control frame (a client's frames are masked).
+    /// Queues `payload` as one text frame, written by the next
+    /// [`Member::flush`].
+    pub fn queue_text(&mut self, payload: &[u8]) {
+        encode(&mut self.out, OPCODE_TEXT, payload);
+    }
+
+    /// Writes the queued frames, in one write when the socket takes them.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        let written = self.stream.write_all(&self.out).await;
+        self.out.clear();
+        written
+    }
+
+    /// Writes `payload` as one text frame.
+    pub async fn send_text(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.queue_text(payload);
+        self.flush().await
+    }
+
+    /// Writes a control frame, after anything queued.
     async fn send_control(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
         debug_assert!(payload.len() <= 125, "control frames are short");
-        let mask = mask_key();
-        let mut frame = Vec::with_capacity(6 + payload.len());
-        frame.extend_from_slice(&[0x80 | opcode, 0x80 | payload.len() as u8]);
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
-        self.stream.write_all(&frame).await
+        encode(&mut self.out, opcode, payload);
+        self.flush().await
     }
+}
+
+/// Appends one masked frame (a client's frames are masked) to `out`.
+fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        len @ 0..=125 => out.push(0x80 | len as u8),
+        len @ 126..=0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    let mask = mask_key();
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -247,8 +315,9 @@ fn invalid(what: &str) -> io::Error {
     )
 }
 
-/// A fresh masking key; clients must not let it be predicted, and a few
-/// pongs a minute do not need a cryptographic source.
+/// A fresh masking key. Masking guards intermediaries' caches against
+/// script-written frames; a load generator talking straight to the server
+/// needs a fresh key per frame, not an unpredictable one.
 fn mask_key() -> [u8; 4] {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -352,9 +421,14 @@ mod tests {
         let mut head = [0; 2];
         server.read_exact(&mut head).await.unwrap();
         assert_eq!(head[1] & 0x80, 0x80, "client frames are masked");
+        let len = match head[1] & 0x7F {
+            126 => usize::from(server.read_u16().await.unwrap()),
+            127 => usize::try_from(server.read_u64().await.unwrap()).unwrap(),
+            len => usize::from(len),
+        };
         let mut mask = [0; 4];
         server.read_exact(&mut mask).await.unwrap();
-        let mut payload = vec![0; usize::from(head[1] & 0x7F)];
+        let mut payload = vec![0; len];
         server.read_exact(&mut payload).await.unwrap();
         for (i, b) in payload.iter_mut().enumerate() {
             *b ^= mask[i % 4];
@@ -441,6 +515,76 @@ mod tests {
             read_client_frame(&mut server).await,
             (OPCODE_CLOSE, vec![0x03, 0xE8])
         );
+    }
+
+    /// Text frames of every length encoding reach the server masked, whole
+    /// and in order, those queued together in one write; a pong answered
+    /// meanwhile follows what was queued.
+    #[tokio::test]
+    async fn sent_frames_arrive_masked_whole_and_in_order() {
+        let (mut member, mut server) = connected(&frame(OPCODE_PING, b"p")).await;
+        let (short, medium, long) = (vec![b'a'; 125], vec![b'b'; 126], vec![b'c'; 70_000]);
+        member.send_text(&short).await.unwrap();
+        member.queue_text(&medium);
+        member.queue_text(&long);
+        member.flush().await.unwrap();
+        for expected in [&short, &medium, &long] {
+            assert_eq!(
+                read_client_frame(&mut server).await,
+                (OPCODE_TEXT, expected.clone())
+            );
+        }
+        member.queue_text(b"queued");
+        server
+            .write_all(&frame(OPCODE_TEXT, b"reply"))
+            .await
+            .unwrap();
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"reply"[..]));
+        assert_eq!(
+            read_client_frame(&mut server).await,
+            (OPCODE_TEXT, b"queued".to_vec())
+        );
+        assert_eq!(
+            read_client_frame(&mut server).await,
+            (OPCODE_PONG, b"p".to_vec())
+        );
+    }
+
+    /// Replies are told apart as the server writes them, and nothing a
+    /// user writes passes for one.
+    #[test]
+    fn replies_are_told_by_their_type() {
+        let ack = ServerFrame::Ack {
+            client_id: Some("1-7"),
+            id: "x",
+            seq: 1,
+            created_at: String::new(),
+        };
+        assert_eq!(reply(ack.to_json().as_bytes()), Reply::Ack);
+        let error = ServerFrame::Error {
+            code: "rate_limited",
+            message: "slow down",
+            retry_after_ms: Some(5),
+            client_id: Some("1-8"),
+        };
+        assert_eq!(reply(error.to_json().as_bytes()), Reply::Error);
+        let message = WireMessage {
+            room_id: "bench-1".into(),
+            id: "0193a1b2".into(),
+            seq: 42,
+            user: WireUser {
+                id: "m-1".into(),
+                name: r#""type":"ack""#.into(),
+            },
+            body: r#""type":"error""#.into(),
+            client_id: Some("1-7".into()),
+            created_at: 1_733_000_000_000,
+            deleted: false,
+            received_at_us: None,
+        };
+        let json = ServerFrame::for_message(&message).to_json();
+        assert_eq!(reply(json.as_bytes()), Reply::Other);
+        assert_eq!(reply(b"not json"), Reply::Other);
     }
 
     #[tokio::test]
