@@ -253,6 +253,7 @@ impl Application {
         if cluster {
             tokio::spawn(maintain(state.clone()));
         }
+        tokio::spawn(crate::telemetry::watch_loop_lag(state.background.clone()));
         if state.config.dev_tokens {
             tracing::warn!(
                 "DEV_TOKENS is on: anyone who can reach this service can mint a token for \

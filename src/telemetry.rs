@@ -21,7 +21,7 @@
 //!   (`/metrics`, Prometheus text format); label values are always from small
 //!   fixed sets — never user ids, room ids or tokens.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use opentelemetry::{
     global,
@@ -37,6 +37,8 @@ use tracing_subscriber::{
     fmt,
     prelude::*,
 };
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::LogFormat;
 
@@ -184,6 +186,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         MetricKind::Gauge,
         "flavor, workers",
         "Always 1; its labels name the pod's async scheduler (current_thread on one CPU, else multi_thread) and its worker threads",
+    ),
+    (
+        "chat_runtime_loop_lag_seconds",
+        MetricKind::Histogram,
+        "",
+        "How late the async runtime woke a task whose timer was due (probed every 50 ms; up to 1 ms is the timer's granularity): the time a ready task waits for the pod's CPU",
     ),
     (
         "chat_connections_total",
@@ -384,6 +392,29 @@ pub fn record_runtime() {
     };
     let workers = runtime.metrics().num_workers().to_string();
     metrics::gauge!("chat_runtime_info", "flavor" => flavor, "workers" => workers).set(1.0);
+}
+
+/// How often [`watch_loop_lag`] asks to be woken.
+const LOOP_PROBE_EVERY: Duration = Duration::from_millis(50);
+
+/// Records, until `stop`, how late the runtime wakes a task whose timer is
+/// due (`chat_runtime_loop_lag_seconds`). Every ready task (a connection's
+/// frame to read, an answer to write, a commit's result) waits about as
+/// long for its turn, so the lag is the delay a busy or stalled pod adds to
+/// every message, whatever its cause: a saturated CPU, a throttled quota,
+/// a task that blocks the thread. With several workers it is that of the
+/// worker the probe runs on. Tokio's timers have a granularity of 1 ms,
+/// which the lag includes.
+pub async fn watch_loop_lag(stop: CancellationToken) {
+    let lag = metrics::histogram!("chat_runtime_loop_lag_seconds");
+    loop {
+        let due = tokio::time::Instant::now() + LOOP_PROBE_EVERY;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(due) => {}
+        }
+        lag.record(due.elapsed().as_secs_f64());
+    }
 }
 
 /// Handles of the metrics recorded for every message and delivery,

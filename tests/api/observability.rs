@@ -317,6 +317,52 @@ async fn metrics_move_with_real_traffic() {
     drop(pod);
 }
 
+/// The runtime lag's probes so far, and how many of them were over 250 ms
+/// (a bucket bound), from a pod's exposition.
+fn loop_lags(text: &str) -> (f64, f64) {
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series))
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{series} missing"))
+    };
+    let all = value("chat_runtime_loop_lag_seconds_count ");
+    (
+        all,
+        all - value("chat_runtime_loop_lag_seconds_bucket{le=\"0.25\"} "),
+    )
+}
+
+/// A pod that cannot run, as one starved of CPU or throttled by its quota,
+/// shows it in its runtime lag: the probe it was due to run while stopped
+/// is recorded as late by about as long.
+#[tokio::test]
+async fn a_stalled_pod_shows_in_its_runtime_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pod, addr) = spawn_service(dir.path(), &[]).await;
+    // Probed every 50 ms from start-up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (probes, slow) = loop_lags(&metrics_text(&addr).await);
+    assert!(probes >= 3.0, "{probes} probes in 300 ms");
+
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pod.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    signal("-CONT");
+    let (after, slow_after) = loop_lags(&metrics_text(&addr).await);
+    assert!(after > probes, "the probe goes on after the stall");
+    assert!(
+        slow_after > slow,
+        "a 600 ms stall is a probe over 250 ms late: {slow} before, {slow_after} after"
+    );
+}
+
 /// Every metric a dashboard query names, with Prometheus' histogram suffixes.
 fn exported_series() -> HashSet<String> {
     let mut names = HashSet::new();

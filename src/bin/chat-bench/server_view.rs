@@ -5,7 +5,8 @@
 //! What the generator measures includes every queue between it and the
 //! service's code: both ends' sockets, both cores' run queues, its own event
 //! loop. A pod times a send from the moment it has the frame to the moment
-//! it answers, and its steps on the way (the rate limit check, the append).
+//! it answers, and its steps on the way (the rate limit check, the append),
+//! and how late its runtime got to tasks that were ready (the loop lag).
 //! Side by side, the two tell a tail made inside the service from one made
 //! by a saturated machine.
 //!
@@ -42,6 +43,11 @@ const SERIES: &[Series] = &[
     Series {
         name: "send_to_delivery",
         metric: "chat_send_delivery_seconds",
+        label: None,
+    },
+    Series {
+        name: "loop_lag",
+        metric: "chat_runtime_loop_lag_seconds",
         label: None,
     },
 ];
@@ -242,10 +248,11 @@ pub fn summary(view: &Value) -> String {
         }
     };
     format!(
-        "the servers' own time (their /metrics over the phase): {}; {}; {}",
+        "the servers' own time (their /metrics over the phase): {}; {}; {}; {}",
         part("send_to_ack", "send→ack"),
         part("rate_limit_check", "rate limit check"),
         part("append", "append"),
+        part("loop_lag", "runtime lag"),
     )
 }
 
