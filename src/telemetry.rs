@@ -29,6 +29,7 @@ use opentelemetry::{
     trace::{TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tokio_util::sync::CancellationToken;
 use tracing_log::AsLog;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
@@ -37,8 +38,6 @@ use tracing_subscriber::{
     fmt,
     prelude::*,
 };
-
-use tokio_util::sync::CancellationToken;
 
 use crate::config::LogFormat;
 

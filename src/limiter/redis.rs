@@ -381,6 +381,35 @@ mod tests {
         }
     }
 
+    /// A limiter on a key prefix of its own, and a connection to look at
+    /// its sets.
+    struct Watched {
+        limiter: RedisLimiter,
+        conn: RedisConn,
+        prefix: String,
+    }
+
+    impl Watched {
+        async fn new() -> Self {
+            let (conn, prefix) = (redis_connection().await, test_prefix());
+            Self {
+                limiter: RedisLimiter::new(conn.clone(), prefix.clone()),
+                conn,
+                prefix,
+            }
+        }
+
+        fn set(&self, key: &str) -> String {
+            format!("{}rl:{key}", self.prefix)
+        }
+
+        /// The hits `key`'s set holds.
+        async fn held(&mut self, key: &str) -> u64 {
+            let set = self.set(key);
+            self.conn.zcard(set).await.expect("ZCARD")
+        }
+    }
+
     async fn refusal(limiter: &RedisLimiter, key: &str, limit: Limit) -> Duration {
         match limiter.hit(key, limit).await.expect("hit") {
             Decision::Refused { retry_after } => retry_after,
@@ -409,9 +438,8 @@ mod tests {
 
     #[tokio::test]
     async fn hits_made_together_are_decided_in_order_each_seeing_the_ones_before() {
-        let prefix = test_prefix();
-        let mut conn = redis_connection().await;
-        let limiter = RedisLimiter::new(conn.clone(), prefix.clone());
+        let mut watched = Watched::new().await;
+        let limiter = &watched.limiter;
         let l = limit(3, 10_000);
         assert_eq!(limiter.hit("k", l).await.expect("hit"), Decision::Allowed);
         let decisions = limiter.hit_all("k", l, 4).await.expect("hits");
@@ -425,8 +453,7 @@ mod tests {
         assert_eq!(decisions.len(), 4);
         assert!(limiter.hit_all("k", l, 0).await.expect("hits").is_empty());
         // Refused hits were not counted: the window is full with three.
-        let counted: u64 = conn.zcard(format!("{prefix}rl:k")).await.expect("ZCARD");
-        assert_eq!(counted, 3);
+        assert_eq!(watched.held("k").await, 3);
     }
 
     #[tokio::test]
@@ -527,18 +554,15 @@ mod tests {
     /// key's set never holds more than the limit, and old hits never count.
     #[tokio::test]
     async fn a_busy_key_holds_at_most_the_limit_window_after_window() {
-        let prefix = test_prefix();
-        let redis = redis_connection().await;
-        let limiter = RedisLimiter::new(redis.clone(), prefix.clone());
+        let mut watched = Watched::new().await;
         let l = limit(3, 300);
-        let mut conn = redis;
         for _ in 0..3 {
             for _ in 0..3 {
-                assert_eq!(limiter.hit("k", l).await.expect("hit"), Decision::Allowed);
+                let decision = watched.limiter.hit("k", l).await.expect("hit");
+                assert_eq!(decision, Decision::Allowed);
             }
-            refusal(&limiter, "k", l).await;
-            let held: u64 = conn.zcard(format!("{prefix}rl:k")).await.expect("ZCARD");
-            assert_eq!(held, 3);
+            refusal(&watched.limiter, "k", l).await;
+            assert_eq!(watched.held("k").await, 3);
             tokio::time::sleep(Duration::from_millis(320)).await;
         }
     }
@@ -547,9 +571,8 @@ mod tests {
     /// window, then counts what the limit still allows and refuses the rest.
     #[tokio::test]
     async fn hits_made_together_count_what_the_window_frees() {
-        let prefix = test_prefix();
-        let mut conn = redis_connection().await;
-        let limiter = RedisLimiter::new(conn.clone(), prefix.clone());
+        let mut watched = Watched::new().await;
+        let limiter = &watched.limiter;
         let l = limit(3, 300);
         assert!(
             limiter
@@ -572,19 +595,16 @@ mod tests {
             ),
             Decision::Allowed => panic!("a hit over the limit was allowed"),
         }
-        let held: u64 = conn.zcard(format!("{prefix}rl:k")).await.expect("ZCARD");
-        assert_eq!(held, 3);
+        assert_eq!(watched.held("k").await, 3);
     }
 
     /// However many hits one request makes, each counted one is a member
     /// of its own (the script adds them in chunks).
     #[tokio::test]
     async fn a_large_request_counts_each_hit_up_to_the_limit() {
-        let prefix = test_prefix();
-        let mut conn = redis_connection().await;
-        let limiter = RedisLimiter::new(conn.clone(), prefix.clone());
+        let mut watched = Watched::new().await;
         let l = limit(2_400, 10_000);
-        let decisions = limiter.hit_all("k", l, 2_500).await.expect("hits");
+        let decisions = watched.limiter.hit_all("k", l, 2_500).await.expect("hits");
         let allowed = decisions
             .iter()
             .take_while(|d| **d == Decision::Allowed)
@@ -595,22 +615,16 @@ mod tests {
                 .iter()
                 .all(|d| matches!(d, Decision::Refused { .. }))
         );
-        let held: u64 = conn.zcard(format!("{prefix}rl:k")).await.expect("ZCARD");
-        assert_eq!(held, 2_400);
+        assert_eq!(watched.held("k").await, 2_400);
     }
 
     #[tokio::test]
     async fn idle_keys_expire_after_one_window() {
-        let prefix = test_prefix();
-        let redis = redis_connection().await;
-        let limiter = RedisLimiter::new(redis.clone(), prefix.clone());
+        let mut watched = Watched::new().await;
+        let limiter = &watched.limiter;
         limiter.hit("k", limit(5, 2_000)).await.expect("hit");
-        let mut conn = redis;
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(format!("{prefix}rl:k"))
-            .query_async(&mut conn)
-            .await
-            .expect("PTTL");
+        let set = watched.set("k");
+        let pttl: i64 = watched.conn.pttl(set).await.expect("PTTL");
         assert!(pttl > 0 && pttl <= 2_000, "PTTL {pttl}");
     }
 
