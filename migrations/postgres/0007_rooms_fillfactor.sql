@@ -4,10 +4,10 @@
 -- the page has room for the new version; rooms filled their pages to the
 -- brim, so some updates moved rows and grew the index, and pages were
 -- pruned often to make room. Half of each new page is now kept for
--- updates (rooms are few and small: the table doubles, a few pages).
+-- updates (rooms are few and small: doubling the table costs little).
 -- Existing pages keep their layout until rewritten; nothing else changes.
--- In 15 s of ingest with one send in flight per connection (2,000 rooms):
--- 95.2 % of the updates HOT and the table at 232 pages before, 99.98 %
--- and 60 pages after; PostgreSQL's CPU per message about 6 % less
+-- 14 s into an ingest run with one send in flight per connection (2,000
+-- rooms): 95.2 % of the updates HOT and the table at 232 pages before,
+-- 99.98 % and 60 pages after; PostgreSQL's CPU per message about 6 % less
 -- (docs/benchmarks.md, twentieth VM).
 ALTER TABLE rooms SET (fillfactor = 50);
