@@ -402,17 +402,36 @@ const LOOP_PROBE_EVERY: Duration = Duration::from_millis(50);
 /// long for its turn, so the lag is the delay a busy or stalled pod adds to
 /// every message, whatever its cause: a saturated CPU, a throttled quota,
 /// a task that blocks the thread. With several workers it is that of the
-/// worker the probe runs on. Tokio's timers have a granularity of 1 ms,
-/// which the lag includes.
+/// worker the probe runs on.
 pub async fn watch_loop_lag(stop: CancellationToken) {
     let lag = metrics::histogram!("chat_runtime_loop_lag_seconds");
+    probe_lateness(LOOP_PROBE_EVERY, stop.cancelled(), |late| {
+        lag.record(late.as_secs_f64());
+    })
+    .await;
+}
+
+/// Asks the runtime to wake it every `every` until `stop` completes, and
+/// hands `late` how late each wake-up came. After a long stall, one late
+/// wake-up is one sample, not a burst of catch-up ones. Tokio's timers
+/// round up to the millisecond, so up to 1 ms of each figure is theirs.
+/// (The pods' [`watch_loop_lag`]; `chat-bench` probes its own loop too.)
+pub async fn probe_lateness(
+    every: Duration,
+    stop: impl Future<Output = ()>,
+    mut late: impl FnMut(Duration),
+) {
+    tokio::pin!(stop);
+    let mut due = tokio::time::Instant::now() + every;
     loop {
-        let due = tokio::time::Instant::now() + LOOP_PROBE_EVERY;
         tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep_until(due) => {}
+            () = &mut stop => return,
+            () = tokio::time::sleep_until(due) => {
+                let now = tokio::time::Instant::now();
+                late(now.saturating_duration_since(due));
+                due = (due + every).max(now);
+            }
         }
-        lag.record(due.elapsed().as_secs_f64());
     }
 }
 

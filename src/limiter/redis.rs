@@ -2,9 +2,10 @@
 //!
 //! Each limited key is one sorted set, `{prefix}rl:{key}`, holding the hits
 //! it counted, scored by the time of the hit in microseconds. One Lua script
-//! decides hits atomically: for each it counts the hits held (dropping
-//! those that left the window first when they reach the limit), and either
-//! adds the new hit or answers how long until the oldest one leaves. The
+//! decides hits atomically: for each request (one hit, or several on one
+//! key) it counts the hits held (dropping those that left the window first
+//! when the request would not fit), adds the hits the limit allows, and
+//! answers how many, and how long until the oldest one leaves. The
 //! time is the Redis server's (`TIME`), so instances with drifting clocks
 //! still share one window. The key expires one window after its newest
 //! hit, so idle keys vanish.
@@ -78,9 +79,9 @@ const CALLS_IN_FLIGHT: usize = 8;
 /// repeat). ARGV: five per request, in the order of KEYS: limit, window
 /// (µs), hits, the request's member, window (ms, at least 1).
 ///
-/// Returns two integers per hit, requests in order: `1, 0` when the hit is
-/// counted, `0, µs` when refused, with the time until the oldest counted
-/// hit leaves the window.
+/// Returns two integers per request, in order: how many of its hits were
+/// counted (the first ones), and, when some were refused, the µs until the
+/// oldest counted hit leaves the window (0 when none were).
 ///
 /// A request's hits are decided together, as they would be one after the
 /// other: the first `limit - held` are counted (`held`: hits in the
@@ -106,7 +107,7 @@ static HIT: LazyLock<Script> = LazyLock::new(|| {
 local t = redis.call('TIME')
 local score = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local out, o = {}, 0
+local out = {}
 for k = 1, #KEYS do
   local key = KEYS[k]
   local a = 5 * (k - 1)
@@ -122,7 +123,6 @@ for k = 1, #KEYS do
   local allowed = math.max(0, math.min(hits, limit - held))
   if hits == 1 and allowed == 1 then
     redis.call('ZADD', key, score, ARGV[a + 4])
-    redis.call('PEXPIRE', key, ARGV[a + 5])
   elseif allowed > 0 then
     local prefix = ARGV[a + 4] .. ':'
     -- ZADD takes its members in chunks: Lua's stack bounds unpack.
@@ -134,25 +134,20 @@ for k = 1, #KEYS do
       end
       redis.call('ZADD', key, unpack(args))
     end
+  end
+  if allowed > 0 then
     redis.call('PEXPIRE', key, ARGV[a + 5])
   end
-  for _ = 1, allowed do
-    out[o + 1] = 1
-    out[o + 2] = 0
-    o = o + 2
-  end
+  local wait = 0
   if allowed < hits then
     local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    local wait = window
+    wait = window
     if oldest[2] then
       wait = tonumber(oldest[2]) + window - now
     end
-    for _ = allowed + 1, hits do
-      out[o + 1] = 0
-      out[o + 2] = wait
-      o = o + 2
-    end
   end
+  out[2 * k - 1] = allowed
+  out[2 * k] = wait
 end
 return out
 "#,
@@ -166,8 +161,9 @@ struct Pending {
     /// Unique to the request: see [`HIT`].
     member: String,
     limit: Limit,
-    /// `(allowed, wait µs)` per hit, or why the batch failed.
-    answer: oneshot::Sender<Result<Vec<(i64, i64)>, String>>,
+    /// The hits counted and the wait (µs) for the rest (see [`HIT`]), or
+    /// why the batch failed.
+    answer: oneshot::Sender<Result<(i64, i64), String>>,
 }
 
 pub struct RedisLimiter {
@@ -228,20 +224,23 @@ impl RedisLimiter {
         self.queue
             .try_send(pending)
             .map_err(|_| anyhow::anyhow!("too many hits waiting for Redis"))?;
-        let answers = tokio::time::timeout(REDIS_TIMEOUT, answered)
+        let (allowed, wait_us) = tokio::time::timeout(REDIS_TIMEOUT, answered)
             .await
             .map_err(|_| anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"))?
             .map_err(|_| anyhow::anyhow!("the limiter's task ended"))?
             .map_err(anyhow::Error::msg)?;
-        Ok(answers
-            .into_iter()
-            .map(|(allowed, wait_us)| {
-                if allowed == 1 {
-                    return Decision::Allowed;
-                }
-                let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
-                Decision::Refused {
-                    retry_after: wait.max(Duration::from_millis(1)),
+        // The first `allowed` hits were counted, the rest refused.
+        let allowed = usize::try_from(allowed).unwrap_or(0);
+        let refused = Decision::Refused {
+            retry_after: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))
+                .max(Duration::from_millis(1)),
+        };
+        Ok((0..count)
+            .map(|hit| {
+                if hit < allowed {
+                    Decision::Allowed
+                } else {
+                    refused
                 }
             })
             .collect())
@@ -308,20 +307,19 @@ async fn decide(mut conn: RedisConn, hits: Vec<Pending>) {
     }
     let answers =
         match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<Vec<i64>>(&mut conn)).await {
-            Ok(Ok(answers)) if answers.len() == 2 * count => Ok(answers),
+            Ok(Ok(answers)) if answers.len() == 2 * hits.len() => Ok(answers),
             Ok(Ok(answers)) => Err(format!(
-                "the limiter script answered {} values for {count} hits",
+                "the limiter script answered {} values for {} requests",
                 answers.len(),
+                hits.len(),
             )),
             Ok(Err(err)) => Err(format!("{:#}", anyhow::Error::from(err))),
             Err(_) => Err(format!("Redis did not answer within {REDIS_TIMEOUT:?}")),
         };
     match answers {
         Ok(answers) => {
-            let mut answers = answers.chunks_exact(2).map(|pair| (pair[0], pair[1]));
-            for hit in hits {
-                let mine = answers.by_ref().take(hit.hits).collect();
-                let _ = hit.answer.send(Ok(mine));
+            for (hit, pair) in hits.into_iter().zip(answers.chunks_exact(2)) {
+                let _ = hit.answer.send(Ok((pair[0], pair[1])));
             }
         }
         Err(error) => {

@@ -244,12 +244,7 @@ async fn the_scheduler_follows_the_cpus_and_one_cpu_serves() {
         let message = bob.next_of("message").await;
         assert_eq!(message["body"], "one cpu or more", "{message}");
 
-        let metrics = reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = crate::helpers::metrics_text(&addr).await;
         let info: Vec<&str> = metrics
             .lines()
             .filter(|l| l.starts_with("chat_runtime_info{"))

@@ -2,18 +2,19 @@
 //!
 //! Every latency the generator reports is stamped by its one event loop:
 //! an ack or a delivery read late is measured late. A task asks to wake
-//! every [`PERIOD`] and records by how much each wake-up came late; when
-//! that lag is near the latencies' tail, the tail was the generator's.
-//! Tokio's timer rounds up to the millisecond, so up to 1 ms of every
-//! figure is the timer's.
+//! every [`PERIOD`] and records by how much each wake-up came late
+//! (`telemetry::probe_lateness`, which the pods' runtime lag uses too);
+//! when that lag is near the latencies' tail, the tail was the generator's.
+//! Up to 1 ms of every figure is the timer's.
 
 use std::time::Duration;
 
+use chat_service::telemetry::probe_lateness;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use tokio::{sync::watch, task::JoinHandle};
 
 use crate::ms;
-use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 /// How often the probe asks to wake.
 const PERIOD: Duration = Duration::from_millis(10);
@@ -30,19 +31,13 @@ impl LoopLag {
         let task = tokio::spawn(async move {
             // Microseconds, up to a minute (a longer stall counts as one).
             let mut lag = crate::latency_histogram();
-            let mut due = Instant::now() + PERIOD;
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep_until(due) => {
-                        let now = Instant::now();
-                        lag.saturating_record(now.saturating_duration_since(due).as_micros() as u64);
-                        // After a long stall, one late wake-up is one
-                        // sample, not a burst of catch-up ones.
-                        due = (due + PERIOD).max(now);
-                    }
-                    _ = stopped.changed() => break,
-                }
-            }
+            let stop = async {
+                let _ = stopped.changed().await;
+            };
+            probe_lateness(PERIOD, stop, |late| {
+                lag.saturating_record(late.as_micros() as u64);
+            })
+            .await;
             lag
         });
         Self { stop, task }

@@ -922,7 +922,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                 // (and reported as `unacked`).
                 let give_up = end + ACK_GRACE;
                 let mut in_flight = std::collections::VecDeque::new();
-                let (mut sends, mut frame) = (0u64, Vec::new());
+                let (mut sends, mut text) = (0u64, Vec::new());
                 loop {
                     if Instant::now() >= end && in_flight.is_empty() {
                         break;
@@ -940,9 +940,9 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                             // Phase 0 is no phase: the members skip what
                             // the warm-up sent.
                             let counted = if measured { this_phase } else { 0 };
-                            frame.clear();
-                            let _ = write!(frame, r#"{{"type":"message","body":"t:{now}:{counted}","client_id":"{this_phase}-{sends}"}}"#);
-                            if socket.send_text(&frame).await.is_err() { break; }
+                            text.clear();
+                            let _ = write!(text, r#"{{"type":"message","body":"t:{now}:{counted}","client_id":"{this_phase}-{sends}"}}"#);
+                            if socket.send_text(&text).await.is_err() { break; }
                             if measured { counts.sent.fetch_add(1, Ordering::Relaxed); }
                             in_flight.push_back((now, measured));
                         }
@@ -1127,17 +1127,17 @@ async fn ingest(
     for mut socket in sockets {
         let (acked, refused) = (Arc::clone(&ws_acked), Arc::clone(&refused));
         tasks.push(tokio::spawn(async move {
-            let (mut in_flight, mut sends, mut frame) = (0, 0u64, Vec::new());
+            let (mut in_flight, mut sends, mut text) = (0, 0u64, Vec::new());
             loop {
                 // What the window has room for leaves in one write.
                 while in_flight < window && Instant::now() < end {
                     sends += 1;
-                    frame.clear();
+                    text.clear();
                     let _ = write!(
-                        frame,
+                        text,
                         r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#
                     );
-                    socket.queue_text(&frame);
+                    socket.queue_text(&text);
                     in_flight += 1;
                 }
                 if socket.flush().await.is_err() || in_flight == 0 {

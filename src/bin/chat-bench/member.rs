@@ -291,21 +291,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
 
 /// Appends one masked frame (a client's frames are masked) to `out`.
 fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        len @ 0..=125 => out.push(0x80 | len as u8),
-        len @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
+    push_head(out, opcode, payload.len(), MASKED);
     let mask = mask_key();
     out.extend_from_slice(&mask);
     out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+}
+
+/// The mask bit of a frame's second byte.
+const MASKED: u8 = 0x80;
+
+/// Appends the head of a final frame of `len` payload bytes: its opcode,
+/// `mask_bit` (0 or [`MASKED`]) and the length in the shortest encoding.
+fn push_head(out: &mut Vec<u8>, opcode: u8, len: usize, mask_bit: u8) {
+    out.push(0x80 | opcode);
+    match len {
+        0..=125 => out.push(mask_bit | len as u8),
+        126..=0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -360,18 +369,8 @@ mod tests {
 
     /// A server frame as the server writes it: unmasked, one frame.
     fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x80 | opcode];
-        match payload.len() {
-            len @ 0..=125 => out.push(len as u8),
-            len @ 126..=0xFFFF => {
-                out.push(126);
-                out.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            len => {
-                out.push(127);
-                out.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
+        let mut out = Vec::new();
+        push_head(&mut out, opcode, payload.len(), 0);
         out.extend_from_slice(payload);
         out
     }
