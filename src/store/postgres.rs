@@ -1,12 +1,13 @@
 //! The cluster store: PostgreSQL, shared by every pod.
 //!
 //! Appends go through group commit ([`GroupCommit`]); each batch is one call
-//! of the `chat_append_batch` function (migrations 0003 to 0005), which is
-//! its own transaction. It locks the batch's room rows in id order, so
-//! writers of one room (on any pod) take turns while writers of different
-//! rooms proceed in parallel, gives each new message the room's next seq
-//! and advances `rooms.last_seq`. A failed call stores nothing and takes no
-//! seq, so there are never gaps. A connection that just committed a batch
+//! of the `chat_append_batch` function (migrations 0003 to 0008), which is
+//! its own transaction. One `UPDATE` advances the `rooms.last_seq` of each
+//! of the batch's rooms by its message count, taking the room rows' locks
+//! in id order, so writers of one room (on any pod) take turns while
+//! writers of different rooms proceed in parallel; the new messages are
+//! numbered from where each room stood. A failed call stores nothing and
+//! takes no seq, so there are never gaps. A connection that just committed a batch
 //! takes the next one as it is (see `WARM_FOR`); the pool's check of a
 //! connection it hands out, a round trip to the database, is paid only
 //! after a pause.
@@ -419,8 +420,8 @@ impl Appender {
 #[async_trait]
 impl AppendBatch for Appender {
     /// One statement whatever the batch size: the `chat_append_batch`
-    /// function (migrations 0003 to 0005) locks the rooms, inserts and
-    /// advances the rooms' `last_seq`, as one transaction; a retry of a
+    /// function (migrations 0003 to 0008) advances (and so locks) the
+    /// rooms and inserts, as one transaction; a retry of a
     /// committed send is answered with the stored message. Repeats of a key
     /// within the batch never reach it: each is answered here from its
     /// first occurrence.
@@ -489,6 +490,15 @@ mod tests {
         pool
     }
 
+    /// A store on a schema of its own, migrated; the schema goes when the
+    /// returned `PgSchema` is dropped.
+    async fn migrated() -> (PgSchema, PostgresStore) {
+        let schema = PgSchema::new().await;
+        let store = PostgresStore::connect(&schema.url).await.unwrap();
+        store.migrate().await.unwrap();
+        (schema, store)
+    }
+
     fn stored(result: &Result<Appended, ChatError>) -> &Message {
         match result {
             Ok(Appended::Stored(message)) => message,
@@ -507,9 +517,7 @@ mod tests {
     /// and keyless sends; then a batch retrying a committed send.
     #[tokio::test]
     async fn a_batch_numbers_each_room_in_order_and_answers_repeats_and_unknown_rooms() {
-        let schema = PgSchema::new().await;
-        let store = PostgresStore::connect(&schema.url).await.unwrap();
-        store.migrate().await.unwrap();
+        let (_schema, store) = migrated().await;
         for id in ["r1", "r2"] {
             store.create_room(&public_room(id), &[]).await.unwrap();
         }
@@ -578,9 +586,7 @@ mod tests {
     /// other waits for.
     #[tokio::test]
     async fn batches_sharing_rooms_in_opposite_orders_never_deadlock() {
-        let schema = PgSchema::new().await;
-        let store = PostgresStore::connect(&schema.url).await.unwrap();
-        store.migrate().await.unwrap();
+        let (schema, store) = migrated().await;
         // Many rooms, as in production, so the planner looks the batch's
         // rooms up one by one. (Over a table of a few rows it may read the
         // whole index instead, in id order whatever order the function asks
@@ -659,6 +665,38 @@ mod tests {
         }
     }
 
+    /// An append locks its room only against other appends (and writers of
+    /// the room row): a membership being added to the room, whose foreign
+    /// key holds a share of the room's key until it commits, does not hold
+    /// up the room's messages.
+    #[tokio::test]
+    async fn an_append_does_not_wait_for_a_membership_being_added() {
+        use sqlx::Connection;
+        let (schema, store) = migrated().await;
+        store.create_room(&public_room("lobby"), &[]).await.unwrap();
+        let mut adding = sqlx::PgConnection::connect(&schema.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut adding).await.unwrap();
+        sqlx::query(
+            "INSERT INTO room_members (room_id, user_id, added_at) VALUES ('lobby', 'zoe', 0)",
+        )
+        .execute(&mut adding)
+        .await
+        .unwrap();
+
+        let appender = Appender::new(store.pool.clone());
+        let results = tokio::time::timeout(
+            Duration::from_secs(5),
+            appender.append_batch(&[new_message("lobby", "ann", "hello", Some("k1"))]),
+        )
+        .await
+        .expect("the append waited for the membership's transaction")
+        .unwrap();
+        assert_eq!(stored(&results[0]).seq, 1);
+        appender.give_back();
+        sqlx::query("COMMIT").execute(&mut adding).await.unwrap();
+        assert_eq!(history_of(&store, "lobby").await.len(), 1);
+    }
+
     /// The retry lookup must stay an index probe per message however small
     /// `messages` was when the session planned it: a plan made on the empty
     /// table once read the whole idempotency index for every batch. (Only a
@@ -666,9 +704,7 @@ mod tests {
     /// others are inserted straight away.)
     #[tokio::test]
     async fn retries_are_looked_up_per_message_on_a_table_planned_empty() {
-        let schema = PgSchema::new().await;
-        let store = PostgresStore::connect(&schema.url).await.unwrap();
-        store.migrate().await.unwrap();
+        let (schema, store) = migrated().await;
         store.create_room(&public_room("lobby"), &[]).await.unwrap();
         // One session, configured as the store's, does every append, so it
         // plans the lookup while `messages` holds a single row.
