@@ -7,10 +7,10 @@
 //! in id order, so writers of one room (on any pod) take turns while
 //! writers of different rooms proceed in parallel; the new messages are
 //! numbered from where each room stood. A failed call stores nothing and
-//! takes no seq, so there are never gaps. A connection that just committed a batch
-//! takes the next one as it is (see `WARM_FOR`); the pool's check of a
-//! connection it hands out, a round trip to the database, is paid only
-//! after a pause.
+//! takes no seq, so there are never gaps. A connection that just committed
+//! a batch takes the next one as it is (see `WARM_FOR`); the pool's check
+//! of a connection it hands out, a round trip to the database, is paid
+//! only after a pause.
 
 use std::{
     sync::{Arc, Mutex},
@@ -421,10 +421,10 @@ impl Appender {
 impl AppendBatch for Appender {
     /// One statement whatever the batch size: the `chat_append_batch`
     /// function (migrations 0003 to 0008) advances (and so locks) the
-    /// rooms and inserts, as one transaction; a retry of a
-    /// committed send is answered with the stored message. Repeats of a key
-    /// within the batch never reach it: each is answered here from its
-    /// first occurrence.
+    /// rooms and inserts, as one transaction; a retry of a committed send
+    /// is answered with the stored message. Repeats of a key within the
+    /// batch never reach it: each is answered here from its first
+    /// occurrence.
     async fn append_batch(
         &self,
         batch: &[NewMessage],
