@@ -10,8 +10,10 @@
 -- for each other instead of deadlocking: the UPDATE visits the rooms in
 -- the order of its sorted input (byte order, as rooms.id compares), or in
 -- index order, which is the same. Only a sequential scan of rooms could
--- visit them otherwise, and the function turns those off (the store's
--- sessions turn them off anyway).
+-- visit them otherwise, and the function turns those off itself, so the
+-- order holds whatever the session (the store's sessions turn them off
+-- too, but behind a transaction-mode pooler a session's settings may not
+-- follow its statements).
 --
 -- The UPDATE's row lock (FOR NO KEY UPDATE, weaker than the FOR UPDATE
 -- taken before) still makes appends to a room take turns, but no longer
