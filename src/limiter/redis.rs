@@ -203,6 +203,11 @@ impl RedisLimiter {
         }
     }
 
+    /// The sorted set holding `key`'s hits.
+    fn set_of(&self, key: &str) -> String {
+        format!("{}rl:{key}", self.prefix)
+    }
+
     async fn hit_redis(
         &self,
         key: &str,
@@ -211,7 +216,7 @@ impl RedisLimiter {
     ) -> anyhow::Result<Vec<Decision>> {
         let (answer, answered) = oneshot::channel();
         let pending = Pending {
-            key: format!("{}rl:{key}", self.prefix),
+            key: self.set_of(key),
             hits: count,
             member: format!(
                 "{}:{}",
@@ -384,26 +389,20 @@ mod tests {
     struct Watched {
         limiter: RedisLimiter,
         conn: RedisConn,
-        prefix: String,
     }
 
     impl Watched {
         async fn new() -> Self {
-            let (conn, prefix) = (redis_connection().await, test_prefix());
+            let conn = redis_connection().await;
             Self {
-                limiter: RedisLimiter::new(conn.clone(), prefix.clone()),
+                limiter: RedisLimiter::new(conn.clone(), test_prefix()),
                 conn,
-                prefix,
             }
-        }
-
-        fn set(&self, key: &str) -> String {
-            format!("{}rl:{key}", self.prefix)
         }
 
         /// The hits `key`'s set holds.
         async fn held(&mut self, key: &str) -> u64 {
-            let set = self.set(key);
+            let set = self.limiter.set_of(key);
             self.conn.zcard(set).await.expect("ZCARD")
         }
     }
@@ -621,7 +620,7 @@ mod tests {
         let mut watched = Watched::new().await;
         let limiter = &watched.limiter;
         limiter.hit("k", limit(5, 2_000)).await.expect("hit");
-        let set = watched.set("k");
+        let set = watched.limiter.set_of("k");
         let pttl: i64 = watched.conn.pttl(set).await.expect("PTTL");
         assert!(pttl > 0 && pttl <= 2_000, "PTTL {pttl}");
     }
