@@ -36,6 +36,10 @@
 #   KEEP_LOGS    set to keep the servers' logs (their directory is printed)
 #   BIN_DIR      run the chat-service and chat-bench found there instead of
 #                building this checkout (to compare two builds)
+#   HALT_POLL_NS on a KVM guest whose idle driver is haltpoll: how long an
+#                idle vCPU polls for work before it halts, for this run
+#                (root; the setting is put back at exit). Unset: as the
+#                machine has it. See docs/benchmarks.md, twenty-second VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -111,10 +115,21 @@ finish() {
     fi
     # Our trap replaced the one services.sh set for throwaway servers.
     if declare -F chat_services_stop >/dev/null; then chat_services_stop; fi
+    if [[ -n ${halt_poll_was:-} ]]; then echo "$halt_poll_was" >"$HALT_POLL"; fi
     if [[ -n ${KEEP_LOGS:-} ]]; then say "server logs in $WORK"; else rm -rf "$WORK"; fi
     exit "$status"
 }
 trap finish EXIT
+
+HALT_POLL=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+if [[ -n ${HALT_POLL_NS:-} ]]; then
+    [[ -w $HALT_POLL ]] || {
+        say "HALT_POLL_NS needs a KVM guest with the haltpoll idle driver, and root ($HALT_POLL)"
+        exit 2
+    }
+    halt_poll_was=$(<"$HALT_POLL")
+    echo "$HALT_POLL_NS" >"$HALT_POLL"
+fi
 
 for pid in "${local_pids[@]}"; do taskset -a -cp "$LOAD_CPUS" "$pid" >/dev/null 2>&1 || true; done
 
@@ -138,8 +153,9 @@ for url in "${urls[@]}"; do
     exit 1
 done
 
-# Busy ticks per CPU, and CPU ticks of a set of processes (threads included).
-cpu_ticks() { awk '/^cpu[0-9]/ { print $1, $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+# Per CPU: busy ticks, ticks stolen by the hypervisor, all ticks; and CPU
+# ticks of a set of processes (threads included).
+cpu_ticks() { awk '/^cpu[0-9]/ { print $1, $2 + $3 + $4 + $7 + $8, $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
 proc_ticks() {
     local total=0 pid
     for pid in "$@"; do
@@ -163,7 +179,9 @@ extra=("${pid_args[@]}")
 if ((${#local_pids[@]})) && [[ $("$BIN/chat-bench" --help) == *--watch* ]]; then
     extra+=(--watch postgres --watch redis-server)
 fi
-say "$PODS pod(s) on CPU $SERVER_CPUS, load on CPU $LOAD_CPUS, mode $MODE, RUST_LOG=$RUST_LOG"
+polling=""
+[[ -r $HALT_POLL ]] && polling=", guest halt polling $(<"$HALT_POLL") ns"
+say "$PODS pod(s) on CPU $SERVER_CPUS, load on CPU $LOAD_CPUS, mode $MODE, RUST_LOG=$RUST_LOG$polling"
 cpu_before=$(cpu_ticks)
 groups_before=$(group_ticks)
 started=$EPOCHREALTIME
@@ -175,9 +193,11 @@ groups_after=$(group_ticks)
 hz=$(getconf CLK_TCK)
 
 {
-    printf 'cores busy over the run:'
+    # A share stolen by the hypervisor slows every process for no reason
+    # any of them shows: such a run is not comparable with a quiet one.
+    printf 'cores busy over the run (and stolen from this VM):'
     paste -d' ' <(echo "$cpu_before") <(echo "$cpu_after") |
-        awk '{ printf " %s %d%%", $1, 100 * ($5 - $2) / ($6 - $3) }'
+        awk '{ t = $8 - $4; printf " %s %d%% (%d%%)", $1, 100 * ($6 - $2) / t, 100 * ($7 - $3) / t }'
     printf '\nCPU over the run, %% of one core:'
     paste -d' ' <(echo "$groups_before") <(echo "$groups_after") |
         awk -v hz="$hz" -v t="$elapsed" '{ printf " %s %d%%", $1, 100 * ($4 - $2) / hz / t }'

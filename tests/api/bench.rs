@@ -198,6 +198,20 @@ async fn every_scenario_runs_and_reports() {
         let cost = ingest["cpu_us_per_acked"][who].as_f64();
         assert!(cost.is_some_and(|us| us >= 0.0), "{who}: {ingest}");
     }
+    // Every core of the machine, with its busy and stolen shares.
+    let cores = ingest["cpu"]["cores"].as_array().unwrap();
+    let online = std::thread::available_parallelism().unwrap().get();
+    assert!(cores.len() >= online, "{ingest}");
+    for core in cores {
+        let busy = core["busy_percent"].as_f64().unwrap();
+        let steal = core["steal_percent"].as_f64().unwrap();
+        // Each is rounded to a tenth.
+        assert!((0.0..=100.1).contains(&(busy + steal)), "{ingest}");
+    }
+    assert!(
+        cores.iter().any(|c| c["busy_percent"].as_f64() > Some(0.0)),
+        "the phase sent and stored messages, so some core worked: {ingest}"
+    );
     // Ingest reads the server before its first send and after its last
     // answer: the server answered exactly what the tool counted, over both
     // transports, and stored each of them.

@@ -289,3 +289,18 @@ async fn sigterm_drains_connections_with_1012_and_exits() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// The real binary turns transparent huge pages off for itself (main.rs:
+/// otherwise its heap can be resident in 2 MiB pages however little of each
+/// it uses), as the kernel reports in the process's status.
+#[tokio::test]
+async fn the_server_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, _addr) = crate::helpers::spawn_service(dir.path(), &[]).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", service.id())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .expect("the kernel reports THP_enabled (Linux 5.0 and later)");
+    assert_eq!(thp.trim(), "0", "{status}");
+}

@@ -50,6 +50,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 mod arrival;
+mod cores;
 mod loop_lag;
 mod member;
 mod server_view;
@@ -212,6 +213,7 @@ struct CpuMeter {
     servers: Vec<(u32, f64)>,
     /// Per `--watch` name, its processes at the start.
     watched: Vec<(String, Vec<(u32, f64)>)>,
+    cores: cores::Cores,
 }
 
 /// CPU seconds each used over a phase, and the phase's wall time.
@@ -221,6 +223,8 @@ struct CpuUsed {
     servers: Vec<(u32, f64)>,
     /// Per `--watch` name: its processes, and their CPU seconds.
     watched: Vec<(String, usize, f64)>,
+    /// Each core's busy and stolen share ([`cores::Cores::since`]).
+    cores: serde_json::Value,
 }
 
 impl CpuMeter {
@@ -238,6 +242,7 @@ impl CpuMeter {
                 .iter()
                 .map(|name| (name.clone(), processes_named(name)))
                 .collect(),
+            cores: cores::Cores::now(),
         }
     }
 
@@ -268,6 +273,7 @@ impl CpuMeter {
                     (name.clone(), processes.len(), used)
                 })
                 .collect(),
+            cores: cores::Cores::now().since(&self.cores),
         }
     }
 
@@ -297,6 +303,7 @@ impl CpuUsed {
             "generator_percent_of_one_core": percent(self.generator),
             "servers": servers,
             "watched": watched,
+            "cores": self.cores,
         })
     }
 
