@@ -8,7 +8,7 @@
 use serde_json::json;
 
 /// One core's counters, in clock ticks since boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 struct Ticks {
     /// user, nice, system, irq and softirq (guest time is within user).
     busy: u64,
@@ -18,7 +18,7 @@ struct Ticks {
 }
 
 /// Every core's counters at one moment, by name (`cpu0`, `cpu1`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Cores(Vec<(String, Ticks)>);
 
 impl Cores {
