@@ -12,8 +12,10 @@
 //!   messages in strictly increasing `seq` order with no gap, however the
 //!   events arrived.
 //! - **serialises each event once** and hands the same bytes to every
-//!   connection's bounded outbound queue. A connection whose queue is full is
-//!   closed as too slow (4008) rather than slowing the room down.
+//!   connection: written to its socket at once when its session is parked,
+//!   or put in its bounded outbound queue (see `outbox.rs`). A connection
+//!   whose queue is full is closed as too slow (4008) rather than slowing
+//!   the room down.
 //! - **batches big rooms when the pod falls behind** ([`Coalescing`]): a
 //!   fan-out costs a system call per connection, whatever it carries. In a
 //!   room with many connections here, once its messages reach the hub late
@@ -615,25 +617,30 @@ impl RoomState {
     }
 }
 
-/// Queues frames, in order, on each connection (but the skipped user's);
-/// a connection whose queue fills is closed as too slow (4008) and dropped.
+/// Hands frames, in order, to each connection (but the skipped user's): a
+/// connection whose session is parked gets them written at once, in one
+/// write, any other has them queued. A connection whose queue cannot take
+/// them is closed as too slow (4008) and dropped.
 fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
     let mut deliveries = 0;
     connections.retain(|conn| {
-        for frame in frames {
-            if frame.skip_user.as_deref() == Some(conn.user_id.as_str()) {
-                continue;
-            }
-            match conn.outbox.push(frame.bytes.clone()) {
-                Pushed::Queued => deliveries += u64::from(frame.message),
-                Pushed::Full => {
-                    conn.closer.close(CloseReason::TooSlow);
-                    return false;
-                }
-                Pushed::Closed => return false,
-            }
+        let theirs = frames
+            .iter()
+            .filter(|frame| frame.skip_user.as_deref() != Some(conn.user_id.as_str()));
+        if theirs.clone().next().is_none() {
+            return true;
         }
-        true
+        match conn.outbox.push(theirs.clone().map(|frame| &frame.bytes)) {
+            Pushed::Written | Pushed::Queued => {
+                deliveries += theirs.filter(|frame| frame.message).count() as u64;
+                true
+            }
+            Pushed::Full => {
+                conn.closer.close(CloseReason::TooSlow);
+                false
+            }
+            Pushed::Closed => false,
+        }
     });
     let handles = crate::telemetry::per_message();
     handles.deliveries.increment(deliveries);

@@ -42,6 +42,11 @@ impl<S> FrameIo<S> {
         }
     }
 
+    /// Whether bytes written to it have not all reached the socket yet.
+    pub fn owes(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Queues one complete server text frame carrying `payload` (final,
     /// unmasked as from a server). Nothing reaches the socket before the
     /// next flush.

@@ -12,22 +12,27 @@
 //!
 //! Frames from the hub wait in a bounded queue; the hub closes the
 //! connection (4008) when the queue is full instead of buffering without
-//! limit. A write that stalls past the write timeout closes it too.
+//! limit. A write that stalls past the write timeout closes it too. While
+//! the loop is parked with nothing to write, the hub writes a frame to the
+//! socket itself instead of queueing it and waking the task (see
+//! `outbox.rs`); the socket is shared for that, behind a lock that each
+//! use takes and lets go within one poll.
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, Wake, Waker},
     time::Duration,
 };
 
-use futures_util::{FutureExt, SinkExt, StreamExt, task::AtomicWaker};
+use futures_util::{FutureExt, Sink, StreamExt, task::AtomicWaker};
 use poem::Upgraded;
 use tokio::{
-    io::AsyncWriteExt,
+    io::AsyncWrite,
     time::{Instant, sleep_until, timeout},
 };
 use tokio_tungstenite::{
@@ -48,12 +53,50 @@ use crate::{
     domain::{Caller, ClientId, Room, User},
     error::ChatError,
     hub::{CloseReason, Closer, Connection},
-    outbox::Outbox,
+    outbox::{Outbox, WriteNow, Writer},
     protocol::{ClientFrame, RoomView, ServerFrame, format_time},
     store::Page,
 };
 
-type Socket = WebSocketStream<FrameIo<Upgraded>>;
+pub type Socket = WebSocketStream<FrameIo<Upgraded>>;
+
+/// A session's socket, shared with the hub's direct writes.
+pub struct Shared(Mutex<Socket>);
+
+impl Shared {
+    /// Held within one poll, never across an await. (A panic while it is
+    /// held ends the session; what it left is still a socket to close.)
+    fn lock(&self) -> MutexGuard<'_, Socket> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Writer for Shared {
+    fn write_now(&self, payloads: &mut dyn Iterator<Item = &[u8]>) -> WriteNow {
+        // Busy: the session is using the socket (on another worker).
+        let Ok(mut socket) = self.0.try_lock() else {
+            return WriteNow::Busy;
+        };
+        let io = socket.get_mut();
+        if io.owes() {
+            // What the session left unwritten goes first, by its flush.
+            return WriteNow::Busy;
+        }
+        payloads.for_each(|payload| io.push_text(payload));
+        // No waker of ours to leave with the socket: whatever is left is
+        // the session's to flush, and its flush registers its own. Outside
+        // tokio's budget: it counts the pusher's I/O, and a fan-out to a
+        // room of 500 would spend it on the first 128 connections and leave
+        // the rest to their sessions.
+        let mut flush = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            Pin::new(&mut *io).poll_flush(cx)
+        })));
+        match flush.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => WriteNow::Done,
+            Poll::Ready(Err(_)) | Poll::Pending => WriteNow::Owed,
+        }
+    }
+}
 
 /// A close code as a metrics label (a fixed set).
 fn close_label(code: u16) -> &'static str {
@@ -99,7 +142,7 @@ const FRAME_FLOOD_WINDOW: Duration = Duration::from_secs(10);
 /// each of its waits.
 pub struct Session {
     state: AppState,
-    socket: Socket,
+    socket: Arc<Shared>,
     caller: Caller,
     /// The user as they joined (a refresh may rename them).
     user: User,
@@ -112,10 +155,14 @@ pub struct Session {
 impl Session {
     pub fn new(state: AppState, socket: Socket, caller: Caller, room: Room) -> Box<Self> {
         let id = state.next_connection_id();
+        let socket = Arc::new(Shared(Mutex::new(socket)));
         let conn = Arc::new(Connection {
             id,
             user_id: caller.id().clone(),
-            outbox: Outbox::new(state.config.outbound_queue),
+            outbox: Outbox::with_writer(
+                state.config.outbound_queue,
+                Arc::clone(&socket) as Arc<dyn Writer>,
+            ),
             closer: Closer::default(),
         });
         Box::new(Self {
@@ -150,7 +197,7 @@ pub async fn run(mut session: Box<Session>, since: Option<u64>) {
             metrics::counter!("chat_slow_consumer_closes_total").increment(1);
         }
         metrics::counter!("chat_connection_closes_total", "code" => close_label(code)).increment(1);
-        Box::pin(close_socket(&mut session.socket, code, reason)).await;
+        Box::pin(close_socket(&session.socket, code, reason)).await;
     }
 }
 
@@ -223,8 +270,7 @@ impl Session {
     /// Presence first, so the connection does not receive its own `join`.
     /// A presence failure (Redis down) costs the `join` event, not the
     /// connection: the backend restores this instance's entries later.
-    /// Returns the room's last delivered seq. (`&mut`: a shared `Session`
-    /// is not `Send`, its socket not being `Sync`.)
+    /// Returns the room's last delivered seq.
     async fn join(&mut self) -> Result<u64, ChatError> {
         let chat = &self.state.chat;
         chat.store.remember_user(&self.user).await?;
@@ -318,7 +364,7 @@ impl Session {
                 let wire = crate::bus::WireMessage::from(message);
                 Utf8Bytes::from(ServerFrame::for_message(&wire).to_json())
             }));
-        write_all(&mut self.socket, self.state.config.write_timeout, frames).await
+        write_all(&self.socket, self.state.config.write_timeout, frames).await
     }
 
     async fn run_loop(&mut self) -> End {
@@ -357,7 +403,7 @@ impl Session {
             // path, the timer and two waiters.
             let event = std::future::poll_fn(|cx| {
                 let Some(waker) = rare.take(cx) else {
-                    return conn.outbox.poll_ready(cx).map(|()| Event::Outbox);
+                    return conn.outbox.poll_park(cx).map(|()| Event::Outbox);
                 };
                 let mut rare_cx = Context::from_waker(waker);
                 let event = if let Poll::Ready(reason) = closed.as_mut().poll(&mut rare_cx) {
@@ -366,11 +412,13 @@ impl Session {
                     Event::Cancelled
                 } else if timer.as_mut().poll(&mut rare_cx).is_ready() {
                     Event::Timer
-                } else if conn.outbox.poll_ready(cx).is_ready() {
+                } else if conn.outbox.poll_park(cx).is_ready() {
                     Event::Outbox
                 } else if let Some(incoming) = stashed.take() {
                     Event::Incoming(*incoming)
-                } else if let Poll::Ready(incoming) = self.socket.poll_next_unpin(&mut rare_cx) {
+                } else if let Poll::Ready(incoming) =
+                    self.socket.lock().poll_next_unpin(&mut rare_cx)
+                {
                     Event::Incoming(incoming)
                 } else {
                     // Each of them now holds the rare waker.
@@ -379,6 +427,8 @@ impl Session {
                 // Not all of them were polled, or the one that was ready
                 // may be ready again at once: look at them all next time.
                 rare.rearm();
+                // Busy now: the hub queues for us again.
+                conn.outbox.unpark();
                 Poll::Ready(event)
             })
             .await;
@@ -439,7 +489,8 @@ impl Session {
                             // handled with it; anything else waits its turn.
                             let mut texts = vec![text];
                             while texts.len() < TEXTS_PER_TURN {
-                                let Some(next) = self.socket.next().now_or_never() else {
+                                let next = self.socket.lock().next().now_or_never();
+                                let Some(next) = next else {
                                     break;
                                 };
                                 if let Some(Ok(WsMessage::Text(text))) = next {
@@ -464,7 +515,7 @@ impl Session {
                         // a pong leaves at once.
                         WsMessage::Close(_) => return End::Drop,
                         WsMessage::Ping(_) => {
-                            Box::pin(flush_owed(&mut self.socket, config.write_timeout)).await
+                            Box::pin(flush_owed(&self.socket, config.write_timeout)).await
                         }
                         WsMessage::Pong(_) | WsMessage::Frame(_) => Ok(()),
                     };
@@ -609,7 +660,7 @@ impl Session {
                 Err(err) => error_frame(&err, echo.as_deref()),
             });
         write_all(
-            &mut self.socket,
+            &self.socket,
             self.state.config.write_timeout,
             answers.chain(held),
         )
@@ -661,7 +712,7 @@ impl Session {
 
     async fn write(&mut self, frame: Utf8Bytes) -> Result<(), End> {
         write_all(
-            &mut self.socket,
+            &self.socket,
             self.state.config.write_timeout,
             std::iter::once(frame),
         )
@@ -671,17 +722,20 @@ impl Session {
     /// Writes what the hub has queued (up to a bound) with one flush: a
     /// connection with a backlog gets several frames per system call.
     async fn write_backlog(&mut self) -> Result<(), End> {
-        let io = self.socket.get_mut();
-        self.conn
-            .outbox
-            .take(FRAMES_PER_FLUSH, |frame| io.push_text(frame.as_bytes()));
-        flush(&mut self.socket, self.state.config.write_timeout).await
+        {
+            let mut socket = self.socket.lock();
+            let io = socket.get_mut();
+            self.conn
+                .outbox
+                .take(FRAMES_PER_FLUSH, |frame| io.push_text(frame.as_bytes()));
+        }
+        flush(&self.socket, self.state.config.write_timeout).await
     }
 
     /// Writes one frame through tungstenite (pings); a peer that does not
     /// take it within the write timeout is too slow.
     async fn send_raw(&mut self, message: WsMessage) -> Result<(), End> {
-        match timeout(self.state.config.write_timeout, self.socket.send(message)).await {
+        match timeout(self.state.config.write_timeout, send(&self.socket, message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Drop),
             Err(_) => Err(End::Close(close::TOO_SLOW, "too slow")),
@@ -701,13 +755,16 @@ fn error_frame(err: &ChatError, client_id: Option<&str>) -> Utf8Bytes {
 /// socket's buffer (see `io.rs`); tungstenite's flush then also sends any
 /// control frame it owes (a pong) and hands everything to the socket.
 async fn write_all(
-    socket: &mut Socket,
+    socket: &Shared,
     write_timeout: Duration,
     frames: impl Iterator<Item = Utf8Bytes>,
 ) -> Result<(), End> {
-    let io = socket.get_mut();
-    for frame in frames {
-        io.push_text(frame.as_bytes());
+    {
+        let mut socket = socket.lock();
+        let io = socket.get_mut();
+        for frame in frames {
+            io.push_text(frame.as_bytes());
+        }
     }
     flush(socket, write_timeout).await
 }
@@ -725,14 +782,33 @@ async fn write_all(
 /// (Each flush awaits its `timeout` directly: the future of a flush lives in
 /// every idle connection's task, and a helper taking the flush future as an
 /// argument made it larger.)
-async fn flush(socket: &mut Socket, write_timeout: Duration) -> Result<(), End> {
-    flushed(timeout(write_timeout, socket.get_mut().flush()).await)
+async fn flush(socket: &Shared, write_timeout: Duration) -> Result<(), End> {
+    let flush = std::future::poll_fn(|cx| Pin::new(socket.lock().get_mut()).poll_flush(cx));
+    flushed(timeout(write_timeout, flush).await)
 }
 
 /// Has tungstenite write what it owes (a pong, queued when it read the
 /// client's ping) and sends it with whatever else is buffered.
-async fn flush_owed(socket: &mut Socket, write_timeout: Duration) -> Result<(), End> {
-    flushed(timeout(write_timeout, socket.flush()).await)
+async fn flush_owed(socket: &Shared, write_timeout: Duration) -> Result<(), End> {
+    let flush = std::future::poll_fn(|cx| Pin::new(&mut *socket.lock()).poll_flush(cx));
+    flushed(timeout(write_timeout, flush).await)
+}
+
+/// Sends one message through tungstenite and flushes it.
+async fn send(socket: &Shared, message: WsMessage) -> Result<(), tungstenite::Error> {
+    let mut message = Some(message);
+    std::future::poll_fn(|cx| {
+        let mut socket = socket.lock();
+        let mut socket = Pin::new(&mut *socket);
+        if message.is_some() {
+            std::task::ready!(socket.as_mut().poll_ready(cx))?;
+            if let Some(message) = message.take() {
+                socket.as_mut().start_send(message)?;
+            }
+        }
+        socket.poll_flush(cx)
+    })
+    .await
 }
 
 /// What a flush within the write timeout came to.
@@ -748,15 +824,16 @@ fn flushed<E>(outcome: Result<Result<(), E>, tokio::time::error::Elapsed>) -> Re
 /// only briefly not reading still learns why it was closed (e.g. 4008).
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
-async fn close_socket(socket: &mut Socket, code: u16, reason: &'static str) {
+async fn close_socket(socket: &Shared, code: u16, reason: &'static str) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = timeout(CLOSE_LINGER, socket.send(WsMessage::Close(Some(frame)))).await;
+    let _ = timeout(CLOSE_LINGER, send(socket, WsMessage::Close(Some(frame)))).await;
     // Give the peer a moment to answer the close, then drop the socket.
     let _ = timeout(Duration::from_secs(1), async {
-        while let Some(Ok(_)) = socket.next().await {}
+        while let Some(Ok(_)) = std::future::poll_fn(|cx| socket.lock().poll_next_unpin(cx)).await {
+        }
     })
     .await;
 }
