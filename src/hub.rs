@@ -619,10 +619,13 @@ impl RoomState {
 
 /// Hands frames, in order, to each connection (but the skipped user's): a
 /// connection whose session is parked gets them written at once, in one
-/// write, any other has them queued. A connection whose queue cannot take
-/// them is closed as too slow (4008) and dropped.
+/// write, unless the pod is busy (then a session that waits for its turn
+/// finds several frames and writes them together); any other has them
+/// queued. A connection whose queue cannot take them is closed as too
+/// slow (4008) and dropped.
 fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
     let mut deliveries = 0;
+    let direct = !crate::telemetry::runtime_busy();
     connections.retain(|conn| {
         let theirs = frames
             .iter()
@@ -630,7 +633,10 @@ fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
         if theirs.clone().next().is_none() {
             return true;
         }
-        match conn.outbox.push(theirs.clone().map(|frame| &frame.bytes)) {
+        match conn
+            .outbox
+            .push(theirs.clone().map(|frame| &frame.bytes), direct)
+        {
             Pushed::Written | Pushed::Queued => {
                 deliveries += theirs.filter(|frame| frame.message).count() as u64;
                 true

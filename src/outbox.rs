@@ -127,10 +127,10 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands `frames` to the socket in one write when the session is
-    /// parked, or queues them and wakes the session. All or none: frames
-    /// that do not all fit in the queue are refused together.
-    pub fn push<'a, I>(&self, frames: I) -> Pushed
+    /// Hands `frames` to the socket in one write when `direct` and the
+    /// session is parked, or queues them and wakes the session. All or
+    /// none: frames that do not all fit in the queue are refused together.
+    pub fn push<'a, I>(&self, frames: I, direct: bool) -> Pushed
     where
         I: Iterator<Item = &'a Utf8Bytes> + Clone,
     {
@@ -138,7 +138,8 @@ impl Outbox {
         if state.closed {
             return Pushed::Closed;
         }
-        if state.parked
+        if direct
+            && state.parked
             && let Some(writer) = &state.writer
         {
             // Parked: nothing is queued or owed, the session is not writing.
@@ -252,7 +253,7 @@ mod tests {
 
     fn push(outbox: &Outbox, texts: &[&str]) -> Pushed {
         let frames: Vec<Utf8Bytes> = texts.iter().map(|t| frame(t)).collect();
-        outbox.push(frames.iter())
+        outbox.push(frames.iter(), true)
     }
 
     fn taken(outbox: &Outbox, max: usize) -> Vec<String> {
@@ -448,6 +449,17 @@ mod tests {
         assert_eq!(wakes(&count), 1, "still waiting: woken for the frame");
         assert!(poll(&outbox, &waker, true).is_ready());
         assert_eq!(taken(&outbox, 10), ["a"]);
+    }
+
+    #[test]
+    fn a_busy_pod_queues_even_for_a_parked_session() {
+        let (socket, outbox, count, waker) = on_socket(WriteNow::Done);
+        assert!(poll(&outbox, &waker, true).is_pending());
+        let frames = [frame("a"), frame("b")];
+        assert_eq!(outbox.push(frames.iter(), false), Pushed::Queued);
+        assert!(socket.writes().is_empty());
+        assert_eq!(wakes(&count), 1);
+        assert_eq!(taken(&outbox, 10), ["a", "b"]);
     }
 
     #[test]

@@ -21,7 +21,11 @@
 //!   (`/metrics`, Prometheus text format); label values are always from small
 //!   fixed sets — never user ids, room ids or tokens.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use opentelemetry::{
     global,
@@ -396,6 +400,24 @@ pub fn record_runtime() {
 /// How often [`watch_loop_lag`] asks to be woken.
 const LOOP_PROBE_EVERY: Duration = Duration::from_millis(50);
 
+/// A probe at least this late marks the runtime as busy (see
+/// [`runtime_busy`]); the next one under it clears the mark.
+const BUSY_LAG: Duration = Duration::from_millis(5);
+
+/// Whether this process's runtime was busy at the last probe.
+static RUNTIME_BUSY: AtomicBool = AtomicBool::new(false);
+
+/// Whether the runtime got to the last probe at least [`BUSY_LAG`] late:
+/// every ready task waits about that long for its turn. The hub then
+/// queues frames for their sessions instead of writing them itself, since
+/// a session that waits that long for its turn finds more frames queued
+/// and writes them together (one system call for several), which is how
+/// a busy pod catches up. Without the probe running (tests of the hub on
+/// their own), never busy.
+pub fn runtime_busy() -> bool {
+    RUNTIME_BUSY.load(Ordering::Relaxed)
+}
+
 /// Records, until `stop`, how late the runtime wakes a task whose timer is
 /// due (`chat_runtime_loop_lag_seconds`). Every ready task (a connection's
 /// frame to read, an answer to write, a commit's result) waits about as
@@ -407,6 +429,7 @@ pub async fn watch_loop_lag(stop: CancellationToken) {
     let lag = metrics::histogram!("chat_runtime_loop_lag_seconds");
     probe_lateness(LOOP_PROBE_EVERY, stop.cancelled(), |late| {
         lag.record(late.as_secs_f64());
+        RUNTIME_BUSY.store(late >= BUSY_LAG, Ordering::Relaxed);
     })
     .await;
 }

@@ -139,7 +139,9 @@ const FRAME_FLOOD_WINDOW: Duration = Duration::from_secs(10);
 
 /// A connection between its upgrade and its end. Boxed for its whole life:
 /// the task then holds a pointer, not the socket and the caller, across
-/// each of its waits.
+/// each of its waits. (Every idle connection holds one: its socket is in an
+/// allocation of its own, shared with the hub, and what is needed only at
+/// the start and the end, such as its presence key, is made then.)
 pub struct Session {
     state: AppState,
     socket: Arc<Shared>,
@@ -148,8 +150,6 @@ pub struct Session {
     user: User,
     room: Room,
     conn: Arc<Connection>,
-    /// This connection in presence, shared by every instance.
-    key: String,
 }
 
 impl Session {
@@ -166,7 +166,6 @@ impl Session {
             closer: Closer::default(),
         });
         Box::new(Self {
-            key: format!("{}:{id}", state.instance_id),
             user: caller.user.clone(),
             state,
             socket,
@@ -267,6 +266,11 @@ enum End {
 }
 
 impl Session {
+    /// This connection in presence, shared by every instance.
+    fn key(&self) -> String {
+        format!("{}:{}", self.state.instance_id, self.conn.id)
+    }
+
     /// Presence first, so the connection does not receive its own `join`.
     /// A presence failure (Redis down) costs the `join` event, not the
     /// connection: the backend restores this instance's entries later.
@@ -274,7 +278,7 @@ impl Session {
     async fn join(&mut self) -> Result<u64, ChatError> {
         let chat = &self.state.chat;
         chat.store.remember_user(&self.user).await?;
-        if let Err(err) = chat.connected(&self.room.id, &self.user, &self.key).await {
+        if let Err(err) = chat.connected(&self.room.id, &self.user, &self.key()).await {
             tracing::warn!(error = %err, "could not record presence");
         }
         chat.hub.join(&self.room.id, Arc::clone(&self.conn)).await
@@ -283,7 +287,7 @@ impl Session {
     async fn leave(&mut self) {
         let chat = &self.state.chat;
         chat.hub.leave(&self.room.id, self.conn.id);
-        chat.disconnected(&self.room.id, &self.user, &self.key)
+        chat.disconnected(&self.room.id, &self.user, &self.key())
             .await;
     }
 
