@@ -265,6 +265,15 @@ enum End {
     Drop,
 }
 
+impl Drop for Session {
+    /// However the session ends (a panic, its task aborted), the hub stops
+    /// writing to its socket: the next frame finds the outbox closed and
+    /// drops the connection from its room.
+    fn drop(&mut self) {
+        self.conn.outbox.close();
+    }
+}
+
 impl Session {
     /// This connection in presence, shared by every instance.
     fn key(&self) -> String {
