@@ -64,16 +64,25 @@ struct State {
     closed: bool,
     /// The session's waker, from its last wait.
     waker: Option<Waker>,
-    /// Whether the session is waiting (found the queue empty since it was
-    /// last woken).
-    waiting: bool,
-    /// Whether the session is parked: waiting with nothing of its own to
-    /// write, so a frame may go straight to `writer`. Implies `waiting`.
-    parked: bool,
+    wait: Wait,
     /// A frame was handed to `writer` but not all of it left: the session
     /// must flush before it parks again.
     owed: bool,
     writer: Option<Arc<dyn Writer>>,
+}
+
+/// Whether the session waits for this outbox.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Not since it was last woken: a push need not wake it.
+    #[default]
+    No,
+    /// It found the queue empty and waits, while doing something of its
+    /// own (a send being stored): frames queue behind what it writes.
+    Waiting,
+    /// It waits with nothing of its own to write: a frame may go straight
+    /// to `writer`.
+    Parked,
 }
 
 impl std::fmt::Debug for State {
@@ -81,8 +90,7 @@ impl std::fmt::Debug for State {
         f.debug_struct("State")
             .field("frames", &self.frames.len())
             .field("closed", &self.closed)
-            .field("waiting", &self.waiting)
-            .field("parked", &self.parked)
+            .field("wait", &self.wait)
             .field("owed", &self.owed)
             .finish_non_exhaustive()
     }
@@ -139,7 +147,7 @@ impl Outbox {
             return Pushed::Closed;
         }
         if direct
-            && state.parked
+            && state.wait == Wait::Parked
             && let Some(writer) = &state.writer
         {
             // Parked: nothing is queued or owed, the session is not writing.
@@ -177,7 +185,7 @@ impl Outbox {
     /// The session is busy (it was woken by something else than this
     /// outbox): frames queue again.
     pub fn unpark(&self) {
-        self.state().parked = false;
+        self.state().unpark();
     }
 
     fn poll_wait(&self, cx: &mut Context<'_>, park: bool) -> Poll<()> {
@@ -185,7 +193,7 @@ impl Outbox {
         // The session's next write flushes what is owed.
         let owed = std::mem::take(&mut state.owed);
         if owed || !state.frames.is_empty() {
-            state.parked = false;
+            state.unpark();
             return Poll::Ready(());
         }
         if !state
@@ -195,8 +203,7 @@ impl Outbox {
         {
             state.waker = Some(cx.waker().clone());
         }
-        state.waiting = true;
-        state.parked = park;
+        state.wait = if park { Wait::Parked } else { Wait::Waiting };
         Poll::Pending
     }
 
@@ -224,19 +231,25 @@ impl Outbox {
         state.frames = VecDeque::new();
         state.waker = None;
         state.writer = None;
-        state.parked = false;
+        state.unpark();
     }
 }
 
 impl State {
     /// Wakes the session if it waits (it then takes this lock after we
-    /// let go); it is no longer parked.
+    /// let go).
     fn wake(&mut self) {
-        self.parked = false;
-        if std::mem::take(&mut self.waiting)
+        if std::mem::take(&mut self.wait) != Wait::No
             && let Some(waker) = &self.waker
         {
             waker.wake_by_ref();
+        }
+    }
+
+    /// Frames queue again, for a session that still waits.
+    fn unpark(&mut self) {
+        if self.wait == Wait::Parked {
+            self.wait = Wait::Waiting;
         }
     }
 }

@@ -60,7 +60,7 @@ impl Cores {
             if whole == 0 {
                 0.0
             } else {
-                (1000.0 * part as f64 / whole as f64).round() / 10.0
+                crate::tenths(100.0 * part as f64 / whole as f64)
             }
         };
         let cores: Vec<serde_json::Value> = self

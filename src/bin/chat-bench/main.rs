@@ -285,7 +285,7 @@ impl CpuMeter {
 
 impl CpuUsed {
     fn report(&self) -> serde_json::Value {
-        let percent = |seconds: f64| (1000.0 * seconds / self.wall).round() / 10.0;
+        let percent = |seconds: f64| tenths(100.0 * seconds / self.wall);
         let servers: Vec<serde_json::Value> = self
             .servers
             .iter()
@@ -310,7 +310,7 @@ impl CpuUsed {
     /// Microseconds of CPU per message, for each of: the servers together,
     /// the generator, each watched group.
     fn per_message(&self, messages: u64) -> serde_json::Value {
-        let each = |seconds: f64| (10.0 * 1e6 * seconds / messages.max(1) as f64).round() / 10.0;
+        let each = |seconds: f64| tenths(1e6 * seconds / messages.max(1) as f64);
         let mut out = serde_json::Map::new();
         out.insert(
             "servers".into(),
@@ -356,6 +356,11 @@ const LONGEST_US: u64 = 60_000_000;
 /// significant digits.
 fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LONGEST_US, 3).expect("histogram bounds")
+}
+
+/// `x` rounded to a tenth, for reports.
+fn tenths(x: f64) -> f64 {
+    (10.0 * x).round() / 10.0
 }
 
 /// µs as ms, for reports.

@@ -111,7 +111,7 @@ impl Histogram {
         }
         let mut out = json!({
             "count": self.count.round() as u64,
-            "mean_ms": (self.sum / self.count * 1e4).round() / 10.0,
+            "mean_ms": crate::tenths(self.sum / self.count * 1e3),
             "p50_at_most_ms": self.at_most_ms(0.5),
             "p99_at_most_ms": self.at_most_ms(0.99),
         });
