@@ -12,7 +12,10 @@
 //! write buffer keeps the capacity of the largest burst it ever gathered
 //! (the `ready` frame with a room's presence list, a room's `join` storm),
 //! for the life of the connection. Here a connection holds write memory
-//! only while it has something to write.
+//! only while it has something to write. Frames the hub writes at once
+//! ([`FrameIo::write_texts`]) are laid out in a buffer the thread keeps,
+//! so they cost the connection an allocation only when the socket does
+//! not take them whole.
 
 use std::{
     io,
@@ -51,16 +54,69 @@ impl<S> FrameIo<S> {
     /// unmasked as from a server). Nothing reaches the socket before the
     /// next flush.
     pub fn push_text(&mut self, payload: &[u8]) {
-        let header = FrameHeader {
-            opcode: OpCode::Data(Data::Text),
-            ..FrameHeader::default()
-        };
-        let length = payload.len() as u64;
-        self.out.reserve(header.len(length) + payload.len());
-        header
-            .format(length, &mut self.out)
-            .expect("writing to a Vec cannot fail");
-        self.out.extend_from_slice(payload);
+        encode_text(&mut self.out, payload);
+    }
+}
+
+/// Appends one complete server text frame carrying `payload` (final,
+/// unmasked as from a server) to `out`.
+fn encode_text(out: &mut Vec<u8>, payload: &[u8]) {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    let length = payload.len() as u64;
+    out.reserve(header.len(length) + payload.len());
+    header
+        .format(length, out)
+        .expect("writing to a Vec cannot fail");
+    out.extend_from_slice(payload);
+}
+
+thread_local! {
+    /// Where [`FrameIo::write_texts`] lays out its frames: one buffer per
+    /// thread, used by one write at a time and kept, so a write the socket
+    /// takes whole allocates nothing.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The most [`SCRATCH`] keeps between writes.
+const SCRATCH_KEPT: usize = 64 << 10;
+
+impl<S: AsyncWrite + Unpin> FrameIo<S> {
+    /// Writes `payloads` as text frames (see [`Self::push_text`]) to the
+    /// socket now, in one write, and flushes it; for a caller that has
+    /// checked nothing is owed ([`Self::owes`]). The frames are laid out in
+    /// this thread's scratch buffer, so the connection holds no buffer of
+    /// its own unless the socket does not take them whole: what it leaves
+    /// is kept for the next flush. True if everything reached the socket.
+    pub fn write_texts(
+        &mut self,
+        payloads: &mut dyn Iterator<Item = &[u8]>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        debug_assert!(!self.owes(), "bytes owed go first");
+        let whole = SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            payloads.for_each(|payload| encode_text(scratch, payload));
+            let mut written = 0;
+            while written < scratch.len() {
+                match Pin::new(&mut self.inner).poll_write(cx, &scratch[written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => written += n,
+                    // Full, closed or failed: the flush that comes next
+                    // writes the rest or meets the error.
+                    _ => break,
+                }
+            }
+            self.out.extend_from_slice(&scratch[written..]);
+            scratch.shrink_to(SCRATCH_KEPT);
+            written == scratch.len()
+        });
+        whole
+            && matches!(
+                Pin::new(&mut self.inner).poll_flush(cx),
+                Poll::Ready(Ok(()))
+            )
     }
 }
 
@@ -114,6 +170,42 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    fn noop_cx() -> Context<'static> {
+        Context::from_waker(std::task::Waker::noop())
+    }
+
+    /// Reads what the client side got so far.
+    async fn drain(client: &mut tokio::io::DuplexStream, bytes: usize) -> Vec<u8> {
+        let mut got = vec![0; bytes];
+        client.read_exact(&mut got).await.expect("read");
+        got
+    }
+
+    #[tokio::test]
+    async fn frames_written_at_once_leave_no_buffer_behind() {
+        let (server, mut client) = tokio::io::duplex(1 << 10);
+        let mut io = FrameIo::new(server);
+        let mut frames = [b"one".as_slice(), b"two".as_slice()].into_iter();
+        assert!(io.write_texts(&mut frames, &mut noop_cx()));
+        assert!(!io.owes());
+        assert_eq!(io.out.capacity(), 0, "no buffer of the connection's own");
+        assert_eq!(drain(&mut client, 10).await, b"\x81\x03one\x81\x03two");
+    }
+
+    #[tokio::test]
+    async fn what_the_socket_does_not_take_is_kept_for_the_flush_in_order() {
+        let (server, mut client) = tokio::io::duplex(4);
+        let mut io = FrameIo::new(server);
+        let mut frames = [b"one".as_slice(), b"two".as_slice()].into_iter();
+        assert!(!io.write_texts(&mut frames, &mut noop_cx()));
+        assert!(io.owes(), "six bytes left for the flush");
+        io.push_text(b"3");
+        let reader = tokio::spawn(async move { drain(&mut client, 13).await });
+        io.flush().await.expect("flush");
+        assert!(!io.owes());
+        assert_eq!(reader.await.unwrap(), b"\x81\x03one\x81\x03two\x81\x013");
+    }
 
     /// Frames pushed and bytes written arrive whole, in order, on flush;
     /// lengths use the 7-bit, 16-bit and 64-bit forms at their bounds.

@@ -82,18 +82,17 @@ impl Writer for Shared {
             // What the session left unwritten goes first, by its flush.
             return WriteNow::Busy;
         }
-        payloads.for_each(|payload| io.push_text(payload));
         // No waker of ours to leave with the socket: whatever is left is
         // the session's to flush, and its flush registers its own. Outside
         // tokio's budget: it counts the pusher's I/O, and a fan-out to a
         // room of 500 would spend it on the first 128 connections and leave
         // the rest to their sessions.
-        let mut flush = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| {
-            Pin::new(&mut *io).poll_flush(cx)
+        let mut write = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            Poll::Ready(io.write_texts(payloads, cx))
         })));
-        match flush.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(())) => WriteNow::Done,
-            Poll::Ready(Err(_)) | Poll::Pending => WriteNow::Owed,
+        match write.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(true) => WriteNow::Done,
+            Poll::Ready(false) | Poll::Pending => WriteNow::Owed,
         }
     }
 }
