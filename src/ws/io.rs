@@ -109,8 +109,10 @@ impl<S: AsyncWrite + Unpin> FrameIo<S> {
                 }
             }
             self.out.extend_from_slice(&scratch[written..]);
+            let whole = written == scratch.len();
+            scratch.clear();
             scratch.shrink_to(SCRATCH_KEPT);
-            written == scratch.len()
+            whole
         });
         whole
             && matches!(
@@ -205,6 +207,17 @@ mod tests {
         io.flush().await.expect("flush");
         assert!(!io.owes());
         assert_eq!(reader.await.unwrap(), b"\x81\x03one\x81\x03two\x81\x013");
+    }
+
+    #[tokio::test]
+    async fn a_large_write_does_not_leave_the_thread_a_large_buffer() {
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut io = FrameIo::new(server);
+        let large = vec![b'x'; 3 * SCRATCH_KEPT];
+        assert!(io.write_texts(&mut [large.as_slice()].into_iter(), &mut noop_cx()));
+        assert!(SCRATCH.with_borrow(Vec::capacity) <= SCRATCH_KEPT);
+        let got = drain(&mut client, large.len() + 10).await;
+        assert_eq!(got[10..], large[..]);
     }
 
     /// Frames pushed and bytes written arrive whole, in order, on flush;
