@@ -73,6 +73,24 @@ fn encode_text(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Writes `buf` from `*written` on to `inner` until the socket has taken
+/// all of it, counting what it took in `written`.
+fn poll_write_from<S: AsyncWrite + Unpin>(
+    inner: &mut S,
+    buf: &[u8],
+    written: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while *written < buf.len() {
+        let n = ready!(Pin::new(&mut *inner).poll_write(cx, &buf[*written..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+    }
+    Poll::Ready(Ok(()))
+}
+
 thread_local! {
     /// Where [`FrameIo::write_texts`] lays out its frames: one buffer per
     /// thread, used by one write at a time and kept, so a write the socket
@@ -100,16 +118,13 @@ impl<S: AsyncWrite + Unpin> FrameIo<S> {
             scratch.clear();
             payloads.for_each(|payload| encode_text(scratch, payload));
             let mut written = 0;
-            while written < scratch.len() {
-                match Pin::new(&mut self.inner).poll_write(cx, &scratch[written..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => written += n,
-                    // Full, closed or failed: the flush that comes next
-                    // writes the rest or meets the error.
-                    _ => break,
-                }
-            }
+            let whole = matches!(
+                poll_write_from(&mut self.inner, scratch, &mut written, cx),
+                Poll::Ready(Ok(()))
+            );
+            // Full, closed or failed: the flush that comes next writes the
+            // rest or meets the error.
             self.out.extend_from_slice(&scratch[written..]);
-            let whole = written == scratch.len();
             scratch.clear();
             scratch.shrink_to(SCRATCH_KEPT);
             whole
@@ -147,13 +162,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameIo<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.written < this.out.len() {
-            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &this.out[this.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            this.written += n;
-        }
+        ready!(poll_write_from(
+            &mut this.inner,
+            &this.out,
+            &mut this.written,
+            cx
+        ))?;
         if !this.out.is_empty() {
             this.out = Vec::new();
             this.written = 0;
