@@ -11,16 +11,16 @@ const LOAD_LIMITS: [(&str, &str); 4] = [
     ("FRAME_FLOOD_LIMIT", "100000000"),
 ];
 
-async fn bench(addr: &str, args: &[&str]) -> serde_json::Value {
-    // Pinned to one CPU as scripts/bench.sh pins it: the generator then
-    // runs on one thread.
+/// `chat-bench`, pinned to one CPU as scripts/bench.sh pins it: the
+/// generator then runs on one thread.
+fn chat_bench() -> tokio::process::Command {
     let mut command = tokio::process::Command::new("taskset");
+    command.args(["-c", "0", env!("CARGO_BIN_EXE_chat-bench")]);
     command
-        .args(["-c", "0", env!("CARGO_BIN_EXE_chat-bench")])
-        .env("JWT_SECRET", SECRET)
-        .arg("--url")
-        .arg(format!("http://{addr}"))
-        .args(args);
+}
+
+/// Runs `command` and returns its one JSON line.
+async fn report(mut command: tokio::process::Command) -> serde_json::Value {
     let output = command.output().await.expect("chat-bench runs");
     assert!(
         output.status.success(),
@@ -32,6 +32,65 @@ async fn bench(addr: &str, args: &[&str]) -> serde_json::Value {
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("a JSON report");
     assert_eq!(report["generator"]["runtime"], "current_thread");
     report
+}
+
+async fn bench(addr: &str, args: &[&str]) -> serde_json::Value {
+    let mut command = chat_bench();
+    command
+        .env("JWT_SECRET", SECRET)
+        .arg("--url")
+        .arg(format!("http://{addr}"))
+        .args(args);
+    report(command).await
+}
+
+#[tokio::test]
+async fn loopback_needs_no_server_and_prices_a_delivery() {
+    let mut command = chat_bench();
+    command.env_remove("JWT_SECRET").args([
+        "loopback",
+        "--connections",
+        "4",
+        "--rate",
+        "4000",
+        "--duration",
+        "250ms",
+        "--frame-bytes",
+        "100",
+        "--writer-cpu",
+        "0",
+        "--reader-cpu",
+        "0",
+    ]);
+    let loopback = report(command).await;
+    assert_eq!(loopback["scenario"], "loopback");
+    // 4,000 frames a second for 250 ms, written to the 4 connections in turn,
+    // and every one of them read (the run fails otherwise).
+    assert_eq!(loopback["frames"], 1000, "{loopback}");
+    for side in ["writer", "reader"] {
+        let us = loopback[side]["cpu_us_per_frame"].as_f64().unwrap();
+        assert!(us > 0.0, "{side}: {loopback}");
+    }
+    let reads = loopback["reader"]["reads_per_frame"].as_f64().unwrap();
+    assert!(reads > 0.0, "{loopback}");
+    assert!(loopback["null_syscall_ns"].as_f64().unwrap() > 0.0);
+
+    // Pinned to CPU 0, it may not put its reader on CPU 1.
+    let mut command = chat_bench();
+    command.args(["loopback", "--duration", "100ms", "--reader-cpu", "1"]);
+    assert_fails_saying(command, "CPU 1 is not one this process may run on").await;
+
+    // Every other scenario drives a server with tokens of its own making.
+    let mut command = chat_bench();
+    command.env_remove("JWT_SECRET").arg("idle");
+    assert_fails_saying(command, "--jwt-secret").await;
+}
+
+async fn assert_fails_saying(mut command: tokio::process::Command, what: &str) {
+    let output = command.output().await.expect("chat-bench runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(what), "{stderr}");
 }
 
 #[tokio::test]

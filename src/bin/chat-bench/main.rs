@@ -39,6 +39,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use chat_service::{
     auth::JwtKeys,
     config::{Secret, ServeConfig},
@@ -52,6 +53,7 @@ use tokio::sync::watch;
 mod arrival;
 mod cores;
 mod loop_lag;
+mod loopback;
 mod member;
 mod server_view;
 
@@ -65,9 +67,10 @@ struct Args {
     /// round-robin over them.
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8001")]
     url: Vec<String>,
-    /// The service's JWT secret (tokens are minted locally).
+    /// The service's JWT secret (tokens are minted locally; every scenario
+    /// but `loopback` needs it).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    jwt_secret: String,
+    jwt_secret: Option<String>,
     /// Server PIDs (repeatable): their RSS for `idle`, their CPU over each
     /// measured phase for `fanout` and `ingest`.
     #[arg(long = "pid", global = true)]
@@ -91,6 +94,17 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    #[command(flatten)]
+    Served(Served),
+    /// No server: what this machine's kernel charges for a delivery (a
+    /// small frame written to a loopback TCP connection and read on another
+    /// core), to compare machines by.
+    Loopback(loopback::LoopbackArgs),
+}
+
+/// The scenarios that drive running servers.
+#[derive(Debug, Subcommand)]
+enum Served {
     /// Open connections and hold them.
     Idle {
         #[arg(long, default_value_t = 1000)]
@@ -592,39 +606,50 @@ fn main() -> anyhow::Result<()> {
 /// The whole run; `flavor` names the runtime it runs on, for the report.
 async fn run(flavor: &'static str) -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = ServeConfig::for_tests("sqlite::memory:", &args.jwt_secret);
-    let bench = Arc::new(Bench {
-        urls: args
-            .url
-            .iter()
-            .map(|u| u.trim_end_matches('/').to_owned())
-            .collect(),
-        keys: JwtKeys::new(&Secret::new(args.jwt_secret.clone()), &config),
-        http: reqwest::Client::new(),
-        run_id: format!("{:x}", unix_micros()),
-        pids: args.pids.clone(),
-        watched: args.watch.clone(),
-        arrival_stamps: args.arrival_stamps,
-    });
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     let mut report = match args.scenario {
-        Scenario::Idle {
-            connections,
-            hold,
-            room_size,
-        } => idle(&bench, connections, hold, room_size, &args.pids).await?,
-        Scenario::Fanout(fanout_args) => fanout(&bench, fanout_args).await?,
-        Scenario::Ingest {
-            connections,
-            window,
-            rest_workers,
-            duration,
-        } => ingest(&bench, connections, window, rest_workers, duration).await?,
+        Scenario::Loopback(loopback_args) => {
+            tokio::task::spawn_blocking(move || loopback::run(loopback_args)).await??
+        }
+        Scenario::Served(scenario) => {
+            let secret = args
+                .jwt_secret
+                .context("--jwt-secret (or JWT_SECRET) is required for this scenario")?;
+            let config = ServeConfig::for_tests("sqlite::memory:", &secret);
+            let bench = Arc::new(Bench {
+                urls: args
+                    .url
+                    .iter()
+                    .map(|u| u.trim_end_matches('/').to_owned())
+                    .collect(),
+                keys: JwtKeys::new(&Secret::new(secret), &config),
+                http: reqwest::Client::new(),
+                run_id: format!("{:x}", unix_micros()),
+                pids: args.pids.clone(),
+                watched: args.watch.clone(),
+                arrival_stamps: args.arrival_stamps,
+            });
+            let mut report = match scenario {
+                Served::Idle {
+                    connections,
+                    hold,
+                    room_size,
+                } => idle(&bench, connections, hold, room_size, &args.pids).await?,
+                Served::Fanout(fanout_args) => fanout(&bench, fanout_args).await?,
+                Served::Ingest {
+                    connections,
+                    window,
+                    rest_workers,
+                    duration,
+                } => ingest(&bench, connections, window, rest_workers, duration).await?,
+            };
+            report["urls"] = json!(bench.urls);
+            report
+        }
     };
     let wall = started.elapsed().as_secs_f64();
     let cpu = own_cpu_seconds() - cpu_before;
-    report["urls"] = json!(bench.urls);
     report["generator"] = json!({
         "processes": 1,
         "runtime": flavor,
