@@ -4,10 +4,10 @@
 //! On a benchmark machine most of a fan-out's cost is not the service's: a
 //! delivery is one `sendto` of a small frame on a loopback TCP connection,
 //! and the kernel runs the receiving side of that connection (and wakes
-//! its reader) inside the sender's call. What that costs differs several
-//! fold between VMs of the same size, and changed from one half hour to
-//! the next on one of them (docs/benchmarks.md, twenty-fourth VM), so a
-//! fan-out figure means little without it.
+//! its reader) inside the sender's call. What that costs differs between
+//! VMs of the same size (the same build's target 4 took 59–64 % of the
+//! server's core on one and 77–92 % on another, docs/benchmarks.md), so a
+//! fan-out figure is read against it.
 //!
 //! This scenario does what a pod's fan-out does to the kernel and nothing
 //! else: one thread (pinned where the server would be) writes a frame to
@@ -220,8 +220,14 @@ pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
     let joined = |what| move |_| anyhow::anyhow!("the {what} panicked");
     let written = writer.join().map_err(joined("writer"))?;
     let read = reader.join().map_err(joined("reader"))?;
-    let ((writer, took), syscall_ns, args) = written?;
-    let read = read?;
+    // A side that fails ends the other's connections: say both.
+    let (((writer, took), syscall_ns, args), read) = match (written, read) {
+        (Ok(written), Ok(read)) => (written, read),
+        (Err(writer), Err(reader)) => {
+            anyhow::bail!("the writer: {writer:#}; the reader: {reader:#}")
+        }
+        (Err(err), _) | (_, Err(err)) => return Err(err),
+    };
     let frames = writer.calls;
     let per_frame_us = |cpu: Duration| cpu.as_secs_f64() * 1e6 / frames.max(1) as f64;
     let seconds = took.as_secs_f64().max(1e-9);
