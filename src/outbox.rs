@@ -64,6 +64,7 @@ struct State {
     closed: bool,
     /// The session's waker, from its last wait.
     waker: Option<Waker>,
+    /// Whether (and how) the session waits for this outbox.
     wait: Wait,
     /// A frame was handed to `writer` but not all of it left: the session
     /// must flush before it parks again.

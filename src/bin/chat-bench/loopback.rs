@@ -63,6 +63,11 @@ impl LoopbackArgs {
     fn rounds(&self) -> u64 {
         (self.rate * self.duration.as_secs_f64() / self.connections as f64).ceil() as u64
     }
+
+    /// The frames written (and read) in all.
+    fn frames(&self) -> u64 {
+        self.rounds() * self.connections as u64
+    }
 }
 
 /// The calling thread's CPU time so far.
@@ -118,12 +123,11 @@ fn pairs(connections: usize) -> anyhow::Result<(Vec<TcpStream>, Vec<TcpStream>)>
     Ok((writers, readers))
 }
 
-/// What one side did over the run.
-struct Side {
+/// What the reader did over the run.
+struct Reads {
     cpu: Duration,
-    /// Reads (reader) or writes (writer).
-    calls: u64,
-    /// `epoll_wait` calls that returned something (reader only).
+    reads: u64,
+    /// `epoll_wait` calls that returned something.
     wakeups: u64,
 }
 
@@ -131,7 +135,7 @@ struct Side {
 /// readiness as the generator's members do (a read that fills less than
 /// the buffer has emptied the socket; the edge-triggered set reports it
 /// again when more arrives).
-fn read_all(mut readers: Vec<TcpStream>, expected: u64, cpu: usize) -> anyhow::Result<Side> {
+fn read_all(mut readers: Vec<TcpStream>, expected: u64, cpu: usize) -> anyhow::Result<Reads> {
     pin(cpu)?;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     for (i, reader) in readers.iter().enumerate() {
@@ -140,7 +144,7 @@ fn read_all(mut readers: Vec<TcpStream>, expected: u64, cpu: usize) -> anyhow::R
     }
     let mut events = vec![EpollEvent::empty(); readers.len()];
     let mut buf = vec![0u8; 16 * 1024];
-    let (mut received, mut calls, mut wakeups) = (0u64, 0u64, 0u64);
+    let (mut received, mut reads, mut wakeups) = (0u64, 0u64, 0u64);
     let started = thread_cpu();
     let mut ready: Vec<usize> = Vec::new();
     while received < expected {
@@ -150,7 +154,7 @@ fn read_all(mut readers: Vec<TcpStream>, expected: u64, cpu: usize) -> anyhow::R
         ready.extend(events[..n].iter().map(|e| e.data() as usize));
         // A socket stays ready until a read leaves it empty.
         while let Some(i) = ready.pop() {
-            calls += 1;
+            reads += 1;
             match readers[i].read(&mut buf) {
                 Ok(0) => anyhow::bail!("a connection closed ({received} of {expected} bytes)"),
                 Ok(got) => {
@@ -165,26 +169,25 @@ fn read_all(mut readers: Vec<TcpStream>, expected: u64, cpu: usize) -> anyhow::R
             }
         }
     }
-    Ok(Side {
+    Ok(Reads {
         cpu: thread_cpu() - started,
-        calls,
+        reads,
         wakeups,
     })
 }
 
 /// Writes a frame to each connection in turn, `rate` frames a second for
-/// `duration`; returns the writer's side and how long the writes took.
+/// `duration`; returns the writer's CPU time and how long the writes took.
 fn write_all(
     writers: &mut [TcpStream],
     args: &LoopbackArgs,
     frame: &[u8],
-) -> anyhow::Result<(Side, Duration)> {
+) -> anyhow::Result<(Duration, Duration)> {
     pin(args.writer_cpu)?;
-    let rounds = args.rounds();
     let interval = Duration::from_secs_f64(writers.len() as f64 / args.rate);
     let started = Instant::now();
     let cpu_before = thread_cpu();
-    for round in 0..rounds {
+    for round in 0..args.rounds() {
         let due = started + interval.mul_f64(round as f64);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
@@ -193,12 +196,7 @@ fn write_all(
             writer.write_all(frame)?;
         }
     }
-    let side = Side {
-        cpu: thread_cpu() - cpu_before,
-        calls: rounds * writers.len() as u64,
-        wakeups: 0,
-    };
-    Ok((side, started.elapsed()))
+    Ok((thread_cpu() - cpu_before, started.elapsed()))
 }
 
 pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
@@ -208,7 +206,7 @@ pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
     allowed(args.writer_cpu)?;
     allowed(args.reader_cpu)?;
     let (mut writers, readers) = pairs(args.connections)?;
-    let expected = args.rounds() * (args.connections * args.frame_bytes) as u64;
+    let expected = args.frames() * args.frame_bytes as u64;
     let reader_cpu = args.reader_cpu;
     let reader = std::thread::spawn(move || read_all(readers, expected, reader_cpu));
     // Its own thread, so that pinning it leaves the caller's alone.
@@ -221,14 +219,14 @@ pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
     let written = writer.join().map_err(joined("writer"))?;
     let read = reader.join().map_err(joined("reader"))?;
     // A side that fails ends the other's connections: say both.
-    let (((writer, took), syscall_ns, args), read) = match (written, read) {
+    let (((writer_cpu, took), syscall_ns, args), read) = match (written, read) {
         (Ok(written), Ok(read)) => (written, read),
         (Err(writer), Err(reader)) => {
             anyhow::bail!("the writer: {writer:#}; the reader: {reader:#}")
         }
         (Err(err), _) | (_, Err(err)) => return Err(err),
     };
-    let frames = writer.calls;
+    let frames = args.frames();
     let per_frame_us = |cpu: Duration| cpu.as_secs_f64() * 1e6 / frames.max(1) as f64;
     let seconds = took.as_secs_f64().max(1e-9);
     let share = |cpu: Duration| 100.0 * cpu.as_secs_f64() / seconds;
@@ -242,14 +240,14 @@ pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
         "null_syscall_ns": syscall_ns,
         "writer": {
             "cpu": args.writer_cpu,
-            "cpu_us_per_frame": per_frame_us(writer.cpu),
-            "percent_of_one_core": share(writer.cpu),
+            "cpu_us_per_frame": per_frame_us(writer_cpu),
+            "percent_of_one_core": share(writer_cpu),
         },
         "reader": {
             "cpu": args.reader_cpu,
             "cpu_us_per_frame": per_frame_us(read.cpu),
             "percent_of_one_core": share(read.cpu),
-            "reads_per_frame": read.calls as f64 / frames.max(1) as f64,
+            "reads_per_frame": read.reads as f64 / frames.max(1) as f64,
             "frames_per_wakeup": frames as f64 / read.wakeups.max(1) as f64,
         },
     }))
