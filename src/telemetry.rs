@@ -287,6 +287,18 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "Events held for a big room's batched fan-out because the pod was behind",
     ),
     (
+        "chat_fanout_writes_total",
+        MetricKind::Counter,
+        "path",
+        "Socket writes of fan-out frames, by path: direct (the hub wrote to an idle connection at once) or session (the connection's session wrote what was queued for it)",
+    ),
+    (
+        "chat_fanout_written_frames_total",
+        MetricKind::Counter,
+        "path",
+        "Fan-out frames in those writes, by path; divided by chat_fanout_writes_total, the frames per system call",
+    ),
+    (
         "chat_db_query_seconds",
         MetricKind::Histogram,
         "op",
@@ -412,10 +424,10 @@ static RUNTIME_BUSY: AtomicBool = AtomicBool::new(false);
 
 /// Whether the runtime got to the last probe at least [`BUSY_LAG`] late:
 /// every ready task waits about that long for its turn. The hub then
-/// queues frames for their sessions instead of writing them itself, since
-/// a session that waits that long for its turn finds more frames queued
-/// and writes them together (one system call for several), which is how
-/// a busy pod catches up. Without the probe running (tests of the hub on
+/// defers the frames for idle connections to its flusher's next turn
+/// instead of writing each at once, since frames that wait that long pile
+/// up and leave together (one system call for several), which is how a
+/// busy pod catches up. Without the probe running (tests of the hub on
 /// their own), never busy.
 pub fn runtime_busy() -> bool {
     RUNTIME_BUSY.load(Ordering::Relaxed)
@@ -476,6 +488,41 @@ pub struct PerMessage {
     pub send_check_seconds: metrics::Histogram,
     /// `chat_db_query_seconds{op="append"}`.
     pub append_seconds: metrics::Histogram,
+    /// Fan-out writes by the hub, to idle connections.
+    pub direct_writes: FanOutWrites,
+    /// Fan-out writes by sessions, of what was queued for them.
+    pub session_writes: FanOutWrites,
+    /// Fan-out writes of what a busy pod deferred for idle connections.
+    pub deferred_writes: FanOutWrites,
+}
+
+/// `chat_fanout_writes_total` and `chat_fanout_written_frames_total` of
+/// one path.
+pub struct FanOutWrites {
+    writes: metrics::Counter,
+    frames: metrics::Counter,
+}
+
+impl FanOutWrites {
+    fn register(path: &'static str) -> Self {
+        Self {
+            writes: metrics::counter!("chat_fanout_writes_total", "path" => path),
+            frames: metrics::counter!("chat_fanout_written_frames_total", "path" => path),
+        }
+    }
+
+    /// One write of `frames` frames.
+    pub fn record(&self, frames: usize) {
+        self.record_many(1, frames);
+    }
+
+    /// `writes` writes of `frames` frames in all.
+    pub fn record_many(&self, writes: usize, frames: usize) {
+        if writes > 0 {
+            self.writes.increment(writes as u64);
+            self.frames.increment(frames as u64);
+        }
+    }
 }
 
 /// The per-send metrics of one transport (`transport` label).
@@ -516,6 +563,9 @@ pub fn per_message() -> &'static PerMessage {
                         rest: SendMetrics::register("rest"),
                         send_check_seconds: metrics::histogram!("chat_rate_limit_check_seconds", "kind" => "send"),
                         append_seconds: metrics::histogram!("chat_db_query_seconds", "op" => "append"),
+                        direct_writes: FanOutWrites::register("direct"),
+                        session_writes: FanOutWrites::register("session"),
+                        deferred_writes: FanOutWrites::register("deferred"),
                     }
                 })
                 .join()

@@ -653,6 +653,11 @@ impl Session {
         // leaves in the same write, after the answers: one system call per
         // send, not one for the ack and one for the copy.
         outbox.take(limit.saturating_sub(held.len()), |frame| held.push(frame));
+        if !held.is_empty() {
+            crate::telemetry::per_message()
+                .session_writes
+                .record(held.len());
+        }
         // The answers, in order, and the frames held meanwhile leave with
         // one flush, answers first.
         let answers = results
@@ -734,12 +739,15 @@ impl Session {
     /// Writes what the hub has queued (up to a bound) with one flush: a
     /// connection with a backlog gets several frames per system call.
     async fn write_backlog(&mut self) -> Result<(), End> {
-        {
+        let taken = {
             let mut socket = self.socket.lock();
             let io = socket.get_mut();
             self.conn
                 .outbox
-                .take(FRAMES_PER_FLUSH, |frame| io.push_text(frame.as_bytes()));
+                .take(FRAMES_PER_FLUSH, |frame| io.push_text(frame.as_bytes()))
+        };
+        if taken > 0 {
+            crate::telemetry::per_message().session_writes.record(taken);
         }
         flush(&self.socket, self.state.config.write_timeout).await
     }

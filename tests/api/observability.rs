@@ -299,6 +299,27 @@ async fn metrics_move_with_real_traffic() {
         (SENDS + 1) as f64
     );
     assert!(get("chat_rate_limit_check_seconds_count{kind=connect}") >= 2.0);
+    // Every delivery left in a fan-out write, the hub's or a session's
+    // (which one depends on what each session was doing), and a write
+    // carries at least one frame. (Presence frames count as well.)
+    let paths = ["direct", "session"];
+    let frames: f64 = paths
+        .iter()
+        .map(|path| get(&format!("chat_fanout_written_frames_total{{path={path}}}")))
+        .sum();
+    let writes: f64 = paths
+        .iter()
+        .map(|path| get(&format!("chat_fanout_writes_total{{path={path}}}")))
+        .sum();
+    assert!(
+        frames >= (2 * SENDS) as f64,
+        "{frames} frames written for {} deliveries",
+        2 * SENDS
+    );
+    assert!(
+        (1.0..=frames).contains(&writes),
+        "{writes} writes for {frames} frames"
+    );
     assert_eq!(
         get("chat_http_request_duration_seconds_count{method=GET,route=listRooms,status=401}"),
         1.0

@@ -52,6 +52,11 @@ const SERIES: &[Series] = &[
     },
 ];
 
+/// The fan-out's writes, by path (`path` label of both counters): the
+/// hub's to idle connections at once, the hub's of what a busy pod
+/// deferred for them, and the sessions' of what was queued.
+const WRITE_PATHS: [&str; 3] = ["direct", "deferred", "session"];
+
 /// Bounds whose share is reported (they are bucket bounds), in ms.
 const WITHIN_MS: [u32; 3] = [5, 20, 50];
 
@@ -131,6 +136,9 @@ impl Histogram {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
     series: Vec<Histogram>,
+    /// Per path of [`WRITE_PATHS`]: the fan-out's writes and the frames
+    /// they carried, summed over pods.
+    writes: [(f64, f64); WRITE_PATHS.len()],
     /// Pods whose `/metrics` could not be read.
     unread: usize,
 }
@@ -139,10 +147,7 @@ impl Reading {
     /// Reads every pod's `/metrics`. A pod that does not answer is counted
     /// as unread, not an error: the run's own figures stand without it.
     pub async fn take(http: &reqwest::Client, urls: &[String]) -> Self {
-        let mut reading = Self {
-            series: vec![Histogram::default(); SERIES.len()],
-            unread: 0,
-        };
+        let mut reading = Self::empty();
         for url in urls {
             let text = async {
                 http.get(format!("{url}/metrics"))
@@ -158,6 +163,14 @@ impl Reading {
             }
         }
         reading
+    }
+
+    fn empty() -> Self {
+        Self {
+            series: vec![Histogram::default(); SERIES.len()],
+            writes: Default::default(),
+            unread: 0,
+        }
     }
 
     /// Adds one pod's exposition (Prometheus text format) to the sums. The
@@ -181,6 +194,18 @@ impl Reading {
                     (k == key).then(|| v.trim_matches('"'))
                 })
             };
+            let frames = match name {
+                "chat_fanout_writes_total" => Some(false),
+                "chat_fanout_written_frames_total" => Some(true),
+                _ => None,
+            };
+            if let Some(frames) = frames {
+                if let Some(path) = WRITE_PATHS.iter().position(|p| label("path") == Some(p)) {
+                    let sums = &mut self.writes[path];
+                    *(if frames { &mut sums.1 } else { &mut sums.0 }) += value;
+                }
+                continue;
+            }
             for (i, series) in SERIES.iter().enumerate() {
                 let Some(part) = name.strip_prefix(series.metric) else {
                     continue;
@@ -225,6 +250,23 @@ impl Reading {
                 Value::Null
             };
         }
+        out["fanout_writes"] = if unread == 0 {
+            let mut paths = json!({});
+            for (path, (now, then)) in WRITE_PATHS
+                .iter()
+                .zip(self.writes.iter().zip(&before.writes))
+            {
+                let (writes, frames) = (now.0 - then.0, now.1 - then.1);
+                paths[*path] = json!({
+                    "writes": writes.round() as u64,
+                    "frames": frames.round() as u64,
+                    "frames_per_write": (writes >= 1.0).then(|| (frames / writes * 100.0).round() / 100.0),
+                });
+            }
+            paths
+        } else {
+            Value::Null
+        };
         out
     }
 }
@@ -247,12 +289,22 @@ pub fn summary(view: &Value) -> String {
             None => format!("{label}: none"),
         }
     };
+    let writes = |path: &str| {
+        let path_writes = &view["fanout_writes"][path];
+        match path_writes["frames_per_write"].as_f64() {
+            Some(each) => format!("{path} {} ({each:.2} frames each)", path_writes["writes"]),
+            None => format!("{path} none"),
+        }
+    };
     format!(
-        "the servers' own time (their /metrics over the phase): {}; {}; {}; {}",
+        "the servers' own time (their /metrics over the phase): {}; {}; {}; {}; fan-out writes: {}, {}, {}",
         part("send_to_ack", "send→ack"),
         part("rate_limit_check", "rate limit check"),
         part("append", "append"),
         part("loop_lag", "runtime lag"),
+        writes("direct"),
+        writes("deferred"),
+        writes("session"),
     )
 }
 
@@ -274,20 +326,21 @@ mod tests {
              chat_send_ack_seconds_count{{transport=\"ws\"}} {all}\n\
              chat_db_query_seconds_bucket{{op=\"history\",le=\"0.005\"}} 7\n\
              chat_db_query_seconds_sum{{op=\"history\"}} 0.01\n\
-             chat_db_query_seconds_count{{op=\"history\"}} 7\n"
+             chat_db_query_seconds_count{{op=\"history\"}} 7\n\
+             chat_fanout_writes_total{{path=\"direct\"}} {all}\n\
+             chat_fanout_written_frames_total{{path=\"direct\"}} {all}\n\
+             chat_fanout_writes_total{{path=\"session\"}} {fast}\n\
+             chat_fanout_written_frames_total{{path=\"session\"}} {frames}\n",
+            frames = 3 * ack_fast,
         )
     }
 
     #[test]
     fn a_phase_is_what_the_pods_counted_between_two_readings() {
-        let mut before = Reading {
-            series: vec![Histogram::default(); SERIES.len()],
-            unread: 0,
-        };
+        let mut before = Reading::empty();
         before.add(&exposition(10, 0, 0.02));
         before.add(&exposition(5, 0, 0.01));
-        let mut after = before.clone();
-        after.series = vec![Histogram::default(); SERIES.len()];
+        let mut after = Reading::empty();
         // Since then: pod one answered 90 more within 5 ms and 10 within
         // 50 ms, pod two none.
         after.add(&exposition(100, 10, 0.02 + 0.09 + 0.3));
@@ -306,6 +359,19 @@ mod tests {
         assert_eq!(view["append"], json!({"count": 0}));
         assert_eq!(view["pods_unread"], 0);
         assert!(summary(&view).contains("send→ack mean 3.9 ms (p50 ≤ 5.0, p99 ≤ 50.0 ms)"));
+        // The fan-out's writes, by path: pod one wrote 100 more directly, one
+        // frame each, and its sessions 90 more, three frames each.
+        assert_eq!(
+            view["fanout_writes"],
+            json!({
+                "direct": {"writes": 100, "frames": 100, "frames_per_write": 1.0},
+                "deferred": {"writes": 0, "frames": 0, "frames_per_write": null},
+                "session": {"writes": 90, "frames": 270, "frames_per_write": 3.0},
+            })
+        );
+        assert!(summary(&view).contains(
+            "fan-out writes: direct 100 (1.00 frames each), deferred none, session 90 (3.00 frames each)"
+        ));
     }
 
     #[tokio::test]
