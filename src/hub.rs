@@ -12,10 +12,8 @@
 //!   messages in strictly increasing `seq` order with no gap, however the
 //!   events arrived.
 //! - **serialises each event once** and hands the same bytes to every
-//!   connection: written to its socket at once when its session is parked
-//!   (while the pod is busy, on the flusher's next turn, together with what
-//!   else arrives for it meanwhile), or put in its bounded outbound queue
-//!   (see `outbox.rs`). A connection
+//!   connection: written to its socket at once when its session is parked,
+//!   or put in its bounded outbound queue (see `outbox.rs`). A connection
 //!   whose queue is full is closed as too slow (4008) rather than slowing
 //!   the room down.
 //! - **batches big rooms when the pod falls behind** ([`Coalescing`]): a
@@ -48,7 +46,7 @@ use crate::{
     bus::{Bus, Event, WireMessage},
     domain::{RoomId, UserId},
     error::ChatError,
-    outbox::{Outbox, Pushed, ToParked},
+    outbox::{Outbox, Pushed},
     protocol::ServerFrame,
     store::{Page, Store},
 };
@@ -125,61 +123,6 @@ pub struct Coalescing {
     pub lag: Duration,
 }
 
-/// The connections whose frames a busy pod deferred ([`ToParked::Defer`]),
-/// and the one task that writes them: while the pod is busy, a parked
-/// session's frames wait for this task's next turn instead of each waking
-/// the session, and go out together in one write.
-struct Flusher {
-    due: Mutex<Vec<Arc<Connection>>>,
-    wake: Arc<Notify>,
-}
-
-impl Flusher {
-    /// Starts the task; it ends once the hub is dropped.
-    fn start() -> Arc<Self> {
-        let wake = Arc::new(Notify::new());
-        let flusher = Arc::new(Self {
-            due: Mutex::new(Vec::new()),
-            wake: Arc::clone(&wake),
-        });
-        let weak = Arc::downgrade(&flusher);
-        tokio::spawn(async move {
-            loop {
-                wake.notified().await;
-                let Some(flusher) = weak.upgrade() else {
-                    return;
-                };
-                flusher.flush();
-            }
-        });
-        flusher
-    }
-
-    fn add(&self, conn: &Arc<Connection>) {
-        let mut due = self.due.lock().expect("flusher lock");
-        due.push(Arc::clone(conn));
-        if due.len() == 1 {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Writes what is due, each connection's frames in one write.
-    fn flush(&self) {
-        let due = std::mem::take(&mut *self.due.lock().expect("flusher lock"));
-        let (mut writes, mut frames) = (0, 0);
-        for conn in due {
-            let written = conn.outbox.flush_deferred();
-            if written > 0 {
-                writes += 1;
-                frames += written;
-            }
-        }
-        crate::telemetry::per_message()
-            .deferred_writes
-            .record_many(writes, frames);
-    }
-}
-
 struct HubRoom {
     /// Set once the bus watches the room and `delivered` is initialised.
     ready: OnceCell<()>,
@@ -187,7 +130,7 @@ struct HubRoom {
 }
 
 impl HubRoom {
-    fn new(coalescing: Coalescing, flusher: Arc<Flusher>) -> Arc<Self> {
+    fn new(coalescing: Coalescing) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             ready: OnceCell::new(),
             state: Mutex::new(RoomState {
@@ -199,7 +142,6 @@ impl HubRoom {
                 connections: Vec::new(),
                 fan_out: FanOut {
                     room: this.clone(),
-                    flusher,
                     coalescing,
                     held: Vec::new(),
                     last: None,
@@ -229,8 +171,6 @@ struct RoomState {
 struct FanOut {
     /// The room itself, for the task that flushes what is held.
     room: Weak<HubRoom>,
-    /// Writes what a busy pod deferred.
-    flusher: Arc<Flusher>,
     coalescing: Coalescing,
     /// Frames waiting for the flush, oldest first.
     held: Vec<Frame>,
@@ -264,15 +204,6 @@ pub struct Hub {
     /// the other order).
     gap_wait: Duration,
     coalescing: Coalescing,
-    flusher: Arc<Flusher>,
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        // Its task holds it only while flushing: woken, it finds the hub
-        // gone and ends.
-        self.flusher.wake.notify_one();
-    }
 }
 
 /// How long a room keeps batching after its last late message: batching
@@ -300,7 +231,6 @@ impl Hub {
             watching: tokio::sync::Mutex::new(()),
             gap_wait,
             coalescing,
-            flusher: Flusher::start(),
         })
     }
 
@@ -318,7 +248,7 @@ impl Hub {
                     .lock()
                     .expect("hub lock")
                     .entry(room_id.clone())
-                    .or_insert_with(|| HubRoom::new(self.coalescing, Arc::clone(&self.flusher))),
+                    .or_insert_with(|| HubRoom::new(self.coalescing)),
             );
             if let Err(err) = room
                 .ready
@@ -637,11 +567,7 @@ impl RoomState {
         let big = !linger.is_zero() && self.connections.len() >= min_connections;
         if !big && fan_out.held.is_empty() {
             // A small room (the common case) never holds: no clock to read.
-            push(
-                &mut self.connections,
-                std::slice::from_ref(&frame),
-                &fan_out.flusher,
-            );
+            push(&mut self.connections, std::slice::from_ref(&frame));
             return;
         }
         let now = Instant::now();
@@ -660,11 +586,7 @@ impl RoomState {
             || (big && behind && fan_out.last.is_some_and(|at| now < at + linger));
         if !hold {
             fan_out.last = Some(now);
-            push(
-                &mut self.connections,
-                std::slice::from_ref(&frame),
-                &fan_out.flusher,
-            );
+            push(&mut self.connections, std::slice::from_ref(&frame));
             return;
         }
         fan_out.held.push(frame);
@@ -691,7 +613,7 @@ impl RoomState {
         }
         self.fan_out.last = Some(Instant::now());
         let held = std::mem::take(&mut self.fan_out.held);
-        push(&mut self.connections, &held, &self.fan_out.flusher);
+        push(&mut self.connections, &held);
     }
 }
 
@@ -701,14 +623,10 @@ impl RoomState {
 /// finds several frames and writes them together); any other has them
 /// queued. A connection whose queue cannot take them is closed as too
 /// slow (4008) and dropped.
-fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame], flusher: &Flusher) {
+fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
     let mut deliveries = 0;
     let (mut direct_writes, mut direct_frames) = (0, 0);
-    let to_parked = if crate::telemetry::runtime_busy() {
-        ToParked::Defer
-    } else {
-        ToParked::Write
-    };
+    let direct = !crate::telemetry::runtime_busy();
     connections.retain(|conn| {
         let theirs = frames
             .iter()
@@ -718,16 +636,12 @@ fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame], flusher: &Flus
         }
         match conn
             .outbox
-            .push(theirs.clone().map(|frame| &frame.bytes), to_parked)
+            .push(theirs.clone().map(|frame| &frame.bytes), direct)
         {
-            pushed @ (Pushed::Written | Pushed::Queued | Pushed::Deferred) => {
-                match pushed {
-                    Pushed::Written => {
-                        direct_writes += 1;
-                        direct_frames += theirs.clone().count();
-                    }
-                    Pushed::Deferred => flusher.add(conn),
-                    _ => {}
+            pushed @ (Pushed::Written | Pushed::Queued) => {
+                if pushed == Pushed::Written {
+                    direct_writes += 1;
+                    direct_frames += theirs.clone().count();
                 }
                 deliveries += theirs.filter(|frame| frame.message).count() as u64;
                 true
@@ -757,9 +671,8 @@ mod tests {
     use super::*;
     use crate::{
         bus::{WireUser, local::LocalBus},
-        outbox::{WriteNow, Writer},
         store::{metered::MeteredStore, sqlite::SqliteStore},
-        testing::{RecordingSocket, new_message, public_room},
+        testing::{new_message, public_room},
     };
 
     const LINGER: Duration = Duration::from_millis(10);
@@ -1105,66 +1018,5 @@ mod tests {
         room.message(3);
         advance(LINGER * 2).await;
         assert_eq!(room.received(), each(4, &["body 3"]));
-    }
-
-    #[tokio::test]
-    async fn the_flusher_writes_what_a_busy_pod_deferred_one_write_per_connection() {
-        let flusher = Flusher::start();
-        let sockets: Vec<_> = (0..2)
-            .map(|_| RecordingSocket::answering(WriteNow::Done))
-            .collect();
-        let connections: Vec<_> = sockets
-            .iter()
-            .enumerate()
-            .map(|(n, socket)| {
-                let conn = Arc::new(Connection {
-                    id: n as u64,
-                    user_id: UserId::parse(&format!("u{n}")).unwrap(),
-                    outbox: Outbox::with_writer(64, Arc::clone(socket) as Arc<dyn Writer>),
-                    closer: Closer::default(),
-                });
-                // Its session waits with nothing of its own to write.
-                let cx = &mut std::task::Context::from_waker(std::task::Waker::noop());
-                assert!(conn.outbox.poll_park(cx).is_pending());
-                conn
-            })
-            .collect();
-        let frame = |text: &str| Utf8Bytes::from(text.to_owned());
-        let (a, b, c) = (frame("a"), frame("b"), frame("c"));
-        // Two events while the pod is busy, before the flusher's turn.
-        for event in [&a, &b] {
-            for conn in &connections {
-                match conn.outbox.push(std::iter::once(event), ToParked::Defer) {
-                    Pushed::Deferred => flusher.add(conn),
-                    other => assert_eq!(other, Pushed::Queued),
-                }
-            }
-        }
-        assert!(
-            sockets.iter().all(|s| s.writes().is_empty()),
-            "nothing written yet"
-        );
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while sockets.iter().any(|s| s.writes().is_empty()) {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the flusher wrote");
-        for socket in &sockets {
-            assert_eq!(
-                socket.writes(),
-                [vec!["a", "b"]],
-                "both events in one write"
-            );
-        }
-        // Flushed: the pod no longer busy, the next event is written at once.
-        assert_eq!(
-            connections[0]
-                .outbox
-                .push(std::iter::once(&c), ToParked::Write),
-            Pushed::Written
-        );
-        assert_eq!(sockets[0].writes(), [vec!["a", "b"], vec!["c"]]);
     }
 }

@@ -22,14 +22,6 @@
 //! The session decides when it is parked (see [`Outbox::poll_park`]), so
 //! frames still follow everything it writes itself (its `ready`, replay,
 //! answers) in the order it means.
-//!
-//! A busy pod defers instead ([`ToParked::Defer`]): the frames for a parked
-//! session are queued without waking it, and the pusher arranges for one
-//! [`Outbox::flush_deferred`] (the hub's flusher, one task for every
-//! connection), which writes them, and whatever queued behind them
-//! meanwhile, in one write. Frames that wait for a turn pile up, so a busy
-//! pod writes several per system call, without a task's wake and poll per
-//! connection.
 
 use std::{
     collections::VecDeque,
@@ -77,10 +69,6 @@ struct State {
     /// A frame was handed to `writer` but not all of it left: the session
     /// must flush before it parks again.
     owed: bool,
-    /// Frames were queued for the parked session without waking it, and
-    /// [`Outbox::flush_deferred`] is due: until it runs, frames for the
-    /// parked session queue behind them.
-    deferred: bool,
     writer: Option<Arc<dyn Writer>>,
 }
 
@@ -105,20 +93,8 @@ impl std::fmt::Debug for State {
             .field("closed", &self.closed)
             .field("wait", &self.wait)
             .field("owed", &self.owed)
-            .field("deferred", &self.deferred)
             .finish_non_exhaustive()
     }
-}
-
-/// What [`Outbox::push`] does with frames for a parked session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ToParked {
-    /// Writes them to its socket at once.
-    Write,
-    /// Queues them without waking the session, for one
-    /// [`Outbox::flush_deferred`] to write with whatever else comes
-    /// meanwhile.
-    Defer,
 }
 
 /// What became of pushed frames.
@@ -127,10 +103,6 @@ pub enum Pushed {
     /// Handed to the connection's socket.
     Written,
     Queued,
-    /// Queued for the parked session without waking it: the pusher must
-    /// see that [`Outbox::flush_deferred`] runs soon. (Frames queued behind
-    /// them while that flush is due are `Queued`.)
-    Deferred,
     /// The queue has no room for them (it holds up to `capacity` frames):
     /// the reader is too slow.
     Full,
@@ -164,10 +136,10 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands `frames` to a parked session's socket as `to_parked` says,
-    /// or queues them and wakes the session. All or none: frames that do
-    /// not all fit in the queue are refused together.
-    pub fn push<'a, I>(&self, frames: I, to_parked: ToParked) -> Pushed
+    /// Hands `frames` to the socket in one write when `direct` and the
+    /// session is parked, or queues them and wakes the session. All or
+    /// none: frames that do not all fit in the queue are refused together.
+    pub fn push<'a, I>(&self, frames: I, direct: bool) -> Pushed
     where
         I: Iterator<Item = &'a Utf8Bytes> + Clone,
     {
@@ -175,19 +147,10 @@ impl Outbox {
         if state.closed {
             return Pushed::Closed;
         }
-        let parked = state.wait == Wait::Parked && state.writer.is_some();
-        if parked && (state.deferred || to_parked == ToParked::Defer) {
-            if state.frames.len() + frames.clone().count() > self.capacity {
-                return Pushed::Full;
-            }
-            state.frames.extend(frames.cloned());
-            return if std::mem::replace(&mut state.deferred, true) {
-                Pushed::Queued
-            } else {
-                Pushed::Deferred
-            };
-        }
-        if parked && let Some(writer) = &state.writer {
+        if direct
+            && state.wait == Wait::Parked
+            && let Some(writer) = &state.writer
+        {
             // Parked: nothing is queued or owed, the session is not writing.
             match writer.write_now(&mut frames.clone().map(|f| f.as_bytes())) {
                 WriteNow::Done => return Pushed::Written,
@@ -250,38 +213,6 @@ impl Outbox {
         std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 
-    /// Writes what was queued for the parked session by
-    /// [`ToParked::Defer`], in one write; returns how many frames were
-    /// written. A session that is no longer parked has been woken and
-    /// writes them itself.
-    pub fn flush_deferred(&self) -> usize {
-        let mut guard = self.state();
-        let state = &mut *guard;
-        if !std::mem::take(&mut state.deferred)
-            || state.wait != Wait::Parked
-            || state.frames.is_empty()
-        {
-            return 0;
-        }
-        let Some(writer) = &state.writer else {
-            return 0;
-        };
-        match writer.write_now(&mut state.frames.iter().map(|f| f.as_bytes())) {
-            WriteNow::Done => {}
-            WriteNow::Owed => {
-                state.owed = true;
-                state.wake();
-            }
-            WriteNow::Busy => {
-                state.wake();
-                return 0;
-            }
-        }
-        let written = state.frames.len();
-        state.frames = VecDeque::new();
-        written
-    }
-
     /// Takes up to `max` frames, oldest first, under one lock; returns how
     /// many.
     pub fn take(&self, max: usize, mut each: impl FnMut(Utf8Bytes)) -> usize {
@@ -331,7 +262,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::testing::RecordingSocket;
 
     fn frame(text: &str) -> Utf8Bytes {
         Utf8Bytes::from(text.to_owned())
@@ -339,7 +269,7 @@ mod tests {
 
     fn push(outbox: &Outbox, texts: &[&str]) -> Pushed {
         let frames: Vec<Utf8Bytes> = texts.iter().map(|t| frame(t)).collect();
-        outbox.push(frames.iter(), ToParked::Write)
+        outbox.push(frames.iter(), true)
     }
 
     fn taken(outbox: &Outbox, max: usize) -> Vec<String> {
@@ -453,10 +383,42 @@ mod tests {
         assert_eq!(taken(&outbox, 1), ["x"]);
     }
 
+    /// A socket that answers as told and records what it took.
+    struct Socket {
+        answer: Mutex<WriteNow>,
+        writes: Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Socket {
+        fn answering(answer: WriteNow) -> Arc<Self> {
+            Arc::new(Self {
+                answer: Mutex::new(answer),
+                writes: Mutex::default(),
+            })
+        }
+
+        fn writes(&self) -> Vec<Vec<String>> {
+            self.writes.lock().unwrap().clone()
+        }
+    }
+
+    impl Writer for Socket {
+        fn write_now(&self, payloads: &mut dyn Iterator<Item = &[u8]>) -> WriteNow {
+            let answer = *self.answer.lock().unwrap();
+            if answer != WriteNow::Busy {
+                let texts = payloads
+                    .map(|p| String::from_utf8(p.to_vec()).unwrap())
+                    .collect();
+                self.writes.lock().unwrap().push(texts);
+            }
+            answer
+        }
+    }
+
     /// An outbox of 10 on a socket answering `answer`, and its session's
     /// waker.
-    fn on_socket(answer: WriteNow) -> (Arc<RecordingSocket>, Outbox, Arc<Counting>, Waker) {
-        let socket = RecordingSocket::answering(answer);
+    fn on_socket(answer: WriteNow) -> (Arc<Socket>, Outbox, Arc<Counting>, Waker) {
+        let socket = Socket::answering(answer);
         let outbox = Outbox::with_writer(10, Arc::clone(&socket) as Arc<dyn Writer>);
         let (count, waker) = counting();
         (socket, outbox, count, waker)
@@ -505,83 +467,15 @@ mod tests {
         assert_eq!(taken(&outbox, 10), ["a"]);
     }
 
-    fn defer(outbox: &Outbox, texts: &[&str]) -> Pushed {
-        let frames: Vec<Utf8Bytes> = texts.iter().map(|t| frame(t)).collect();
-        outbox.push(frames.iter(), ToParked::Defer)
-    }
-
     #[test]
-    fn a_busy_pod_defers_a_parked_sessions_frames_to_one_write() {
+    fn a_busy_pod_queues_even_for_a_parked_session() {
         let (socket, outbox, count, waker) = on_socket(WriteNow::Done);
         assert!(poll(&outbox, &waker, true).is_pending());
-        assert_eq!(defer(&outbox, &["a", "b"]), Pushed::Deferred);
-        // The flush is due already: what follows queues behind, even when
-        // the pod is no longer busy.
-        assert_eq!(defer(&outbox, &["c"]), Pushed::Queued);
-        assert_eq!(push(&outbox, &["d"]), Pushed::Queued);
+        let frames = [frame("a"), frame("b")];
+        assert_eq!(outbox.push(frames.iter(), false), Pushed::Queued);
         assert!(socket.writes().is_empty());
-        assert_eq!(wakes(&count), 0, "the session was not woken");
-
-        assert_eq!(outbox.flush_deferred(), 4);
-        assert_eq!(socket.writes(), [vec!["a", "b", "c", "d"]]);
-        assert_eq!(outbox.flush_deferred(), 0, "one flush per deferral");
-        assert!(poll(&outbox, &waker, true).is_pending(), "nothing queued");
-        // Flushed: the next frame is written at once again.
-        assert_eq!(push(&outbox, &["e"]), Pushed::Written);
-        assert_eq!(wakes(&count), 0);
-    }
-
-    #[test]
-    fn deferred_frames_go_with_the_session_when_it_wakes_first() {
-        let (socket, outbox, count, waker) = on_socket(WriteNow::Done);
-        assert!(poll(&outbox, &waker, true).is_pending());
-        assert_eq!(defer(&outbox, &["a"]), Pushed::Deferred);
-        // Woken by something else (its client's frame): it takes the queue
-        // itself, before what it writes next.
-        outbox.unpark();
-        assert!(poll(&outbox, &waker, true).is_ready());
-        assert_eq!(taken(&outbox, 10), ["a"]);
-        assert_eq!(outbox.flush_deferred(), 0);
-        assert!(socket.writes().is_empty());
-        assert_eq!(wakes(&count), 0);
-        // A session that is not parked is woken for frames, as ever.
-        assert_eq!(defer(&outbox, &["b"]), Pushed::Queued);
         assert_eq!(wakes(&count), 1);
-    }
-
-    #[test]
-    fn a_deferred_flush_that_finds_the_socket_in_use_wakes_the_session() {
-        let (socket, outbox, count, waker) = on_socket(WriteNow::Busy);
-        assert!(poll(&outbox, &waker, true).is_pending());
-        assert_eq!(defer(&outbox, &["a"]), Pushed::Deferred);
-        assert_eq!(outbox.flush_deferred(), 0);
-        assert_eq!(wakes(&count), 1);
-        assert!(poll(&outbox, &waker, true).is_ready());
-        assert_eq!(taken(&outbox, 10), ["a"]);
-        assert!(socket.writes().is_empty());
-    }
-
-    #[test]
-    fn a_deferred_flush_the_socket_takes_in_part_leaves_the_rest_to_the_session() {
-        let (socket, outbox, count, waker) = on_socket(WriteNow::Owed);
-        assert!(poll(&outbox, &waker, true).is_pending());
-        assert_eq!(defer(&outbox, &["a", "b"]), Pushed::Deferred);
-        assert_eq!(outbox.flush_deferred(), 2);
-        assert_eq!(socket.writes(), [vec!["a", "b"]]);
-        assert_eq!(wakes(&count), 1, "woken to flush the rest");
-        assert!(poll(&outbox, &waker, true).is_ready());
-        assert!(taken(&outbox, 10).is_empty());
-    }
-
-    #[test]
-    fn deferred_frames_that_do_not_fit_are_refused() {
-        let (_socket, outbox, _count, waker) = on_socket(WriteNow::Done);
-        assert!(poll(&outbox, &waker, true).is_pending());
-        let eleven: Vec<String> = (0..11).map(|i| i.to_string()).collect();
-        let eleven: Vec<&str> = eleven.iter().map(String::as_str).collect();
-        assert_eq!(defer(&outbox, &eleven), Pushed::Full);
-        assert_eq!(defer(&outbox, &eleven[..10]), Pushed::Deferred);
-        assert_eq!(defer(&outbox, &["x"]), Pushed::Full);
+        assert_eq!(taken(&outbox, 10), ["a", "b"]);
     }
 
     #[test]
@@ -591,7 +485,7 @@ mod tests {
         assert_eq!(push(&outbox, &["a"]), Pushed::Queued);
         assert_eq!(wakes(&count), 1);
         // No longer parked: the next frame queues behind without asking.
-        socket.answer(WriteNow::Done);
+        *socket.answer.lock().unwrap() = WriteNow::Done;
         assert_eq!(push(&outbox, &["b"]), Pushed::Queued);
         assert!(socket.writes().is_empty());
         assert_eq!(taken(&outbox, 10), ["a", "b"]);
@@ -608,7 +502,7 @@ mod tests {
         assert!(poll(&outbox, &waker, true).is_ready());
         assert_eq!(taken(&outbox, 10), ["b"]);
         // Owed with nothing queued is still a reason to run, once.
-        socket.answer(WriteNow::Owed);
+        *socket.answer.lock().unwrap() = WriteNow::Owed;
         assert!(poll(&outbox, &waker, true).is_pending());
         assert_eq!(push(&outbox, &["c"]), Pushed::Written);
         assert!(poll(&outbox, &waker, true).is_ready());

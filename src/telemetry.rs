@@ -424,10 +424,10 @@ static RUNTIME_BUSY: AtomicBool = AtomicBool::new(false);
 
 /// Whether the runtime got to the last probe at least [`BUSY_LAG`] late:
 /// every ready task waits about that long for its turn. The hub then
-/// defers the frames for idle connections to its flusher's next turn
-/// instead of writing each at once, since frames that wait that long pile
-/// up and leave together (one system call for several), which is how a
-/// busy pod catches up. Without the probe running (tests of the hub on
+/// queues frames for their sessions instead of writing them itself, since
+/// a session that waits that long for its turn finds more frames queued
+/// and writes them together (one system call for several), which is how
+/// a busy pod catches up. Without the probe running (tests of the hub on
 /// their own), never busy.
 pub fn runtime_busy() -> bool {
     RUNTIME_BUSY.load(Ordering::Relaxed)
@@ -488,12 +488,10 @@ pub struct PerMessage {
     pub send_check_seconds: metrics::Histogram,
     /// `chat_db_query_seconds{op="append"}`.
     pub append_seconds: metrics::Histogram,
-    /// Fan-out writes by the hub, to idle connections.
+    /// Fan-out writes by the hub, at once, to idle connections.
     pub direct_writes: FanOutWrites,
     /// Fan-out writes by sessions, of what was queued for them.
     pub session_writes: FanOutWrites,
-    /// Fan-out writes of what a busy pod deferred for idle connections.
-    pub deferred_writes: FanOutWrites,
 }
 
 /// `chat_fanout_writes_total` and `chat_fanout_written_frames_total` of
@@ -565,7 +563,6 @@ pub fn per_message() -> &'static PerMessage {
                         append_seconds: metrics::histogram!("chat_db_query_seconds", "op" => "append"),
                         direct_writes: FanOutWrites::register("direct"),
                         session_writes: FanOutWrites::register("session"),
-                        deferred_writes: FanOutWrites::register("deferred"),
                     }
                 })
                 .join()

@@ -9,7 +9,6 @@ use time::OffsetDateTime;
 
 use crate::{
     domain::{ClientId, Message, Room, RoomId, RoomKind, User, UserId},
-    outbox::{WriteNow, Writer},
     redis_conn::{self, RedisConn},
     store::{NewMessage, Page, Store},
 };
@@ -155,44 +154,5 @@ impl Drop for PgSchema {
             })
         })
         .join();
-    }
-}
-
-/// A connection's socket for the hub's direct writes that answers as told
-/// and records what it took, one entry per write.
-pub struct RecordingSocket {
-    answer: std::sync::Mutex<WriteNow>,
-    writes: std::sync::Mutex<Vec<Vec<String>>>,
-}
-
-impl RecordingSocket {
-    pub fn answering(answer: WriteNow) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self {
-            answer: std::sync::Mutex::new(answer),
-            writes: std::sync::Mutex::default(),
-        })
-    }
-
-    /// How it answers from now on.
-    pub fn answer(&self, answer: WriteNow) {
-        *self.answer.lock().unwrap() = answer;
-    }
-
-    /// The frames of each write so far.
-    pub fn writes(&self) -> Vec<Vec<String>> {
-        self.writes.lock().unwrap().clone()
-    }
-}
-
-impl Writer for RecordingSocket {
-    fn write_now(&self, payloads: &mut dyn Iterator<Item = &[u8]>) -> WriteNow {
-        let answer = *self.answer.lock().unwrap();
-        if answer != WriteNow::Busy {
-            let texts = payloads
-                .map(|p| String::from_utf8(p.to_vec()).unwrap())
-                .collect();
-            self.writes.lock().unwrap().push(texts);
-        }
-        answer
     }
 }

@@ -53,9 +53,8 @@ const SERIES: &[Series] = &[
 ];
 
 /// The fan-out's writes, by path (`path` label of both counters): the
-/// hub's to idle connections at once, the hub's of what a busy pod
-/// deferred for them, and the sessions' of what was queued.
-const WRITE_PATHS: [&str; 3] = ["direct", "deferred", "session"];
+/// hub's to idle connections, and the sessions' of what was queued.
+const WRITE_PATHS: [&str; 2] = ["direct", "session"];
 
 /// Bounds whose share is reported (they are bucket bounds), in ms.
 const WITHIN_MS: [u32; 3] = [5, 20, 50];
@@ -297,13 +296,12 @@ pub fn summary(view: &Value) -> String {
         }
     };
     format!(
-        "the servers' own time (their /metrics over the phase): {}; {}; {}; {}; fan-out writes: {}, {}, {}",
+        "the servers' own time (their /metrics over the phase): {}; {}; {}; {}; fan-out writes: {}, {}",
         part("send_to_ack", "send→ack"),
         part("rate_limit_check", "rate limit check"),
         part("append", "append"),
         part("loop_lag", "runtime lag"),
         writes("direct"),
-        writes("deferred"),
         writes("session"),
     )
 }
@@ -365,12 +363,11 @@ mod tests {
             view["fanout_writes"],
             json!({
                 "direct": {"writes": 100, "frames": 100, "frames_per_write": 1.0},
-                "deferred": {"writes": 0, "frames": 0, "frames_per_write": null},
                 "session": {"writes": 90, "frames": 270, "frames_per_write": 3.0},
             })
         );
         assert!(summary(&view).contains(
-            "fan-out writes: direct 100 (1.00 frames each), deferred none, session 90 (3.00 frames each)"
+            "fan-out writes: direct 100 (1.00 frames each), session 90 (3.00 frames each)"
         ));
     }
 
