@@ -634,15 +634,15 @@ fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
         if theirs.clone().next().is_none() {
             return true;
         }
-        match conn
+        let pushed = conn
             .outbox
-            .push(theirs.clone().map(|frame| &frame.bytes), direct)
-        {
-            pushed @ (Pushed::Written | Pushed::Queued) => {
-                if pushed == Pushed::Written {
-                    direct_writes += 1;
-                    direct_frames += theirs.clone().count();
-                }
+            .push(theirs.clone().map(|frame| &frame.bytes), direct);
+        if pushed == Pushed::Written {
+            direct_writes += 1;
+            direct_frames += theirs.clone().count();
+        }
+        match pushed {
+            Pushed::Written | Pushed::Queued => {
                 deliveries += theirs.filter(|frame| frame.message).count() as u64;
                 true
             }

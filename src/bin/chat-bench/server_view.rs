@@ -136,8 +136,8 @@ impl Histogram {
 pub struct Reading {
     series: Vec<Histogram>,
     /// Per path of [`WRITE_PATHS`]: the fan-out's writes and the frames
-    /// they carried, summed over pods.
-    writes: [(f64, f64); WRITE_PATHS.len()],
+    /// they carried (in that order), summed over pods.
+    writes: [[f64; 2]; WRITE_PATHS.len()],
     /// Pods whose `/metrics` could not be read.
     unread: usize,
 }
@@ -193,15 +193,14 @@ impl Reading {
                     (k == key).then(|| v.trim_matches('"'))
                 })
             };
-            let frames = match name {
-                "chat_fanout_writes_total" => Some(false),
-                "chat_fanout_written_frames_total" => Some(true),
+            let column = match name {
+                "chat_fanout_writes_total" => Some(0),
+                "chat_fanout_written_frames_total" => Some(1),
                 _ => None,
             };
-            if let Some(frames) = frames {
+            if let Some(column) = column {
                 if let Some(path) = WRITE_PATHS.iter().position(|p| label("path") == Some(p)) {
-                    let sums = &mut self.writes[path];
-                    *(if frames { &mut sums.1 } else { &mut sums.0 }) += value;
+                    self.writes[path][column] += value;
                 }
                 continue;
             }
@@ -255,7 +254,7 @@ impl Reading {
                 .iter()
                 .zip(self.writes.iter().zip(&before.writes))
             {
-                let (writes, frames) = (now.0 - then.0, now.1 - then.1);
+                let (writes, frames) = (now[0] - then[0], now[1] - then[1]);
                 paths[*path] = json!({
                     "writes": writes.round() as u64,
                     "frames": frames.round() as u64,
