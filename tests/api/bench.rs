@@ -228,6 +228,70 @@ async fn every_scenario_runs_and_reports() {
         "{fanout}"
     );
 
+    // The same in two generator processes, merged into one report: each
+    // process has two of the four rooms and their senders, and every
+    // delivery of either is in the merged counts and histograms.
+    let split = bench(
+        &addr,
+        &[
+            "fanout",
+            "--generators",
+            "2",
+            "--rooms",
+            "4",
+            "--members",
+            "3",
+            "--senders",
+            "4",
+            "--rate",
+            "40",
+            "--duration",
+            "500ms",
+        ],
+    )
+    .await;
+    assert_eq!(split["generator"]["processes"], 2, "{split}");
+    assert_eq!(split["setup"].as_array().unwrap().len(), 2, "{split}");
+    let result = &split["result"];
+    assert_eq!(result["target_rate"], 40.0, "{split}");
+    let (sent, acked) = (
+        result["sent"].as_u64().unwrap(),
+        result["acked"].as_u64().unwrap(),
+    );
+    assert!(sent > 0 && sent <= 20 && acked == sent, "{split}");
+    assert_eq!(result["expected"], acked * 3, "{split}");
+    assert_eq!(result["delivered"], result["expected"], "{split}");
+    assert_eq!(result["loss"], 0, "{split}");
+    assert_eq!(
+        result["send_to_delivery"]["count"], result["delivered"],
+        "{split}"
+    );
+    assert_eq!(result["send_to_ack"]["count"], result["acked"], "{split}");
+    assert!(result.get("shard").is_none(), "{split}");
+    assert_eq!(
+        result["generator_loop_lag_by_process"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // A split the merge cannot honour is refused before anything starts.
+    for (args, says) in [
+        (
+            &["fanout", "--generators", "2", "--find-max"][..],
+            "--find-max",
+        ),
+        (&["fanout", "--generators", "3", "--rooms", "2"], "--rooms"),
+        (&["idle", "--generators", "2"], "fanout only"),
+    ] {
+        let mut command = chat_bench();
+        command
+            .env("JWT_SECRET", SECRET)
+            .args(["--url", &format!("http://{addr}")]);
+        command.args(args);
+        assert_fails_saying(command, says).await;
+    }
+
     let ingest = bench(
         &addr,
         &[

@@ -16,6 +16,9 @@
 //!   send, p99 over the bound or senders that cannot keep the rate.
 //! - `ingest`: WebSocket and REST sends as fast as acks come back.
 //!
+//! `--generators N` runs a `fanout` in N processes of this program and
+//! merges their reports into one ([`generators`]).
+//!
 //! Every send carries a `client_id`, as the web client's do, so the
 //! idempotency index and the retry lookup are part of what is measured.
 //!
@@ -52,12 +55,14 @@ use tokio::sync::watch;
 
 mod arrival;
 mod cores;
+mod generators;
 mod loop_lag;
 mod loopback;
 mod member;
 mod server_view;
 
 use arrival::Stamped;
+use generators::Shard;
 use member::{Member, Reply};
 
 #[derive(Debug, Parser)]
@@ -88,6 +93,15 @@ struct Args {
     /// about a tenth more CPU (docs/benchmarks.md).
     #[arg(long, global = true)]
     arrival_stamps: bool,
+    /// Run `fanout` in this many generator processes, each with a share of
+    /// the rooms, their members and senders, and print one report merged
+    /// from theirs (`generator.processes`): for a load one process cannot
+    /// offer or read alone. They start their measured phase together.
+    #[arg(long, global = true, default_value_t = 1)]
+    generators: usize,
+    /// This process is one share of a `--generators` run (set by it).
+    #[arg(long, hide = true, value_parser = generators::parse_shard)]
+    shard: Option<Shard>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -538,6 +552,8 @@ struct Bench {
     watched: Vec<String>,
     /// `--arrival-stamps`.
     arrival_stamps: bool,
+    /// One share of a `--generators` run.
+    shard: Option<Shard>,
 }
 
 impl Bench {
@@ -606,6 +622,17 @@ fn main() -> anyhow::Result<()> {
 /// The whole run; `flavor` names the runtime it runs on, for the report.
 async fn run(flavor: &'static str) -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(args.generators >= 1, "--generators must be at least 1");
+    if args.generators > 1 && args.shard.is_none() {
+        let Scenario::Served(Served::Fanout(fanout)) = &args.scenario else {
+            anyhow::bail!("--generators applies to fanout only");
+        };
+        generators::check_split(fanout, args.generators)?;
+        let report = generators::run(args.generators).await?;
+        println!("{report}");
+        eprintln!("{}", summary(&report));
+        return Ok(());
+    }
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     let mut report = match args.scenario {
@@ -625,10 +652,15 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
                     .collect(),
                 keys: JwtKeys::new(&Secret::new(secret), &config),
                 http: reqwest::Client::new(),
-                run_id: format!("{:x}", unix_micros()),
+                // Shards start together: their rooms and users must differ.
+                run_id: match args.shard {
+                    Some(shard) => format!("{:x}g{}", unix_micros(), shard.index),
+                    None => format!("{:x}", unix_micros()),
+                },
                 pids: args.pids.clone(),
                 watched: args.watch.clone(),
                 arrival_stamps: args.arrival_stamps,
+                shard: args.shard,
             });
             let mut report = match scenario {
                 Served::Idle {
@@ -844,9 +876,15 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         max_p99_ms,
         join_concurrency,
     } = args;
+    // A `--generators` shard takes its share of the rooms and of the
+    // senders, who send to room `s % rooms`; one process takes them all.
+    let shard = bench.shard.unwrap_or(Shard { index: 0, of: 1 });
+    let room_name = |r: usize| format!("bench-{}-{r}", bench.run_id);
     let room_ids: Vec<String> = (0..rooms)
-        .map(|r| format!("bench-{}-{r}", bench.run_id))
+        .filter(|&r| shard.owns_room(r))
+        .map(room_name)
         .collect();
+    let sender_indexes = generators::senders_of(shard, rooms, senders);
     for room in &room_ids {
         bench.create_room(room).await?;
     }
@@ -871,7 +909,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             (m, member)
         });
     let mut joins = futures_util::stream::iter(joins).buffer_unordered(join_concurrency.max(1));
-    let mut n = rooms * members;
+    let mut n = room_ids.len() * members;
     while let Some((m, member)) = joins.next().await {
         let mut member = member?;
         let (counts, delivery, phase, mut stopped) = (
@@ -906,11 +944,11 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         }));
     }
     let mut sender_sockets = Vec::new();
-    for s in 0..senders.max(1) {
-        let room = &room_ids[s % rooms];
+    for &s in &sender_indexes {
+        let room = room_name(s % rooms);
         sender_sockets.push(
             bench
-                .connect(n, room, &format!("s-{}-{s}", bench.run_id))
+                .connect(n, &room, &format!("s-{}-{s}", bench.run_id))
                 .await?,
         );
         n += 1;
@@ -924,9 +962,13 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         "frames": counts.frames.load(Ordering::Relaxed),
         "cpu": setup_cpu.report(),
     });
+    if let Some(shard) = bench.shard {
+        generators::ready_then_wait(shard).await?;
+    }
 
     let mut phases = Vec::new();
-    let mut current = rate;
+    // This process's share of the rate (all of it without shards).
+    let mut current = rate * sender_indexes.len() as f64 / senders.max(1) as f64;
     let mut best: Option<f64> = None;
     let mut sockets = sender_sockets;
     loop {
@@ -1072,6 +1114,22 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             // generator's own lateness in reading it.
             result["send_to_delivery_arrival"] = percentiles(&latency.arrival);
             result["send_to_ack_arrival"] = percentiles(&ack_latency.arrival);
+        }
+        if bench.shard.is_some() {
+            // What the parent needs to merge the shards' results.
+            result["shard"] = json!({
+                "delivery": generators::histogram_to_json(&latency.read),
+                "ack": generators::histogram_to_json(&ack_latency.read),
+                "first_delivery_us": counts.first_delivery_us.load(Ordering::Relaxed),
+                "last_delivery_us": counts.last_delivery_us.load(Ordering::Relaxed),
+                "sends_ended_us": started_us + duration.as_micros() as u64,
+            });
+            if bench.arrival_stamps {
+                result["shard"]["delivery_arrival"] =
+                    generators::histogram_to_json(&latency.arrival);
+                result["shard"]["ack_arrival"] =
+                    generators::histogram_to_json(&ack_latency.arrival);
+            }
         }
         let passed = Step {
             due: current * duration.as_secs_f64(),

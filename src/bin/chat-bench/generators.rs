@@ -1,0 +1,425 @@
+//! `--generators N`: one run in several generator processes, for a load
+//! one process cannot offer or read alone.
+//!
+//! This process starts N copies of itself, each with `--shard i/N`. Shard
+//! `i` takes the rooms whose index is `i` modulo N, their members, and the
+//! senders whose room it took, at their share of the rate: the shards'
+//! rooms are disjoint, so each counts its own deliveries. Each sets up on
+//! its own and then reports ready (a line on its stdout); once all are,
+//! this process hands them one start time (a line on their stdin), so
+//! their measured phases coincide. Each then prints its report, carrying
+//! its histograms and delivery span as well (`shard`), and this process
+//! merges them into one report: counts added up, latency percentiles from
+//! the merged histograms, the rate over the union of the delivery spans,
+//! the generator's CPU summed over the processes (`generator.processes`).
+//! The servers' CPU, the cores' and the servers' own view are each
+//! shard's reading of the same servers over the same phase: the first
+//! shard's is reported.
+
+use std::{process::Stdio, time::Duration};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::{DeliverySpan, FanoutArgs, latency_histogram, percentiles, unix_micros};
+
+/// How long after the last shard reported ready the phases start: time for
+/// each to read its start line.
+const START_AFTER: Duration = Duration::from_millis(200);
+
+/// One share of a `--generators` run: `index` of `of`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub of: usize,
+}
+
+impl Shard {
+    /// Whether room `room` (its index in the run) is this shard's.
+    pub fn owns_room(self, room: usize) -> bool {
+        room % self.of == self.index
+    }
+}
+
+/// `--shard`'s `i/N`.
+pub fn parse_shard(text: &str) -> Result<Shard, String> {
+    let (index, of) = text
+        .split_once('/')
+        .ok_or_else(|| format!("expected i/N, got {text:?}"))?;
+    let parse = |n: &str| n.parse::<usize>().map_err(|e| format!("{n:?}: {e}"));
+    let shard = Shard {
+        index: parse(index)?,
+        of: parse(of)?,
+    };
+    if shard.index >= shard.of {
+        return Err(format!(
+            "shard {} of {} does not exist",
+            shard.index, shard.of
+        ));
+    }
+    Ok(shard)
+}
+
+/// The senders (their indexes) of `shard`: those whose room it owns.
+/// Sender `s` sends to room `s % rooms`.
+pub fn senders_of(shard: Shard, rooms: usize, senders: usize) -> Vec<usize> {
+    (0..senders.max(1))
+        .filter(|s| shard.owns_room(s % rooms.max(1)))
+        .collect()
+}
+
+/// Refuses a split that leaves a shard without rooms or senders, or a
+/// `fanout` option the merge cannot honour.
+pub fn check_split(args: &FanoutArgs, generators: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.find_max,
+        "--find-max decides each step from one process's results; run it with one generator"
+    );
+    anyhow::ensure!(
+        args.rooms >= generators,
+        "--generators {generators} needs at least as many rooms (--rooms {})",
+        args.rooms
+    );
+    for index in 0..generators {
+        let shard = Shard {
+            index,
+            of: generators,
+        };
+        anyhow::ensure!(
+            !senders_of(shard, args.rooms, args.senders).is_empty(),
+            "with --senders {} over --rooms {}, generator {index} of {generators} has no sender; give each generator's rooms a sender",
+            args.senders,
+            args.rooms
+        );
+    }
+    Ok(())
+}
+
+/// Announces this shard ready and waits for the start time its parent
+/// hands out; returns once that time has come.
+pub async fn ready_then_wait(shard: Shard) -> anyhow::Result<()> {
+    let mut stdout = tokio::io::stdout();
+    stdout
+        .write_all(format!("{}\n", json!({"shard_ready": shard.index})).as_bytes())
+        .await?;
+    stdout.flush().await?;
+    let mut line = String::new();
+    BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await?;
+    let start_us: u64 = line
+        .trim()
+        .parse()
+        .with_context(|| format!("a start time from the parent, got {line:?}"))?;
+    let wait = Duration::from_micros(start_us.saturating_sub(unix_micros()));
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
+/// A histogram as `[[value, count], …]` over its recorded values: what
+/// [`histogram_from_json`] rebuilds.
+pub fn histogram_to_json(h: &Histogram<u64>) -> Value {
+    h.iter_recorded()
+        .map(|v| json!([v.value_iterated_to(), v.count_at_value()]))
+        .collect()
+}
+
+fn histogram_from_json(pairs: &Value, into: &mut Histogram<u64>) -> anyhow::Result<()> {
+    for pair in pairs.as_array().context("a histogram is an array")? {
+        let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
+            anyhow::bail!("a histogram entry is [value, count], got {pair}");
+        };
+        into.record_n(value, count)?;
+    }
+    Ok(())
+}
+
+/// Runs the scenario in `generators` processes and prints the merged
+/// report, as a single process would print its own.
+pub async fn run(generators: usize) -> anyhow::Result<Value> {
+    let exe = std::env::current_exe().context("this program's path")?;
+    let args = child_args(std::env::args().skip(1));
+    let mut children = Vec::new();
+    for index in 0..generators {
+        let child = tokio::process::Command::new(&exe)
+            .arg(format!("--shard={index}/{generators}"))
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a generator process")?;
+        children.push(child);
+    }
+    let mut lines = Vec::new();
+    for (index, child) in children.iter_mut().enumerate() {
+        let stdout = child.stdout.take().context("a generator's stdout")?;
+        let mut stdout = BufReader::new(stdout).lines();
+        let ready = stdout.next_line().await?;
+        anyhow::ensure!(
+            ready.as_deref().is_some_and(|l| l.contains("shard_ready")),
+            "generator {index} ended before its setup was done (its errors are above)"
+        );
+        lines.push(stdout);
+    }
+    let start = format!("{}\n", unix_micros() + START_AFTER.as_micros() as u64);
+    for child in &mut children {
+        let stdin = child.stdin.as_mut().context("a generator's stdin")?;
+        stdin.write_all(start.as_bytes()).await?;
+        stdin.flush().await?;
+    }
+    let mut reports = Vec::new();
+    for (index, (child, mut stdout)) in children.into_iter().zip(lines).enumerate() {
+        let report = stdout.next_line().await?;
+        let status = child.wait_with_output().await?.status;
+        let report = report.filter(|_| status.success()).with_context(|| {
+            format!("generator {index} failed ({status}; its errors are above)")
+        })?;
+        reports.push(serde_json::from_str(&report).context("a generator's report")?);
+    }
+    merge(&reports)
+}
+
+/// This program's arguments for a shard: `--generators` (with its value)
+/// left out.
+fn child_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if arg == "--generators" {
+            skip_value = true;
+        } else if !arg.starts_with("--generators=") {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// The shards' reports as one (see the module's doc).
+pub fn merge(reports: &[Value]) -> anyhow::Result<Value> {
+    let first = reports.first().context("no generator reported")?;
+    let results: Vec<&Value> = reports.iter().map(|r| &r["result"]).collect();
+    let sum_u64 = |key: &str| results.iter().filter_map(|r| r[key].as_u64()).sum::<u64>();
+    let sum_f64 = |key: &str| results.iter().filter_map(|r| r[key].as_f64()).sum::<f64>();
+    let shard = |key: &'static str| results.iter().map(move |r| &r["shard"][key]);
+
+    let mut result = first["result"].clone();
+    for key in [
+        "sent",
+        "acked",
+        "refused",
+        "unacked",
+        "delivered",
+        "expected",
+        "loss",
+    ] {
+        result[key] = json!(sum_u64(key));
+    }
+    result["target_rate"] = json!(sum_f64("target_rate"));
+    result["elapsed_seconds"] = json!(
+        results
+            .iter()
+            .filter_map(|r| r["elapsed_seconds"].as_f64())
+            .fold(0.0, f64::max)
+    );
+    let first_us = shard("first_delivery_us").filter_map(Value::as_u64).min();
+    let last_us = shard("last_delivery_us").filter_map(Value::as_u64).max();
+    let ended_us = shard("sends_ended_us").filter_map(Value::as_u64).max();
+    let span = DeliverySpan::new(
+        first_us.unwrap_or(u64::MAX),
+        last_us.unwrap_or(0),
+        ended_us.unwrap_or(0),
+    );
+    result["deliveries_per_second"] = json!(span.rate(sum_u64("delivered")));
+    result["delivery_seconds"] = json!(span.seconds);
+    result["drain_seconds"] = json!(span.drain_seconds);
+    for (histogram, field) in [
+        ("delivery", "send_to_delivery"),
+        ("ack", "send_to_ack"),
+        ("delivery_arrival", "send_to_delivery_arrival"),
+        ("ack_arrival", "send_to_ack_arrival"),
+    ] {
+        if first["result"]["shard"][histogram].is_null() {
+            continue;
+        }
+        let mut merged = latency_histogram();
+        for pairs in shard(histogram) {
+            histogram_from_json(pairs, &mut merged)?;
+        }
+        result[field] = percentiles(&merged);
+    }
+    for series in ["delivery_ms", "ack_ms"] {
+        let mut slowest: Vec<f64> = Vec::new();
+        for r in &results {
+            let slices = r["slowest_by_send_time"][series].as_array();
+            for (n, slice) in slices.into_iter().flatten().enumerate() {
+                let slice = slice.as_f64().unwrap_or(0.0);
+                match slowest.get_mut(n) {
+                    Some(s) => *s = s.max(slice),
+                    None => slowest.push(slice),
+                }
+            }
+        }
+        result["slowest_by_send_time"][series] = json!(slowest);
+    }
+    let generator_cpu = results
+        .iter()
+        .filter_map(|r| r["cpu"]["generator_percent_of_one_core"].as_f64())
+        .sum::<f64>();
+    result["cpu"]["generator_percent_of_one_core"] = json!((10.0 * generator_cpu).round() / 10.0);
+    // The most late of the processes' loops, and each one's.
+    let lags: Vec<Value> = results
+        .iter()
+        .map(|r| r["generator_loop_lag"].clone())
+        .collect();
+    result["generator_loop_lag"] = lags
+        .iter()
+        .max_by(|a, b| {
+            let p99 = |v: &Value| v["p99_ms"].as_f64().unwrap_or(0.0);
+            p99(a).total_cmp(&p99(b))
+        })
+        .cloned()
+        .unwrap_or(Value::Null);
+    result["generator_loop_lag_by_process"] = json!(lags);
+    if let Some(object) = result.as_object_mut() {
+        object.remove("shard");
+    }
+
+    let mut report = first.clone();
+    report["result"] = result;
+    report["setup"] = reports.iter().map(|r| r["setup"].clone()).collect();
+    let generators: Vec<&Value> = reports.iter().map(|r| &r["generator"]).collect();
+    let total = |key: &str| {
+        generators
+            .iter()
+            .filter_map(|g| g[key].as_f64())
+            .sum::<f64>()
+    };
+    report["generator"] = json!({
+        "processes": reports.len(),
+        "runtime": first["generator"]["runtime"],
+        "cpu_seconds": total("cpu_seconds"),
+        "cpu_percent_of_one_core": total("cpu_percent_of_one_core"),
+        "wall_seconds": generators
+            .iter()
+            .filter_map(|g| g["wall_seconds"].as_f64())
+            .fold(0.0, f64::max),
+    });
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_rooms_and_their_senders_between_them() {
+        let shard = |index| Shard { index, of: 3 };
+        assert_eq!(parse_shard("1/3"), Ok(shard(1)));
+        assert!(parse_shard("3/3").is_err());
+        assert!(parse_shard("1").is_err());
+        // Seven senders over five rooms: sender s sends to room s % 5.
+        let all: Vec<Vec<usize>> = (0..3).map(|i| senders_of(shard(i), 5, 7)).collect();
+        assert_eq!(all, [vec![0, 3, 5], vec![1, 4, 6], vec![2]]);
+        assert!(shard(2).owns_room(5) && !shard(2).owns_room(4));
+    }
+
+    #[test]
+    fn a_split_that_leaves_a_generator_idle_is_refused() {
+        let args = |rooms, senders, find_max| FanoutArgs {
+            rooms,
+            members: 2,
+            senders,
+            rate: 10.0,
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            find_max,
+            max_p99_ms: 50.0,
+            join_concurrency: 1,
+        };
+        assert!(check_split(&args(4, 4, false), 2).is_ok());
+        let refused = |a: FanoutArgs, n| check_split(&a, n).unwrap_err().to_string();
+        assert!(refused(args(1, 4, false), 2).contains("--rooms"));
+        assert!(refused(args(4, 1, false), 2).contains("has no sender"));
+        assert!(refused(args(4, 4, true), 2).contains("--find-max"));
+    }
+
+    #[test]
+    fn the_arguments_of_a_shard_leave_out_the_generators() {
+        let args = [
+            "fanout",
+            "--generators",
+            "2",
+            "--rooms",
+            "4",
+            "--generators=3",
+        ];
+        assert_eq!(
+            child_args(args.iter().map(|a| a.to_string())),
+            ["fanout", "--rooms", "4"]
+        );
+    }
+
+    /// A shard's report as `fanout` prints it, with what `merge` reads.
+    fn shard_report(latencies_us: &[u64], first_us: u64, last_us: u64) -> Value {
+        let mut h = latency_histogram();
+        for &us in latencies_us {
+            h.record(us).unwrap();
+        }
+        let n = latencies_us.len() as u64;
+        json!({
+            "scenario": "fanout",
+            "setup": {"frames": n},
+            "generator": {"processes": 1, "runtime": "current_thread", "cpu_seconds": 1.5,
+                          "cpu_percent_of_one_core": 30.0, "wall_seconds": 5.0},
+            "result": {
+                "target_rate": 100.0, "sent": n, "acked": n, "refused": 0, "unacked": 0,
+                "delivered": 2 * n, "expected": 2 * n, "loss": 0, "elapsed_seconds": 2.0,
+                "slowest_by_send_time": {"delivery_ms": [1.0, 9.0], "ack_ms": [2.0]},
+                "cpu": {"generator_percent_of_one_core": 25.0, "servers": []},
+                "generator_loop_lag": {"p99_ms": n as f64},
+                "shard": {
+                    "delivery": histogram_to_json(&h), "ack": histogram_to_json(&h),
+                    "first_delivery_us": first_us, "last_delivery_us": last_us,
+                    "sends_ended_us": last_us,
+                },
+            },
+        })
+    }
+
+    #[test]
+    fn merged_reports_add_up_counts_and_histograms() {
+        let a = shard_report(&[1_000, 2_000, 3_000], 10_000_000, 11_000_000);
+        let b = shard_report(&[50_000], 10_500_000, 12_000_000);
+        let merged = merge(&[a, b]).unwrap();
+        let result = &merged["result"];
+        assert_eq!(result["sent"], 4);
+        assert_eq!(result["delivered"], 8);
+        assert_eq!(result["target_rate"], 200.0);
+        // Over the union of the spans: 8 deliveries in 2 s.
+        assert_eq!(result["delivery_seconds"], 2.0);
+        assert_eq!(result["deliveries_per_second"], 4.0);
+        // As if one process had recorded all four.
+        let mut all = latency_histogram();
+        for us in [1_000, 2_000, 3_000, 50_000] {
+            all.record(us).unwrap();
+        }
+        assert_eq!(result["send_to_delivery"], percentiles(&all));
+        assert_eq!(result["send_to_ack"]["count"], 4);
+        assert_eq!(
+            result["slowest_by_send_time"]["delivery_ms"],
+            json!([1.0, 9.0])
+        );
+        assert_eq!(result["cpu"]["generator_percent_of_one_core"], 50.0);
+        assert_eq!(result["generator_loop_lag"]["p99_ms"], 3.0);
+        assert!(result.get("shard").is_none(), "{merged}");
+        assert_eq!(merged["generator"]["processes"], 2);
+        assert_eq!(merged["generator"]["cpu_seconds"], 3.0);
+        assert_eq!(merged["setup"].as_array().unwrap().len(), 2);
+    }
+}
