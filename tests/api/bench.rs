@@ -275,6 +275,29 @@ async fn every_scenario_runs_and_reports() {
             .len(),
         2
     );
+    // An ingest in two processes: each has one of the two connections.
+    let split = bench(
+        &addr,
+        &[
+            "ingest",
+            "--generators",
+            "2",
+            "--connections",
+            "2",
+            "--rest-workers",
+            "0",
+            "--duration",
+            "500ms",
+        ],
+    )
+    .await;
+    assert_eq!(split["generator"]["processes"], 2, "{split}");
+    let acked = split["ws_acked"].as_f64().unwrap();
+    let rate = split["acked_per_second"].as_f64().unwrap();
+    // Over the phases' 0.5 s (or a little longer on a slow machine).
+    assert!(acked > 0.0 && rate > 0.0 && rate <= acked / 0.5, "{split}");
+    assert_eq!(split["refused"], 0, "{split}");
+    assert!(split.get("shard").is_none(), "{split}");
     // A split the merge cannot honour is refused before anything starts.
     for (args, says) in [
         (
@@ -282,7 +305,19 @@ async fn every_scenario_runs_and_reports() {
             "--find-max",
         ),
         (&["fanout", "--generators", "3", "--rooms", "2"], "--rooms"),
-        (&["idle", "--generators", "2"], "fanout only"),
+        (
+            &[
+                "ingest",
+                "--generators",
+                "3",
+                "--connections",
+                "2",
+                "--rest-workers",
+                "0",
+            ],
+            "--connections 2",
+        ),
+        (&["idle", "--generators", "2"], "fanout and ingest only"),
     ] {
         let mut command = chat_bench();
         command

@@ -1,20 +1,22 @@
 //! `--generators N`: one run in several generator processes, for a load
 //! one process cannot offer or read alone.
 //!
-//! This process starts N copies of itself, each with `--shard i/N`. Shard
-//! `i` takes the rooms whose index is `i` modulo N, their members, and the
-//! senders whose room it took, at their share of the rate: the shards'
-//! rooms are disjoint, so each counts its own deliveries. Each sets up on
-//! its own and then reports ready (a line on its stdout); once all are,
-//! this process hands them one start time (a line on their stdin), so
-//! their measured phases coincide. Each then prints its report, carrying
-//! its histograms and delivery span as well (`shard`), and this process
-//! merges them into one report: counts added up, latency percentiles from
-//! the merged histograms, the rate over the union of the delivery spans,
-//! the generator's CPU summed over the processes (`generator.processes`).
-//! The servers' CPU, the cores' and the servers' own view are each
-//! shard's reading of the same servers over the same phase: the first
-//! shard's is reported.
+//! This process starts N copies of itself, each with `--shard i/N`. In a
+//! `fanout`, shard `i` takes the rooms whose index is `i` modulo N, their
+//! members, and the senders whose room it took, at their share of the
+//! rate: the shards' rooms are disjoint, so each counts its own
+//! deliveries. In an `ingest` it takes the connections and REST workers
+//! whose index is `i` modulo N. Each sets up on its own and then reports
+//! ready (a line on its stdout); once all are, this process hands them one
+//! start time (a line on their stdin), so their measured phases coincide.
+//! Each then prints its report, carrying what the merge needs as well
+//! (`shard`: a fan-out's histograms and delivery span, an ingest's
+//! duration), and this process merges them into one report: counts added
+//! up, latency percentiles from the merged histograms, rates over the
+//! union of the phases, the generator's CPU summed over the processes
+//! (`generator.processes`). The servers' CPU, the cores' and the servers'
+//! own view are each shard's reading of the same servers over the same
+//! phase: the first shard's is reported.
 
 use std::{process::Stdio, time::Duration};
 
@@ -37,9 +39,10 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Whether room `room` (its index in the run) is this shard's.
-    pub fn owns_room(self, room: usize) -> bool {
-        room % self.of == self.index
+    /// Whether the run's `n`-th room (`fanout`), or connection or REST
+    /// worker (`ingest`), is this shard's.
+    pub fn owns(self, n: usize) -> bool {
+        n % self.of == self.index
     }
 }
 
@@ -66,13 +69,13 @@ pub fn parse_shard(text: &str) -> Result<Shard, String> {
 /// Sender `s` sends to room `s % rooms`.
 pub fn senders_of(shard: Shard, rooms: usize, senders: usize) -> Vec<usize> {
     (0..senders.max(1))
-        .filter(|s| shard.owns_room(s % rooms.max(1)))
+        .filter(|s| shard.owns(s % rooms.max(1)))
         .collect()
 }
 
 /// Refuses a split that leaves a shard without rooms or senders, or a
 /// `fanout` option the merge cannot honour.
-pub fn check_split(args: &FanoutArgs, generators: usize) -> anyhow::Result<()> {
+pub fn check_fanout_split(args: &FanoutArgs, generators: usize) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.find_max,
         "--find-max decides each step from one process's results; run it with one generator"
@@ -94,6 +97,19 @@ pub fn check_split(args: &FanoutArgs, generators: usize) -> anyhow::Result<()> {
             args.rooms
         );
     }
+    Ok(())
+}
+
+/// Refuses an `ingest` split that leaves a process with nothing to send.
+pub fn check_ingest_split(
+    connections: usize,
+    rest_workers: usize,
+    generators: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        connections.max(rest_workers) >= generators,
+        "--generators {generators} needs at least as many connections or REST workers (--connections {connections}, --rest-workers {rest_workers})"
+    );
     Ok(())
 }
 
@@ -136,8 +152,8 @@ fn histogram_from_json(pairs: &Value, into: &mut Histogram<u64>) -> anyhow::Resu
     Ok(())
 }
 
-/// Runs the scenario in `generators` processes and prints the merged
-/// report, as a single process would print its own.
+/// Runs this program's scenario in `generators` processes and returns
+/// their reports merged into one, as a single process would report.
 pub async fn run(generators: usize) -> anyhow::Result<Value> {
     let exe = std::env::current_exe().context("this program's path")?;
     let args = child_args(std::env::args().skip(1));
@@ -203,6 +219,89 @@ fn child_args(args: impl Iterator<Item = String>) -> Vec<String> {
 /// The shards' reports as one (see the module's doc).
 pub fn merge(reports: &[Value]) -> anyhow::Result<Value> {
     let first = reports.first().context("no generator reported")?;
+    let mut report = if first["scenario"] == "ingest" {
+        merge_ingest(reports)
+    } else {
+        merge_fanout(reports)?
+    };
+    let generators: Vec<&Value> = reports.iter().map(|r| &r["generator"]).collect();
+    let total = |key: &str| {
+        generators
+            .iter()
+            .filter_map(|g| g[key].as_f64())
+            .sum::<f64>()
+    };
+    report["generator"] = json!({
+        "processes": reports.len(),
+        "runtime": first["generator"]["runtime"],
+        "cpu_seconds": total("cpu_seconds"),
+        "cpu_percent_of_one_core": total("cpu_percent_of_one_core"),
+        "wall_seconds": generators
+            .iter()
+            .filter_map(|g| g["wall_seconds"].as_f64())
+            .fold(0.0, f64::max),
+    });
+    Ok(report)
+}
+
+/// The generators' CPU over the phase, summed over the reports' `cpu`.
+fn generators_cpu<'a>(cpus: impl Iterator<Item = &'a Value>) -> Value {
+    let sum: f64 = cpus
+        .filter_map(|cpu| cpu["generator_percent_of_one_core"].as_f64())
+        .sum();
+    json!((10.0 * sum).round() / 10.0)
+}
+
+/// Ingest: acks added up over the longest of the phases; what an acked
+/// message cost the servers and the watched processes is the first
+/// shard's reading of them spread over all the acks, the generators' the
+/// sum of theirs.
+fn merge_ingest(reports: &[Value]) -> Value {
+    let first = &reports[0];
+    let mut report = first.clone();
+    let sum = |key: &str| reports.iter().filter_map(|r| r[key].as_u64()).sum::<u64>();
+    for key in ["ws_acked", "rest_acked", "refused"] {
+        report[key] = json!(sum(key));
+    }
+    let acked = sum("ws_acked") + sum("rest_acked");
+    let elapsed = reports
+        .iter()
+        .filter_map(|r| r["shard"]["elapsed_seconds"].as_f64())
+        .fold(0.0, f64::max);
+    report["acked_per_second"] = json!(if elapsed > 0.0 {
+        acked as f64 / elapsed
+    } else {
+        0.0
+    });
+    // µs per ack of one report, as µs per ack of all of them.
+    let over_all = |r: &Value, name: &str| {
+        let own = r["ws_acked"].as_u64().unwrap_or(0) + r["rest_acked"].as_u64().unwrap_or(0);
+        r["cpu_us_per_acked"][name].as_f64().unwrap_or(0.0) * own as f64 / acked.max(1) as f64
+    };
+    if let Some(names) = first["cpu_us_per_acked"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect::<Vec<_>>())
+    {
+        for name in names {
+            let us = if name == "generator" {
+                reports.iter().map(|r| over_all(r, &name)).sum()
+            } else {
+                over_all(first, &name)
+            };
+            report["cpu_us_per_acked"][&name] = json!((10.0 * us).round() / 10.0);
+        }
+    }
+    report["cpu"]["generator_percent_of_one_core"] =
+        generators_cpu(reports.iter().map(|r| &r["cpu"]));
+    if let Some(object) = report.as_object_mut() {
+        object.remove("shard");
+    }
+    report
+}
+
+/// Fan-out: see the module's doc.
+fn merge_fanout(reports: &[Value]) -> anyhow::Result<Value> {
+    let first = &reports[0];
     let results: Vec<&Value> = reports.iter().map(|r| &r["result"]).collect();
     let sum_u64 = |key: &str| results.iter().filter_map(|r| r[key].as_u64()).sum::<u64>();
     let sum_f64 = |key: &str| results.iter().filter_map(|r| r[key].as_f64()).sum::<f64>();
@@ -267,11 +366,8 @@ pub fn merge(reports: &[Value]) -> anyhow::Result<Value> {
         }
         result["slowest_by_send_time"][series] = json!(slowest);
     }
-    let generator_cpu = results
-        .iter()
-        .filter_map(|r| r["cpu"]["generator_percent_of_one_core"].as_f64())
-        .sum::<f64>();
-    result["cpu"]["generator_percent_of_one_core"] = json!((10.0 * generator_cpu).round() / 10.0);
+    result["cpu"]["generator_percent_of_one_core"] =
+        generators_cpu(results.iter().map(|r| &r["cpu"]));
     // The most late of the processes' loops, and each one's.
     let lags: Vec<Value> = results
         .iter()
@@ -293,23 +389,6 @@ pub fn merge(reports: &[Value]) -> anyhow::Result<Value> {
     let mut report = first.clone();
     report["result"] = result;
     report["setup"] = reports.iter().map(|r| r["setup"].clone()).collect();
-    let generators: Vec<&Value> = reports.iter().map(|r| &r["generator"]).collect();
-    let total = |key: &str| {
-        generators
-            .iter()
-            .filter_map(|g| g[key].as_f64())
-            .sum::<f64>()
-    };
-    report["generator"] = json!({
-        "processes": reports.len(),
-        "runtime": first["generator"]["runtime"],
-        "cpu_seconds": total("cpu_seconds"),
-        "cpu_percent_of_one_core": total("cpu_percent_of_one_core"),
-        "wall_seconds": generators
-            .iter()
-            .filter_map(|g| g["wall_seconds"].as_f64())
-            .fold(0.0, f64::max),
-    });
     Ok(report)
 }
 
@@ -326,7 +405,7 @@ mod tests {
         // Seven senders over five rooms: sender s sends to room s % 5.
         let all: Vec<Vec<usize>> = (0..3).map(|i| senders_of(shard(i), 5, 7)).collect();
         assert_eq!(all, [vec![0, 3, 5], vec![1, 4, 6], vec![2]]);
-        assert!(shard(2).owns_room(5) && !shard(2).owns_room(4));
+        assert!(shard(2).owns(5) && !shard(2).owns(4));
     }
 
     #[test]
@@ -342,11 +421,51 @@ mod tests {
             max_p99_ms: 50.0,
             join_concurrency: 1,
         };
-        assert!(check_split(&args(4, 4, false), 2).is_ok());
-        let refused = |a: FanoutArgs, n| check_split(&a, n).unwrap_err().to_string();
+        assert!(check_fanout_split(&args(4, 4, false), 2).is_ok());
+        let refused = |a: FanoutArgs, n| check_fanout_split(&a, n).unwrap_err().to_string();
         assert!(refused(args(1, 4, false), 2).contains("--rooms"));
         assert!(refused(args(4, 1, false), 2).contains("has no sender"));
         assert!(refused(args(4, 4, true), 2).contains("--find-max"));
+    }
+
+    #[test]
+    fn an_ingest_split_needs_something_to_send_in_every_process() {
+        assert!(check_ingest_split(3, 0, 3).is_ok());
+        assert!(check_ingest_split(0, 2, 2).is_ok());
+        let refused = check_ingest_split(2, 1, 3).unwrap_err().to_string();
+        assert!(refused.contains("--connections 2"), "{refused}");
+    }
+
+    #[test]
+    fn merged_ingest_reports_add_up_acks_and_spread_the_servers_cost_over_them() {
+        let shard = |ws: u64, rest: u64, elapsed: f64, generator_us: f64| {
+            json!({
+                "scenario": "ingest",
+                "ws_acked": ws, "rest_acked": rest, "refused": 1,
+                "acked_per_second": (ws + rest) as f64 / elapsed,
+                "cpu": {"generator_percent_of_one_core": 20.0, "servers": []},
+                // Each shard read the same server: 100 ms of CPU over the
+                // phase, 100 µs per ack of the first's 1,000.
+                "cpu_us_per_acked": {"servers": 100_000.0 / (ws + rest) as f64,
+                                     "generator": generator_us},
+                "generator": {"processes": 1, "cpu_seconds": 1.0,
+                              "cpu_percent_of_one_core": 20.0, "wall_seconds": 3.0},
+                "shard": {"elapsed_seconds": elapsed},
+            })
+        };
+        let merged = merge(&[shard(900, 100, 2.0, 10.0), shard(3_000, 0, 2.5, 30.0)]).unwrap();
+        assert_eq!(merged["ws_acked"], 3_900);
+        assert_eq!(merged["rest_acked"], 100);
+        assert_eq!(merged["refused"], 2);
+        // 4,000 acks over the longer phase.
+        assert_eq!(merged["acked_per_second"], 1_600.0);
+        // The server's 100 ms over 4,000 acks; the generators' 10 ms and
+        // 90 ms over the same.
+        assert_eq!(merged["cpu_us_per_acked"]["servers"], 25.0);
+        assert_eq!(merged["cpu_us_per_acked"]["generator"], 25.0);
+        assert_eq!(merged["cpu"]["generator_percent_of_one_core"], 40.0);
+        assert_eq!(merged["generator"]["processes"], 2);
+        assert!(merged.get("shard").is_none(), "{merged}");
     }
 
     #[test]

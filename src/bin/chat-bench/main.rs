@@ -16,8 +16,8 @@
 //!   send, p99 over the bound or senders that cannot keep the rate.
 //! - `ingest`: WebSocket and REST sends as fast as acks come back.
 //!
-//! `--generators N` runs a `fanout` in N processes of this program and
-//! merges their reports into one ([`generators`]).
+//! `--generators N` runs a `fanout` or an `ingest` in N processes of this
+//! program and merges their reports into one ([`generators`]).
 //!
 //! Every send carries a `client_id`, as the web client's do, so the
 //! idempotency index and the retry lookup are part of what is measured.
@@ -93,8 +93,8 @@ struct Args {
     /// about a tenth more CPU (docs/benchmarks.md).
     #[arg(long, global = true)]
     arrival_stamps: bool,
-    /// Run `fanout` in this many generator processes, each with a share of
-    /// the rooms, their members and senders, and print one report merged
+    /// Run `fanout` or `ingest` in this many generator processes, each with
+    /// a share of the rooms and connections, and print one report merged
     /// from theirs (`generator.processes`): for a load one process cannot
     /// offer or read alone. They start their measured phase together.
     #[arg(long, global = true, default_value_t = 1)]
@@ -624,10 +624,17 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.generators >= 1, "--generators must be at least 1");
     if args.generators > 1 && args.shard.is_none() {
-        let Scenario::Served(Served::Fanout(fanout)) = &args.scenario else {
-            anyhow::bail!("--generators applies to fanout only");
-        };
-        generators::check_split(fanout, args.generators)?;
+        match &args.scenario {
+            Scenario::Served(Served::Fanout(fanout)) => {
+                generators::check_fanout_split(fanout, args.generators)?;
+            }
+            Scenario::Served(Served::Ingest {
+                connections,
+                rest_workers,
+                ..
+            }) => generators::check_ingest_split(*connections, *rest_workers, args.generators)?,
+            _ => anyhow::bail!("--generators applies to fanout and ingest only"),
+        }
         let report = generators::run(args.generators).await?;
         println!("{report}");
         eprintln!("{}", summary(&report));
@@ -881,7 +888,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
     let shard = bench.shard.unwrap_or(Shard { index: 0, of: 1 });
     let room_name = |r: usize| format!("bench-{}-{r}", bench.run_id);
     let room_ids: Vec<String> = (0..rooms)
-        .filter(|&r| shard.owns_room(r))
+        .filter(|&r| shard.owns(r))
         .map(room_name)
         .collect();
     let sender_indexes = generators::senders_of(shard, rooms, senders);
@@ -1197,10 +1204,12 @@ async fn ingest(
     let ws_acked = Arc::new(AtomicU64::new(0));
     let rest_acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
+    // A `--generators` shard takes every N-th connection and REST worker.
+    let shard = bench.shard.unwrap_or(Shard { index: 0, of: 1 });
     // Everything is connected before anything is sent, so the whole run
     // has every sender at work.
     let mut sockets = Vec::with_capacity(connections);
-    for c in 0..connections {
+    for c in (0..connections).filter(|&c| shard.owns(c)) {
         let room = format!("ingest-{}-{c}", bench.run_id);
         bench.create_room(&room).await?;
         sockets.push(
@@ -1210,10 +1219,13 @@ async fn ingest(
         );
     }
     let mut rest_rooms = Vec::with_capacity(rest_workers);
-    for w in 0..rest_workers {
+    for w in (0..rest_workers).filter(|&w| shard.owns(w)) {
         let room = format!("ingest-{}-rest-{w}", bench.run_id);
         bench.create_room(&room).await?;
-        rest_rooms.push(room);
+        rest_rooms.push((w, room));
+    }
+    if let Some(shard) = bench.shard {
+        generators::ready_then_wait(shard).await?;
     }
     let cpu = CpuMeter::start(bench);
     let server_before = server_view::Reading::take(&bench.http, &bench.urls).await;
@@ -1255,7 +1267,8 @@ async fn ingest(
             }
         }));
     }
-    for (w, room) in rest_rooms.iter().enumerate() {
+    for (w, room) in &rest_rooms {
+        let w = *w;
         let url = format!("{}/api/v1/rooms/{room}/messages", bench.url(w));
         let token = bench.token(&format!("r-{}-{w}", bench.run_id), &[])?;
         let (http, acked, refused) = (
@@ -1292,7 +1305,7 @@ async fn ingest(
         ws_acked.load(Ordering::Relaxed),
         rest_acked.load(Ordering::Relaxed),
     );
-    Ok(json!({
+    let mut report = json!({
         "scenario": "ingest",
         "connections": connections,
         "window": window,
@@ -1305,7 +1318,12 @@ async fn ingest(
         "cpu": used.report(),
         "cpu_us_per_acked": used.per_message(ws + rest),
         "server_view": server,
-    }))
+    });
+    if bench.shard.is_some() {
+        // What the parent needs to merge the shards' results.
+        report["shard"] = json!({"elapsed_seconds": elapsed});
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
