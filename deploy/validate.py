@@ -366,6 +366,10 @@ def main() -> int:
         {"autoscaling": {"enabled": False}, "keda": {"enabled": True},
          "postgresql": {"cnpg": {"enabled": True}}, "redis": {"operator": {"enabled": True}}},
     )
+    sets["standalone Redis with the image's own config"] = deep_merge(
+        sets["KEDA instead of HPA, CNPG without pooler, standalone Redis"],
+        {"redis": {"operator": {"config": ""}}},
+    )
     rendered = {label: render_set(chart, label, values, crds, env_ok, schema) for label, values in sets.items()}
 
     expect_objects("defaults", rendered["defaults (+ required secrets)"],
@@ -377,6 +381,22 @@ def main() -> int:
                     "PrometheusRule", "OpenTelemetryCollector", "Ingress"}, {"HorizontalPodAutoscaler", "Secret"})
     expect_objects("KEDA", rendered["KEDA instead of HPA, CNPG without pooler, standalone Redis"],
                    {"ScaledObject", "Cluster", "Redis"}, {"HorizontalPodAutoscaler", "Pooler"})
+    # Each Redis server the operator makes includes the chart's config, unless
+    # it is emptied.
+    for label, kind, included in (
+        ("example operators.yaml", "RedisReplication", True),
+        ("KEDA instead of HPA, CNPG without pooler, standalone Redis", "Redis", True),
+        ("standalone Redis with the image's own config", "Redis", False),
+    ):
+        objects = rendered[label]
+        server = next(o for o in objects if o["kind"] == kind)
+        ref = server["spec"].get("redisConfig", {}).get("additionalRedisConfig")
+        maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+        conf = maps[ref]["data"].get("redis-additional.conf", "") if ref in maps else None
+        if included and (conf is None or 'save ""' not in conf.splitlines()):
+            fail(f"{label}: the {kind} does not include the chart's Redis config ({ref!r})")
+        if not included and (ref is not None or any(n.endswith("-redis-config") for n in maps)):
+            fail(f"{label}: an empty redis.operator.config still made or referenced a ConfigMap")
     dashboards = [o for o in full if o["kind"] == "ConfigMap" and o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
     source = json.loads((ROOT / "deploy" / "grafana" / "chat-service.json").read_text())
     if len(dashboards) != 1 or json.loads(dashboards[0]["data"]["chat-service.json"]) != source:
