@@ -86,6 +86,41 @@ async fn loopback_needs_no_server_and_prices_a_delivery() {
     assert_fails_saying(command, "--jwt-secret").await;
 }
 
+/// Unpinned, `--generators` gives each process a CPU of its own when the
+/// machine has one for each, and then each runs the one-thread runtime.
+#[tokio::test]
+async fn generators_spread_over_the_cpus_they_may_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = spawn_service(dir.path(), &LOAD_LIMITS).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"))
+        .env("JWT_SECRET", SECRET)
+        .args(["--url", &format!("http://{addr}")])
+        .args(["ingest", "--generators", "2", "--connections", "2"])
+        .args(["--rest-workers", "0", "--duration", "200ms"])
+        .output()
+        .await
+        .expect("chat-bench runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8(output.stdout).unwrap().trim()).unwrap();
+    let generator = &report["generator"];
+    assert_eq!(generator["processes"], 2, "{report}");
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus >= 2 {
+        let pinned = generator["cpus"].as_array().expect("a CPU per process");
+        assert_eq!(pinned.len(), 2, "{report}");
+        assert_ne!(pinned[0], pinned[1], "{report}");
+        assert_eq!(generator["runtime"], "current_thread", "{report}");
+    } else {
+        // One CPU for two processes: they share it.
+        assert!(generator["cpus"].is_null(), "{report}");
+    }
+}
+
 async fn assert_fails_saying(mut command: tokio::process::Command, what: &str) {
     let output = command.output().await.expect("chat-bench runs");
     assert!(!output.status.success());

@@ -16,12 +16,18 @@
 //! union of the phases, the generator's CPU summed over the processes
 //! (`generator.processes`). The servers' CPU, the cores' and the servers'
 //! own view are each shard's reading of the same servers over the same
-//! phase: the first shard's is reported.
+//! phase: the first shard's is reported. Where this process may run on at
+//! least N CPUs, shard `i` is pinned to the `i`-th of them
+//! (`generator.cpus`); otherwise they share this process's.
 
 use std::{process::Stdio, time::Duration};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
+use nix::{
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    unistd::Pid,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -152,22 +158,50 @@ fn histogram_from_json(pairs: &Value, into: &mut Histogram<u64>) -> anyhow::Resu
     Ok(())
 }
 
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// Each process's CPU when there is one for each (process `i` on the
+/// `i`-th allowed CPU, where it runs the one-thread runtime); otherwise
+/// none, and they share the CPUs this process may use.
+fn cpu_per_process(allowed: &[usize], generators: usize) -> Option<Vec<usize>> {
+    (allowed.len() >= generators).then(|| allowed[..generators].to_vec())
+}
+
 /// Runs this program's scenario in `generators` processes and returns
 /// their reports merged into one, as a single process would report.
 pub async fn run(generators: usize) -> anyhow::Result<Value> {
     let exe = std::env::current_exe().context("this program's path")?;
     let args = child_args(std::env::args().skip(1));
+    let cpus = cpu_per_process(&allowed_cpus(), generators);
     let mut children = Vec::new();
     for index in 0..generators {
-        let child = tokio::process::Command::new(&exe)
+        let mut command = tokio::process::Command::new(&exe);
+        command
             .arg(format!("--shard={index}/{generators}"))
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a generator process")?;
-        children.push(child);
+            .kill_on_drop(true);
+        if let Some(cpu) = cpus.as_ref().map(|cpus| cpus[index]) {
+            let mut set = CpuSet::new();
+            set.set(cpu)?;
+            // SAFETY: between fork and exec the child only makes one system
+            // call on a set built before the fork; nothing allocates or locks.
+            unsafe {
+                command.pre_exec(move || {
+                    sched_setaffinity(Pid::from_raw(0), &set).map_err(std::io::Error::from)
+                });
+            }
+        }
+        children.push(command.spawn().context("starting a generator process")?);
     }
     let mut lines = Vec::new();
     for (index, child) in children.iter_mut().enumerate() {
@@ -195,7 +229,9 @@ pub async fn run(generators: usize) -> anyhow::Result<Value> {
         })?;
         reports.push(serde_json::from_str(&report).context("a generator's report")?);
     }
-    merge(&reports)
+    let mut report = merge(&reports)?;
+    report["generator"]["cpus"] = json!(cpus);
+    Ok(report)
 }
 
 /// This program's arguments for a shard: `--generators` (with its value)
@@ -466,6 +502,13 @@ mod tests {
         assert_eq!(merged["cpu"]["generator_percent_of_one_core"], 40.0);
         assert_eq!(merged["generator"]["processes"], 2);
         assert!(merged.get("shard").is_none(), "{merged}");
+    }
+
+    #[test]
+    fn each_process_gets_a_cpu_of_its_own_when_there_are_enough() {
+        assert_eq!(cpu_per_process(&[2, 5, 7], 2), Some(vec![2, 5]));
+        assert_eq!(cpu_per_process(&[2, 5], 2), Some(vec![2, 5]));
+        assert_eq!(cpu_per_process(&[1], 2), None);
     }
 
     #[test]

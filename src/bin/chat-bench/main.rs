@@ -96,7 +96,8 @@ struct Args {
     /// Run `fanout` or `ingest` in this many generator processes, each with
     /// a share of the rooms and connections, and print one report merged
     /// from theirs (`generator.processes`): for a load one process cannot
-    /// offer or read alone. They start their measured phase together.
+    /// offer or read alone. They start their measured phase together, each
+    /// on a CPU of its own where this process may use N.
     #[arg(long, global = true, default_value_t = 1)]
     generators: usize,
     /// This process is one share of a `--generators` run (set by it).
