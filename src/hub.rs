@@ -631,19 +631,21 @@ fn push(connections: &mut Vec<Arc<Connection>>, frames: &[Frame]) {
         let theirs = frames
             .iter()
             .filter(|frame| frame.skip_user.as_deref() != Some(conn.user_id.as_str()));
-        if theirs.clone().next().is_none() {
+        // Their frames, and how many are messages, in one pass.
+        let (count, messages) = theirs.clone().fold((0, 0), |(all, messages), frame| {
+            (all + 1, messages + u64::from(frame.message))
+        });
+        if count == 0 {
             return true;
         }
-        let pushed = conn
-            .outbox
-            .push(theirs.clone().map(|frame| &frame.bytes), direct);
+        let pushed = conn.outbox.push(theirs.map(|frame| &frame.bytes), direct);
         if pushed == Pushed::Written {
             direct_writes += 1;
-            direct_frames += theirs.clone().count();
+            direct_frames += count;
         }
         match pushed {
             Pushed::Written | Pushed::Queued => {
-                deliveries += theirs.filter(|frame| frame.message).count() as u64;
+                deliveries += messages;
                 true
             }
             Pushed::Full => {

@@ -31,7 +31,7 @@ use nix::{
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::{DeliverySpan, FanoutArgs, latency_histogram, percentiles, unix_micros};
+use crate::{DeliverySpan, FanoutArgs, latency_histogram, percentiles, tenths, unix_micros};
 
 /// How long after the last shard reported ready the phases start: time for
 /// each to read its start line.
@@ -45,6 +45,9 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// A run in one process: everything is its.
+    pub const WHOLE: Self = Self { index: 0, of: 1 };
+
     /// Whether the run's `n`-th room (`fanout`), or connection or REST
     /// worker (`ingest`), is this shard's.
     pub fn owns(self, n: usize) -> bool {
@@ -260,32 +263,36 @@ pub fn merge(reports: &[Value]) -> anyhow::Result<Value> {
     } else {
         merge_fanout(reports)?
     };
-    let generators: Vec<&Value> = reports.iter().map(|r| &r["generator"]).collect();
-    let total = |key: &str| {
-        generators
-            .iter()
-            .filter_map(|g| g[key].as_f64())
-            .sum::<f64>()
-    };
+    let generators = || reports.iter().map(|r| &r["generator"]);
     report["generator"] = json!({
         "processes": reports.len(),
         "runtime": first["generator"]["runtime"],
-        "cpu_seconds": total("cpu_seconds"),
-        "cpu_percent_of_one_core": total("cpu_percent_of_one_core"),
-        "wall_seconds": generators
-            .iter()
-            .filter_map(|g| g["wall_seconds"].as_f64())
-            .fold(0.0, f64::max),
+        "cpu_seconds": sum_f64(generators(), "cpu_seconds"),
+        "cpu_percent_of_one_core": sum_f64(generators(), "cpu_percent_of_one_core"),
+        "wall_seconds": max_f64(generators(), "wall_seconds"),
     });
     Ok(report)
 }
 
+/// `key` of each of `parts`, added up (those without it count as none).
+fn sum_u64<'a>(parts: impl Iterator<Item = &'a Value>, key: &str) -> u64 {
+    parts.filter_map(|part| part[key].as_u64()).sum()
+}
+
+fn sum_f64<'a>(parts: impl Iterator<Item = &'a Value>, key: &str) -> f64 {
+    parts.filter_map(|part| part[key].as_f64()).sum()
+}
+
+/// The largest `key` of `parts` (0 without any).
+fn max_f64<'a>(parts: impl Iterator<Item = &'a Value>, key: &str) -> f64 {
+    parts
+        .filter_map(|part| part[key].as_f64())
+        .fold(0.0, f64::max)
+}
+
 /// The generators' CPU over the phase, summed over the reports' `cpu`.
 fn generators_cpu<'a>(cpus: impl Iterator<Item = &'a Value>) -> Value {
-    let sum: f64 = cpus
-        .filter_map(|cpu| cpu["generator_percent_of_one_core"].as_f64())
-        .sum();
-    json!((10.0 * sum).round() / 10.0)
+    json!(tenths(sum_f64(cpus, "generator_percent_of_one_core")))
 }
 
 /// Ingest: acks added up over the longest of the phases; what an acked
@@ -295,15 +302,12 @@ fn generators_cpu<'a>(cpus: impl Iterator<Item = &'a Value>) -> Value {
 fn merge_ingest(reports: &[Value]) -> Value {
     let first = &reports[0];
     let mut report = first.clone();
-    let sum = |key: &str| reports.iter().filter_map(|r| r[key].as_u64()).sum::<u64>();
+    let sum = |key: &str| sum_u64(reports.iter(), key);
     for key in ["ws_acked", "rest_acked", "refused"] {
         report[key] = json!(sum(key));
     }
     let acked = sum("ws_acked") + sum("rest_acked");
-    let elapsed = reports
-        .iter()
-        .filter_map(|r| r["shard"]["elapsed_seconds"].as_f64())
-        .fold(0.0, f64::max);
+    let elapsed = max_f64(reports.iter().map(|r| &r["shard"]), "elapsed_seconds");
     report["acked_per_second"] = json!(if elapsed > 0.0 {
         acked as f64 / elapsed
     } else {
@@ -324,7 +328,7 @@ fn merge_ingest(reports: &[Value]) -> Value {
             } else {
                 over_all(first, &name)
             };
-            report["cpu_us_per_acked"][&name] = json!((10.0 * us).round() / 10.0);
+            report["cpu_us_per_acked"][&name] = json!(tenths(us));
         }
     }
     report["cpu"]["generator_percent_of_one_core"] =
@@ -339,8 +343,6 @@ fn merge_ingest(reports: &[Value]) -> Value {
 fn merge_fanout(reports: &[Value]) -> anyhow::Result<Value> {
     let first = &reports[0];
     let results: Vec<&Value> = reports.iter().map(|r| &r["result"]).collect();
-    let sum_u64 = |key: &str| results.iter().filter_map(|r| r[key].as_u64()).sum::<u64>();
-    let sum_f64 = |key: &str| results.iter().filter_map(|r| r[key].as_f64()).sum::<f64>();
     let shard = |key: &'static str| results.iter().map(move |r| &r["shard"][key]);
 
     let mut result = first["result"].clone();
@@ -353,15 +355,10 @@ fn merge_fanout(reports: &[Value]) -> anyhow::Result<Value> {
         "expected",
         "loss",
     ] {
-        result[key] = json!(sum_u64(key));
+        result[key] = json!(sum_u64(results.iter().copied(), key));
     }
-    result["target_rate"] = json!(sum_f64("target_rate"));
-    result["elapsed_seconds"] = json!(
-        results
-            .iter()
-            .filter_map(|r| r["elapsed_seconds"].as_f64())
-            .fold(0.0, f64::max)
-    );
+    result["target_rate"] = json!(sum_f64(results.iter().copied(), "target_rate"));
+    result["elapsed_seconds"] = json!(max_f64(results.iter().copied(), "elapsed_seconds"));
     let first_us = shard("first_delivery_us").filter_map(Value::as_u64).min();
     let last_us = shard("last_delivery_us").filter_map(Value::as_u64).max();
     let ended_us = shard("sends_ended_us").filter_map(Value::as_u64).max();
@@ -370,7 +367,7 @@ fn merge_fanout(reports: &[Value]) -> anyhow::Result<Value> {
         last_us.unwrap_or(0),
         ended_us.unwrap_or(0),
     );
-    result["deliveries_per_second"] = json!(span.rate(sum_u64("delivered")));
+    result["deliveries_per_second"] = json!(span.rate(result["delivered"].as_u64().unwrap_or(0)));
     result["delivery_seconds"] = json!(span.seconds);
     result["drain_seconds"] = json!(span.drain_seconds);
     for (histogram, field) in [

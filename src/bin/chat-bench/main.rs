@@ -886,7 +886,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
     } = args;
     // A `--generators` shard takes its share of the rooms and of the
     // senders, who send to room `s % rooms`; one process takes them all.
-    let shard = bench.shard.unwrap_or(Shard { index: 0, of: 1 });
+    let shard = bench.shard.unwrap_or(Shard::WHOLE);
     let room_name = |r: usize| format!("bench-{}-{r}", bench.run_id);
     let room_ids: Vec<String> = (0..rooms)
         .filter(|&r| shard.owns(r))
@@ -1206,7 +1206,7 @@ async fn ingest(
     let rest_acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     // A `--generators` shard takes every N-th connection and REST worker.
-    let shard = bench.shard.unwrap_or(Shard { index: 0, of: 1 });
+    let shard = bench.shard.unwrap_or(Shard::WHOLE);
     // Everything is connected before anything is sent, so the whole run
     // has every sender at work.
     let mut sockets = Vec::with_capacity(connections);
