@@ -1251,19 +1251,28 @@ async fn ingest(
                 if socket.flush().await.is_err() || in_flight == 0 {
                     return;
                 }
-                match socket.next_text().await {
-                    Ok(Some(frame)) => match member::reply(frame) {
-                        Reply::Ack => {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                            in_flight -= 1;
-                        }
-                        Reply::Error => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            in_flight -= 1;
-                        }
-                        Reply::Other => {}
-                    },
-                    _ => return,
+                // Every answer that came in the same read is taken before
+                // the window is refilled, so the sends it frees leave in
+                // one write, as a pipelining client's would, not one
+                // write per answer.
+                loop {
+                    match socket.next_text().await {
+                        Ok(Some(frame)) => match member::reply(frame) {
+                            Reply::Ack => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                in_flight -= 1;
+                            }
+                            Reply::Error => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                in_flight -= 1;
+                            }
+                            Reply::Other => {}
+                        },
+                        _ => return,
+                    }
+                    if !socket.frame_buffered() {
+                        break;
+                    }
                 }
             }
         }));

@@ -195,6 +195,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
         }
     }
 
+    /// Whether the next [`Member::next_text`] has a whole frame to start
+    /// from without reading (or a malformed one to fail on at once).
+    pub fn frame_buffered(&self) -> bool {
+        !matches!(self.parse(), Ok(None))
+    }
+
     /// The complete frame at the front of the buffer, if there is one.
     fn parse(&self) -> io::Result<Option<FrameAt>> {
         let bytes = &self.buf[self.start..self.end];
@@ -447,6 +453,27 @@ mod tests {
             Some(&br#"{"type":"ready"}"#[..])
         );
         assert_eq!(member.next_text().await.unwrap(), Some(&b"second"[..]));
+    }
+
+    /// A frame counts as buffered only once all of it has been read.
+    #[tokio::test]
+    async fn a_frame_is_buffered_once_whole() {
+        let mut then = frame(OPCODE_TEXT, b"first");
+        then.extend(frame(OPCODE_TEXT, b"second"));
+        let (mut member, mut server) = connected(&then).await;
+        assert!(member.frame_buffered());
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"first"[..]));
+        assert!(member.frame_buffered());
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"second"[..]));
+        assert!(!member.frame_buffered(), "nothing left");
+        let third = frame(OPCODE_TEXT, b"third");
+        server.write_all(&third[..3]).await.unwrap();
+        member.fill().await.unwrap();
+        assert!(!member.frame_buffered(), "a part of a frame");
+        server.write_all(&third[3..]).await.unwrap();
+        member.fill().await.unwrap();
+        assert!(member.frame_buffered());
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"third"[..]));
     }
 
     #[tokio::test]
