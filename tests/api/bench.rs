@@ -1,6 +1,8 @@
 //! The benchmark tool works: each scenario once, at a tiny size, against
 //! the real binary. No timing is asserted (speed is measured, not tested).
 
+use std::time::Duration;
+
 use crate::helpers::{SECRET, spawn_service};
 
 /// Limits raised as docs/benchmarks.md says to run the server for load.
@@ -119,6 +121,55 @@ async fn generators_spread_over_the_cpus_they_may_use() {
         // One CPU for two processes: they share it.
         assert!(generator["cpus"].is_null(), "{report}");
     }
+}
+
+/// `pauses` needs no server either. Its one watcher (chat-bench is pinned
+/// to CPU 0 here) sees the whole process stopped for a while as a pause
+/// of its CPU, as it would see the host not running the vCPU.
+#[tokio::test]
+async fn pauses_are_seen_on_each_cpu_the_process_may_use() {
+    let mut command = chat_bench();
+    command
+        .env_remove("JWT_SECRET")
+        .args(["pauses", "--duration", "1500ms", "--threshold", "50ms"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().expect("chat-bench starts");
+    let pid = child.id().expect("a running child").to_string();
+    // Well after its start, well before its end.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {name}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    signal("-CONT");
+    let output = child.wait_with_output().await.expect("chat-bench ends");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pauses: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON report");
+    assert_eq!(pauses["scenario"], "pauses");
+    let cpus = pauses["cpus"].as_array().expect("one entry per CPU");
+    assert_eq!(cpus.len(), 1, "pinned to CPU 0: {pauses}");
+    let cpu = &cpus[0];
+    assert_eq!(cpu["cpu"], 0);
+    // From its thread's start to the end of the run: most of the 1.5 s.
+    let watched = cpu["watched_seconds"].as_f64().unwrap();
+    assert!((1.0..2.0).contains(&watched), "{pauses}");
+    // The stop is a pause of at least its length (other tests' turns on
+    // the CPU may add shorter ones).
+    assert!(cpu["pauses"].as_u64().unwrap() >= 1, "{pauses}");
+    assert!(cpu["longest_ms"].as_f64().unwrap() >= 150.0, "{pauses}");
+    let listed = cpu["listed"].as_array().unwrap();
+    assert_eq!(listed.len() as u64, cpu["pauses"].as_u64().unwrap());
 }
 
 async fn assert_fails_saying(mut command: tokio::process::Command, what: &str) {

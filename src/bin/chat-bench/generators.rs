@@ -162,7 +162,7 @@ fn histogram_from_json(pairs: &Value, into: &mut Histogram<u64>) -> anyhow::Resu
 }
 
 /// The CPUs this process may run on, in order.
-fn allowed_cpus() -> Vec<usize> {
+pub(crate) fn allowed_cpus() -> Vec<usize> {
     let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
         return Vec::new();
     };

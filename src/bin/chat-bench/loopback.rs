@@ -87,7 +87,7 @@ fn allowed(cpu: usize) -> anyhow::Result<()> {
 }
 
 /// Runs the calling thread on `cpu` alone.
-fn pin(cpu: usize) -> anyhow::Result<()> {
+pub(crate) fn pin(cpu: usize) -> anyhow::Result<()> {
     let mut set = CpuSet::new();
     set.set(cpu)?;
     sched_setaffinity(Pid::from_raw(0), &set).context("pinning a thread")

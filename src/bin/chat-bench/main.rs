@@ -16,6 +16,10 @@
 //!   send, p99 over the bound or senders that cannot keep the rate.
 //! - `ingest`: WebSocket and REST sends as fast as acks come back.
 //!
+//! Two more need no server and describe the machine: `loopback` (what its
+//! kernel charges for a delivery, [`loopback`]) and `pauses` (when it does
+//! not run its CPUs at all, [`pauses`]).
+//!
 //! `--generators N` runs a `fanout` or an `ingest` in N processes of this
 //! program and merges their reports into one ([`generators`]).
 //!
@@ -59,6 +63,7 @@ mod generators;
 mod loop_lag;
 mod loopback;
 mod member;
+mod pauses;
 mod server_view;
 
 use arrival::Stamped;
@@ -73,7 +78,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8001")]
     url: Vec<String>,
     /// The service's JWT secret (tokens are minted locally; every scenario
-    /// but `loopback` needs it).
+    /// but `loopback` and `pauses` needs it).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
     /// Server PIDs (repeatable): their RSS for `idle`, their CPU over each
@@ -115,6 +120,10 @@ enum Scenario {
     /// small frame written to a loopback TCP connection and read on another
     /// core), to compare machines by.
     Loopback(loopback::LoopbackArgs),
+    /// No server: how often, and for how long, this machine does not run
+    /// each of its CPUs (a thread per CPU watching the clock), to tell a
+    /// latency tail the machine made from one the service made.
+    Pauses(pauses::PausesArgs),
 }
 
 /// The scenarios that drive running servers.
@@ -646,6 +655,9 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
     let mut report = match args.scenario {
         Scenario::Loopback(loopback_args) => {
             tokio::task::spawn_blocking(move || loopback::run(loopback_args)).await??
+        }
+        Scenario::Pauses(pauses_args) => {
+            tokio::task::spawn_blocking(move || pauses::run(pauses_args)).await??
         }
         Scenario::Served(scenario) => {
             let secret = args
