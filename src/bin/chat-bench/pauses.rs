@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::{generators::allowed_cpus, loopback::pin};
+use crate::{generators::allowed_cpus, loopback::pin, tenths};
 
 #[derive(Debug, clap::Args)]
 pub struct PausesArgs {
@@ -36,7 +36,7 @@ pub struct PausesArgs {
 const LISTED: usize = 100;
 
 /// What one CPU's thread saw.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct Pauses {
     /// How long it watched.
     watched: Duration,
@@ -74,8 +74,14 @@ fn watch(
     }
 }
 
+/// `d` in ms to a tenth, for reports.
 fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e4).round() / 10.0
+    tenths(d.as_secs_f64() * 1e3)
+}
+
+/// `d` in seconds to a ms, for reports.
+fn seconds(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e3).round() / 1e3
 }
 
 impl Pauses {
@@ -95,14 +101,14 @@ impl Pauses {
             "watched_seconds": self.watched.as_secs_f64(),
             "pauses": self.pauses.len(),
             "paused_ms": ms(paused),
-            "paused_percent": (paused.as_secs_f64() / self.watched.as_secs_f64().max(1e-9) * 1e4).round() / 100.0,
+            "paused_percent": tenths(100.0 * paused.as_secs_f64() / self.watched.as_secs_f64().max(1e-9)),
             "longest_ms": longest.map(ms),
-            "median_seconds_between": between.get(between.len() / 2).map(|d| (d.as_secs_f64() * 1e3).round() / 1e3),
+            "median_seconds_between": between.get(between.len() / 2).copied().map(seconds),
             "listed": self
                 .pauses
                 .iter()
                 .take(LISTED)
-                .map(|(at, gap)| json!([(at.as_secs_f64() * 1e3).round() / 1e3, ms(*gap)]))
+                .map(|(at, gap)| json!([seconds(*at), ms(*gap)]))
                 .collect::<Vec<_>>(),
         })
     }
