@@ -21,9 +21,16 @@ fn chat_bench() -> tokio::process::Command {
     command
 }
 
-/// Runs `command` and returns its one JSON line.
+/// Runs `command` (pinned: see [`chat_bench`]) and returns its one JSON
+/// line.
 async fn report(mut command: tokio::process::Command) -> serde_json::Value {
-    let output = command.output().await.expect("chat-bench runs");
+    let report = parsed(command.output().await.expect("chat-bench runs"));
+    assert_eq!(report["generator"]["runtime"], "current_thread");
+    report
+}
+
+/// The one JSON line of a run that succeeded.
+fn parsed(output: std::process::Output) -> serde_json::Value {
     assert!(
         output.status.success(),
         "chat-bench failed: {}",
@@ -31,9 +38,7 @@ async fn report(mut command: tokio::process::Command) -> serde_json::Value {
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1, "one JSON line per run: {stdout}");
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("a JSON report");
-    assert_eq!(report["generator"]["runtime"], "current_thread");
-    report
+    serde_json::from_str(stdout.trim()).expect("a JSON report")
 }
 
 async fn bench(addr: &str, args: &[&str]) -> serde_json::Value {
@@ -94,21 +99,16 @@ async fn loopback_needs_no_server_and_prices_a_delivery() {
 async fn generators_spread_over_the_cpus_they_may_use() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, addr) = spawn_service(dir.path(), &LOAD_LIMITS).await;
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"))
-        .env("JWT_SECRET", SECRET)
-        .args(["--url", &format!("http://{addr}")])
-        .args(["ingest", "--generators", "2", "--connections", "2"])
-        .args(["--rest-workers", "0", "--duration", "200ms"])
-        .output()
-        .await
-        .expect("chat-bench runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = parsed(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"))
+            .env("JWT_SECRET", SECRET)
+            .args(["--url", &format!("http://{addr}")])
+            .args(["ingest", "--generators", "2", "--connections", "2"])
+            .args(["--rest-workers", "0", "--duration", "200ms"])
+            .output()
+            .await
+            .expect("chat-bench runs"),
     );
-    let report: serde_json::Value =
-        serde_json::from_str(String::from_utf8(output.stdout).unwrap().trim()).unwrap();
     let generator = &report["generator"];
     assert_eq!(generator["processes"], 2, "{report}");
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
@@ -148,14 +148,7 @@ async fn pauses_are_seen_on_each_cpu_the_process_may_use() {
     signal("-STOP");
     tokio::time::sleep(Duration::from_millis(150)).await;
     signal("-CONT");
-    let output = child.wait_with_output().await.expect("chat-bench ends");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let pauses: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("one JSON report");
+    let pauses = parsed(child.wait_with_output().await.expect("chat-bench ends"));
     assert_eq!(pauses["scenario"], "pauses");
     let cpus = pauses["cpus"].as_array().expect("one entry per CPU");
     assert_eq!(cpus.len(), 1, "pinned to CPU 0: {pauses}");

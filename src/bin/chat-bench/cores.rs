@@ -5,7 +5,29 @@
 //! it shows, so a run with a large steal share is not comparable with a
 //! quiet one.
 
+use anyhow::Context;
+use nix::{
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    unistd::Pid,
+};
 use serde_json::json;
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// Runs the calling thread on `cpu` alone.
+pub fn pin(cpu: usize) -> anyhow::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set).context("pinning a thread")
+}
 
 /// One core's counters, in clock ticks since boot.
 #[derive(Debug)]

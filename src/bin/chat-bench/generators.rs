@@ -25,13 +25,16 @@ use std::{process::Stdio, time::Duration};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use nix::{
-    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    sched::{CpuSet, sched_setaffinity},
     unistd::Pid,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::{DeliverySpan, FanoutArgs, latency_histogram, percentiles, tenths, unix_micros};
+use crate::{
+    DeliverySpan, FanoutArgs, cores::allowed_cpus, latency_histogram, percentiles, tenths,
+    unix_micros,
+};
 
 /// How long after the last shard reported ready the phases start: time for
 /// each to read its start line.
@@ -159,16 +162,6 @@ fn histogram_from_json(pairs: &Value, into: &mut Histogram<u64>) -> anyhow::Resu
         into.record_n(value, count)?;
     }
     Ok(())
-}
-
-/// The CPUs this process may run on, in order.
-pub(crate) fn allowed_cpus() -> Vec<usize> {
-    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
-        return Vec::new();
-    };
-    (0..CpuSet::count())
-        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
-        .collect()
 }
 
 /// Each process's CPU when there is one for each (process `i` on the

@@ -26,14 +26,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use nix::{
-    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
     sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
     time::{ClockId, clock_gettime},
-    unistd::Pid,
 };
 use serde_json::json;
+
+use crate::cores::{allowed_cpus, pin};
 
 #[derive(Debug, clap::Args)]
 pub struct LoopbackArgs {
@@ -78,19 +77,11 @@ fn thread_cpu() -> Duration {
 /// Fails unless this process may run on `cpu` (`run` checks both threads'
 /// CPUs before either starts).
 fn allowed(cpu: usize) -> anyhow::Result<()> {
-    let allowed = sched_getaffinity(Pid::from_raw(0))?;
     anyhow::ensure!(
-        allowed.is_set(cpu).unwrap_or(false),
+        allowed_cpus().contains(&cpu),
         "CPU {cpu} is not one this process may run on (see --writer-cpu, --reader-cpu)"
     );
     Ok(())
-}
-
-/// Runs the calling thread on `cpu` alone.
-pub(crate) fn pin(cpu: usize) -> anyhow::Result<()> {
-    let mut set = CpuSet::new();
-    set.set(cpu)?;
-    sched_setaffinity(Pid::from_raw(0), &set).context("pinning a thread")
 }
 
 /// What a system call that does nothing costs here: every delivery pays

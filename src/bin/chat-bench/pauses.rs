@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::{generators::allowed_cpus, loopback::pin, tenths};
+use crate::{
+    cores::{allowed_cpus, pin},
+    tenths,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct PausesArgs {
