@@ -123,6 +123,44 @@ async fn generators_spread_over_the_cpus_they_may_use() {
     }
 }
 
+/// A process that is not the run's and uses the CPU during its measured
+/// phase is named in `cpu.others`; the run's own processes are not.
+#[tokio::test]
+async fn other_processes_busy_during_a_phase_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = spawn_service(dir.path(), &LOAD_LIMITS).await;
+    let mut busy = std::process::Command::new("yes")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("yes starts");
+    let ingest = bench(
+        &addr,
+        &[
+            "ingest",
+            "--connections",
+            "2",
+            "--rest-workers",
+            "0",
+            "--duration",
+            "500ms",
+            "--watch",
+            "chat-service",
+        ],
+    )
+    .await;
+    busy.kill().unwrap();
+    busy.wait().unwrap();
+    let others = ingest["cpu"]["others"].as_array().expect("a list");
+    let yes = others.iter().find(|other| other["name"] == "yes");
+    let percent = yes.and_then(|yes| yes["percent_of_one_core"].as_f64());
+    assert!(percent.is_some_and(|p| p >= 10.0), "{ingest}");
+    // The watched processes are the run's (this test's server among them).
+    assert!(
+        others.iter().all(|other| other["name"] != "chat-service"),
+        "{ingest}"
+    );
+}
+
 /// `pauses` needs no server either. Its one watcher (chat-bench is pinned
 /// to CPU 0 here) sees the whole process stopped for a while as a pause
 /// of its CPU, as it would see the host not running the vCPU.

@@ -64,11 +64,13 @@ mod loop_lag;
 mod loopback;
 mod member;
 mod pauses;
+mod processes;
 mod server_view;
 
 use arrival::Stamped;
 use generators::Shard;
 use member::{Member, Reply};
+use processes::{Processes, cpu_seconds, own_cpu_seconds};
 
 #[derive(Debug, Parser)]
 #[command(name = "chat-bench", about = "Load generator for the chat service")]
@@ -200,57 +202,19 @@ fn unix_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// A process's CPU time so far (user + system), in seconds, from its
-/// `/proc/…/stat` (0 if it cannot be read).
-fn cpu_seconds(stat_path: &str) -> f64 {
-    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// The generator's own CPU time.
-fn own_cpu_seconds() -> f64 {
-    cpu_seconds("/proc/self/stat")
-}
-
-/// A server's CPU time.
-fn cpu_seconds_of(pid: u32) -> f64 {
-    cpu_seconds(&format!("/proc/{pid}/stat"))
-}
-
-/// The processes named `name` (their `comm`, as `pgrep -x` matches it)
-/// running now, each with its CPU time so far.
-fn processes_named(name: &str) -> Vec<(u32, f64)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.trim_end() == name)
-        })
-        .map(|pid| (pid, cpu_seconds_of(pid)))
-        .collect()
-}
-
-/// CPU use of the generator, the given servers and the watched groups over
-/// one measured phase.
+/// CPU use of the generator, the given servers, the watched groups and
+/// the machine's other processes over one measured phase.
 struct CpuMeter {
     started: Instant,
     own: f64,
     servers: Vec<(u32, f64)>,
     /// Per `--watch` name, its processes at the start.
     watched: Vec<(String, Vec<(u32, f64)>)>,
+    /// Every process at the start ([`processes`]).
+    processes: Processes,
+    /// One share of a `--generators` run: its parent and the parent's
+    /// other children are the run's too.
+    shard: bool,
     cores: cores::Cores,
 }
 
@@ -261,25 +225,31 @@ struct CpuUsed {
     servers: Vec<(u32, f64)>,
     /// Per `--watch` name: its processes, and their CPU seconds.
     watched: Vec<(String, usize, f64)>,
+    /// The busiest processes that are none of the above
+    /// ([`Processes::others_since`]).
+    others: serde_json::Value,
     /// Each core's busy and stolen share ([`cores::Cores::since`]).
     cores: serde_json::Value,
 }
 
 impl CpuMeter {
     fn start(bench: &Bench) -> Self {
+        let processes = Processes::now();
         Self {
             started: Instant::now(),
             own: own_cpu_seconds(),
             servers: bench
                 .pids
                 .iter()
-                .map(|&pid| (pid, cpu_seconds_of(pid)))
+                .map(|&pid| (pid, cpu_seconds(pid)))
                 .collect(),
             watched: bench
                 .watched
                 .iter()
-                .map(|name| (name.clone(), processes_named(name)))
+                .map(|name| (name.clone(), processes.named(name)))
                 .collect(),
+            processes,
+            shard: bench.shard.is_some(),
             cores: cores::Cores::now(),
         }
     }
@@ -289,13 +259,15 @@ impl CpuMeter {
     }
 
     fn used(&self) -> CpuUsed {
+        let wall = self.wall_seconds();
+        let now = Processes::now();
         CpuUsed {
-            wall: self.wall_seconds(),
+            wall,
             generator: own_cpu_seconds() - self.own,
             servers: self
                 .servers
                 .iter()
-                .map(|&(pid, before)| (pid, cpu_seconds_of(pid) - before))
+                .map(|&(pid, before)| (pid, cpu_seconds(pid) - before))
                 .collect(),
             // A process that ended during the phase takes its CPU with it
             // (its time is no longer readable): it counts as none, not as
@@ -306,13 +278,24 @@ impl CpuMeter {
                 .map(|(name, processes)| {
                     let used = processes
                         .iter()
-                        .map(|&(pid, before)| (cpu_seconds_of(pid) - before).max(0.0))
+                        .map(|&(pid, before)| (cpu_seconds(pid) - before).max(0.0))
                         .sum();
                     (name.clone(), processes.len(), used)
                 })
                 .collect(),
+            others: now.others_since(&self.processes, |pid, stat| self.is_ours(pid, stat), wall),
             cores: cores::Cores::now().since(&self.cores),
         }
+    }
+
+    /// Whether process `pid` is one of the run's: this one, a server, a
+    /// watched one, or another generator of the same `--generators` run.
+    fn is_ours(&self, pid: u32, stat: &processes::Stat) -> bool {
+        let parent = std::os::unix::process::parent_id();
+        pid == std::process::id()
+            || self.servers.iter().any(|&(server, _)| server == pid)
+            || self.watched.iter().any(|(name, _)| *name == stat.name)
+            || (self.shard && (pid == parent || stat.ppid == parent))
     }
 
     /// Percent of one core each used since `start`.
@@ -341,6 +324,7 @@ impl CpuUsed {
             "generator_percent_of_one_core": percent(self.generator),
             "servers": servers,
             "watched": watched,
+            "others": self.others,
             "cores": self.cores,
         })
     }

@@ -1,0 +1,247 @@
+//! The machine's processes over a measured phase, from `/proc/<pid>/stat`:
+//! the CPU the run's own processes used (the generator, the servers, the
+//! watched ones), and who else used the machine meanwhile.
+//!
+//! A run's latency tail is often made by a process it knows nothing of: a
+//! VM agent that walks every process's descriptors every few seconds, a
+//! message broker that boots a helper VM each minute. Such a process uses
+//! the CPU the run needed, so the phase's busiest other processes are
+//! reported beside the run's own (`cpu.others`). A process counts with
+//! the time of its children that ended during the phase (the kernel adds
+//! a reaped child's time to its parent's), so a helper that came and went
+//! shows under its parent.
+
+use std::collections::HashMap;
+
+use serde_json::json;
+
+/// `/proc/<pid>/stat` counts CPU time in clock ticks of 1/100 s (Linux's
+/// `USER_HZ` on every architecture it runs on).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The most other processes (by name) a report lists.
+const OTHERS_LISTED: usize = 5;
+
+/// The least CPU, in percent of one core over the phase, that an other
+/// process needs to be listed: below it, it did not compete with the run.
+const OTHERS_FLOOR_PERCENT: f64 = 0.5;
+
+/// What a run reads of one process's `/proc/<pid>/stat`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stat {
+    /// Its `comm`, as `pgrep -x` matches it.
+    pub name: String,
+    pub ppid: u32,
+    /// User and system time, in seconds.
+    pub cpu: f64,
+    /// User and system time of its children that ended and were waited
+    /// for, in seconds.
+    pub children_cpu: f64,
+}
+
+impl Stat {
+    /// Parses one `/proc/<pid>/stat` line.
+    pub fn parse(line: &str) -> Option<Self> {
+        // The name is in parentheses and may hold spaces or parentheses.
+        let (head, rest) = line.rsplit_once(')')?;
+        let (_, name) = head.split_once('(')?;
+        // The fields after the name, from the state (field 3 of the line).
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |field: usize| -> Option<f64> {
+            Some(fields.get(field - 3)?.parse::<f64>().ok()? / TICKS_PER_SECOND)
+        };
+        Some(Self {
+            name: name.to_owned(),
+            ppid: fields.get(1)?.parse().ok()?,
+            cpu: ticks(14)? + ticks(15)?,
+            children_cpu: ticks(16)? + ticks(17)?,
+        })
+    }
+
+    /// Reads process `pid`'s (or `self`'s).
+    pub fn of(pid: &str) -> Option<Self> {
+        Self::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+}
+
+/// A process's CPU time so far, in seconds (0 once it has ended).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    Stat::of(&pid.to_string()).map_or(0.0, |stat| stat.cpu)
+}
+
+/// This process's CPU time so far.
+pub fn own_cpu_seconds() -> f64 {
+    Stat::of("self").map_or(0.0, |stat| stat.cpu)
+}
+
+/// Every process running at one moment.
+#[derive(Debug, Default)]
+pub struct Processes(HashMap<u32, Stat>);
+
+impl Processes {
+    pub fn now() -> Self {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Self::default();
+        };
+        Self(
+            entries
+                .filter_map(|entry| {
+                    let name = entry.ok()?.file_name();
+                    let pid = name.to_str()?;
+                    Some((pid.parse().ok()?, Stat::of(pid)?))
+                })
+                .collect(),
+        )
+    }
+
+    /// The processes named `name`, each with its CPU time so far.
+    pub fn named(&self, name: &str) -> Vec<(u32, f64)> {
+        self.0
+            .iter()
+            .filter(|(_, stat)| stat.name == name)
+            .map(|(&pid, stat)| (pid, stat.cpu))
+            .collect()
+    }
+
+    /// The busiest processes, by name, from `before` to now that are not
+    /// the run's (`ours`): each name's processes, and the percent of one
+    /// core they and their ended children used over `wall` seconds. A
+    /// process started since `before` counts all its time.
+    pub fn others_since(
+        &self,
+        before: &Processes,
+        ours: impl Fn(u32, &Stat) -> bool,
+        wall: f64,
+    ) -> serde_json::Value {
+        let mut by_name: HashMap<&str, (usize, f64)> = HashMap::new();
+        for (&pid, stat) in &self.0 {
+            if ours(pid, stat) {
+                continue;
+            }
+            let total = |stat: &Stat| stat.cpu + stat.children_cpu;
+            // A pid reused by a younger process reads less than before.
+            let used = before
+                .0
+                .get(&pid)
+                .map_or(total(stat), |was| total(stat) - total(was))
+                .max(0.0);
+            if used > 0.0 {
+                let entry = by_name.entry(&stat.name).or_default();
+                entry.0 += 1;
+                entry.1 += used;
+            }
+        }
+        let mut busiest: Vec<(&str, usize, f64)> = by_name
+            .into_iter()
+            .map(|(name, (processes, used))| {
+                (
+                    name,
+                    processes,
+                    crate::tenths(100.0 * used / wall.max(1e-9)),
+                )
+            })
+            .filter(|&(_, _, percent)| percent >= OTHERS_FLOOR_PERCENT)
+            .collect();
+        busiest.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(b.0)));
+        busiest.truncate(OTHERS_LISTED);
+        json!(
+            busiest
+                .into_iter()
+                .map(|(name, processes, percent)| json!({
+                    "name": name,
+                    "processes": processes,
+                    "percent_of_one_core": percent,
+                }))
+                .collect::<Vec<_>>()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(name: &str, ppid: u32, cpu: f64, children_cpu: f64) -> Stat {
+        Stat {
+            name: name.into(),
+            ppid,
+            cpu,
+            children_cpu,
+        }
+    }
+
+    #[test]
+    fn a_stat_line_gives_the_name_parent_and_times() {
+        let line = "1 (process_api) S 0 1 1 0 -1 4194560 51 0 0 0 54 259 7 3 10 -10 41 0 2 \
+                    1234 567 18446744073709551615";
+        assert_eq!(Stat::parse(line), Some(stat("process_api", 0, 3.13, 0.1)));
+        // A name with spaces and parentheses of its own.
+        let line = "42 (a (b) c) R 7 42 42 0 -1 0 0 0 0 0 100 50 0 0 20 0 1 0 5 0 0";
+        assert_eq!(Stat::parse(line), Some(stat("a (b) c", 7, 1.5, 0.0)));
+        assert_eq!(Stat::parse("42 (cut) R 7"), None);
+        assert_eq!(Stat::parse(""), None);
+    }
+
+    #[test]
+    fn others_are_the_busiest_names_that_are_not_the_runs() {
+        let before = Processes(HashMap::from([
+            (1, stat("agent", 0, 10.0, 0.0)),
+            (2, stat("broker", 1, 5.0, 1.0)),
+            (3, stat("server", 1, 100.0, 0.0)),
+            (4, stat("worker", 1, 1.0, 0.0)),
+            (5, stat("worker", 1, 1.0, 0.0)),
+            (6, stat("idle", 1, 3.0, 0.0)),
+            (7, stat("reused", 1, 9.0, 0.0)),
+        ]));
+        let after = Processes(HashMap::from([
+            (1, stat("agent", 0, 10.5, 0.0)),
+            // A helper it started ended during the phase: its time is now
+            // the broker's children's.
+            (2, stat("broker", 1, 5.1, 1.8)),
+            (3, stat("server", 1, 109.0, 0.0)),
+            (4, stat("worker", 1, 1.1, 0.0)),
+            (5, stat("worker", 1, 1.1, 0.0)),
+            (6, stat("idle", 1, 3.0, 0.0)),
+            // Started during the phase: all its time counts.
+            (8, stat("newcomer", 1, 0.2, 0.0)),
+            // Its pid now a younger process's, below what the older read.
+            (7, stat("reused", 1, 0.001, 0.0)),
+            // Too little to list.
+            (9, stat("quiet", 1, 0.01, 0.0)),
+        ]));
+        let others = after.others_since(&before, |pid, _| pid == 3, 10.0);
+        assert_eq!(
+            others,
+            json!([
+                {"name": "broker", "processes": 1, "percent_of_one_core": 9.0},
+                {"name": "agent", "processes": 1, "percent_of_one_core": 5.0},
+                {"name": "newcomer", "processes": 1, "percent_of_one_core": 2.0},
+                {"name": "worker", "processes": 2, "percent_of_one_core": 2.0},
+            ])
+        );
+    }
+
+    #[test]
+    fn at_most_five_others_are_listed() {
+        let after = Processes(
+            (1..=8)
+                .map(|pid| (pid, stat(&format!("p{pid}"), 1, pid as f64, 0.0)))
+                .collect(),
+        );
+        let others = after.others_since(&Processes::default(), |_, _| false, 100.0);
+        let names: Vec<&str> = others
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["p8", "p7", "p6", "p5", "p4"]);
+    }
+
+    #[test]
+    fn this_process_reads_its_own_stat() {
+        let own = Stat::of("self").expect("a readable /proc/self/stat");
+        assert_eq!(own.ppid, std::os::unix::process::parent_id());
+        assert!(Processes::now().0.contains_key(&std::process::id()));
+    }
+}
