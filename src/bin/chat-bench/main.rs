@@ -70,7 +70,7 @@ mod server_view;
 use arrival::Stamped;
 use generators::Shard;
 use member::{Member, Reply};
-use processes::{Processes, cpu_seconds, own_cpu_seconds};
+use processes::{Processes, own_cpu_seconds};
 
 #[derive(Debug, Parser)]
 #[command(name = "chat-bench", about = "Load generator for the chat service")]
@@ -241,7 +241,7 @@ impl CpuMeter {
             servers: bench
                 .pids
                 .iter()
-                .map(|&pid| (pid, cpu_seconds(pid)))
+                .map(|&pid| (pid, processes.cpu(pid)))
                 .collect(),
             watched: bench
                 .watched
@@ -267,7 +267,7 @@ impl CpuMeter {
             servers: self
                 .servers
                 .iter()
-                .map(|&(pid, before)| (pid, cpu_seconds(pid) - before))
+                .map(|&(pid, before)| (pid, now.cpu(pid) - before))
                 .collect(),
             // A process that ended during the phase takes its CPU with it
             // (its time is no longer readable): it counts as none, not as
@@ -278,7 +278,7 @@ impl CpuMeter {
                 .map(|(name, processes)| {
                     let used = processes
                         .iter()
-                        .map(|&(pid, before)| (cpu_seconds(pid) - before).max(0.0))
+                        .map(|&(pid, before)| (now.cpu(pid) - before).max(0.0))
                         .sum();
                     (name.clone(), processes.len(), used)
                 })
@@ -291,11 +291,11 @@ impl CpuMeter {
     /// Whether process `pid` is one of the run's: this one, a server, a
     /// watched one, or another generator of the same `--generators` run.
     fn is_ours(&self, pid: u32, stat: &processes::Stat) -> bool {
-        let parent = std::os::unix::process::parent_id();
+        let parent = || std::os::unix::process::parent_id();
         pid == std::process::id()
             || self.servers.iter().any(|&(server, _)| server == pid)
             || self.watched.iter().any(|(name, _)| *name == stat.name)
-            || (self.shard && (pid == parent || stat.ppid == parent))
+            || (self.shard && (pid == parent() || stat.ppid == parent()))
     }
 
     /// Percent of one core each used since `start`.

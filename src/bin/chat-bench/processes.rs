@@ -37,6 +37,9 @@ pub struct Stat {
     /// User and system time of its children that ended and were waited
     /// for, in seconds.
     pub children_cpu: f64,
+    /// When it started, in clock ticks since boot: a pid reused by a
+    /// younger process has a later start.
+    pub started: u64,
 }
 
 impl Stat {
@@ -55,6 +58,7 @@ impl Stat {
             ppid: fields.get(1)?.parse().ok()?,
             cpu: ticks(14)? + ticks(15)?,
             children_cpu: ticks(16)? + ticks(17)?,
+            started: fields.get(22 - 3)?.parse().ok()?,
         })
     }
 
@@ -62,11 +66,6 @@ impl Stat {
     pub fn of(pid: &str) -> Option<Self> {
         Self::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
     }
-}
-
-/// A process's CPU time so far, in seconds (0 once it has ended).
-pub fn cpu_seconds(pid: u32) -> f64 {
-    Stat::of(&pid.to_string()).map_or(0.0, |stat| stat.cpu)
 }
 
 /// This process's CPU time so far.
@@ -94,6 +93,11 @@ impl Processes {
         )
     }
 
+    /// Process `pid`'s CPU time, in seconds (0 if it was not running).
+    pub fn cpu(&self, pid: u32) -> f64 {
+        self.0.get(&pid).map_or(0.0, |stat| stat.cpu)
+    }
+
     /// The processes named `name`, each with its CPU time so far.
     pub fn named(&self, name: &str) -> Vec<(u32, f64)> {
         self.0
@@ -119,12 +123,11 @@ impl Processes {
                 continue;
             }
             let total = |stat: &Stat| stat.cpu + stat.children_cpu;
-            // A pid reused by a younger process reads less than before.
-            let used = before
-                .0
-                .get(&pid)
-                .map_or(total(stat), |was| total(stat) - total(was))
-                .max(0.0);
+            let used = match before.0.get(&pid) {
+                Some(was) if was.started == stat.started => total(stat) - total(was),
+                // New since `before`, or its pid taken by a younger process.
+                _ => total(stat),
+            };
             if used > 0.0 {
                 let entry = by_name.entry(&stat.name).or_default();
                 entry.0 += 1;
@@ -167,6 +170,7 @@ mod tests {
             ppid,
             cpu,
             children_cpu,
+            started: 5,
         }
     }
 
@@ -174,7 +178,11 @@ mod tests {
     fn a_stat_line_gives_the_name_parent_and_times() {
         let line = "1 (process_api) S 0 1 1 0 -1 4194560 51 0 0 0 54 259 7 3 10 -10 41 0 2 \
                     1234 567 18446744073709551615";
-        assert_eq!(Stat::parse(line), Some(stat("process_api", 0, 3.13, 0.1)));
+        let agent = Stat {
+            started: 2,
+            ..stat("process_api", 0, 3.13, 0.1)
+        };
+        assert_eq!(Stat::parse(line), Some(agent));
         // A name with spaces and parentheses of its own.
         let line = "42 (a (b) c) R 7 42 42 0 -1 0 0 0 0 0 100 50 0 0 20 0 1 0 5 0 0";
         assert_eq!(Stat::parse(line), Some(stat("a (b) c", 7, 1.5, 0.0)));
@@ -204,8 +212,14 @@ mod tests {
             (6, stat("idle", 1, 3.0, 0.0)),
             // Started during the phase: all its time counts.
             (8, stat("newcomer", 1, 0.2, 0.0)),
-            // Its pid now a younger process's, below what the older read.
-            (7, stat("reused", 1, 0.001, 0.0)),
+            // Its pid now a younger process's: all of the younger's time.
+            (
+                7,
+                Stat {
+                    started: 900,
+                    ..stat("reused", 1, 0.3, 0.0)
+                },
+            ),
             // Too little to list.
             (9, stat("quiet", 1, 0.01, 0.0)),
         ]));
@@ -215,6 +229,7 @@ mod tests {
             json!([
                 {"name": "broker", "processes": 1, "percent_of_one_core": 9.0},
                 {"name": "agent", "processes": 1, "percent_of_one_core": 5.0},
+                {"name": "reused", "processes": 1, "percent_of_one_core": 3.0},
                 {"name": "newcomer", "processes": 1, "percent_of_one_core": 2.0},
                 {"name": "worker", "processes": 2, "percent_of_one_core": 2.0},
             ])
