@@ -137,14 +137,10 @@ async fn other_processes_busy_during_a_phase_are_named() {
         &addr,
         &[
             "ingest",
-            "--connections",
-            "2",
-            "--rest-workers",
-            "0",
-            "--duration",
-            "500ms",
-            "--watch",
-            "chat-service",
+            "--connections=2",
+            "--rest-workers=0",
+            "--duration=500ms",
+            "--watch=chat-service",
         ],
     )
     .await;
