@@ -700,6 +700,12 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
 
 fn summary(report: &serde_json::Value) -> String {
     let mut lines = vec![format!("scenario {}", report["scenario"])];
+    if report["cpu"]["others"].is_array() {
+        lines.push(format!(
+            "  {}",
+            processes::others_line(&report["cpu"]["others"])
+        ));
+    }
     if let Some(object) = report.as_object() {
         for (key, value) in object {
             if key != "scenario" {
@@ -1160,6 +1166,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             result["generator_loop_lag"]["p99_ms"],
             result["generator_loop_lag"]["max_ms"],
         );
+        eprintln!("  {}", processes::others_line(&result["cpu"]["others"]));
         phases.push(result);
         if !find_max || !passed {
             break;

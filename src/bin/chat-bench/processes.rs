@@ -160,6 +160,27 @@ impl Processes {
     }
 }
 
+/// One line for the readable summary from a phase's `cpu.others`.
+pub fn others_line(others: &serde_json::Value) -> String {
+    let listed: Vec<String> = others
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|other| {
+            format!(
+                "{} {}",
+                other["name"].as_str().unwrap_or("?"),
+                other["percent_of_one_core"]
+            )
+        })
+        .collect();
+    if listed.is_empty() {
+        format!("no other process used {OTHERS_FLOOR_PERCENT} % of a core or more")
+    } else {
+        format!("other processes, % of one core: {}", listed.join(", "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +272,22 @@ mod tests {
             .map(|o| o["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["p8", "p7", "p6", "p5", "p4"]);
+    }
+
+    #[test]
+    fn the_summary_names_the_others_or_says_there_were_none() {
+        let others = json!([
+            {"name": "process_api", "processes": 1, "percent_of_one_core": 1.2},
+            {"name": "erl_child_setup", "processes": 1, "percent_of_one_core": 0.6},
+        ]);
+        assert_eq!(
+            others_line(&others),
+            "other processes, % of one core: process_api 1.2, erl_child_setup 0.6"
+        );
+        assert_eq!(
+            others_line(&json!([])),
+            "no other process used 0.5 % of a core or more"
+        );
     }
 
     #[test]
