@@ -208,8 +208,8 @@ struct CpuMeter {
     started: Instant,
     own: f64,
     servers: Vec<(u32, f64)>,
-    /// Per `--watch` name, its processes at the start.
-    watched: Vec<(String, Vec<(u32, f64)>)>,
+    /// The `--watch` names.
+    watched: Vec<String>,
     /// Every process at the start ([`processes`]).
     processes: Processes,
     /// One share of a `--generators` run: its parent and the parent's
@@ -243,11 +243,7 @@ impl CpuMeter {
                 .iter()
                 .map(|&pid| (pid, processes.cpu(pid)))
                 .collect(),
-            watched: bench
-                .watched
-                .iter()
-                .map(|name| (name.clone(), processes.named(name)))
-                .collect(),
+            watched: bench.watched.clone(),
             processes,
             shard: bench.shard.is_some(),
             cores: cores::Cores::now(),
@@ -269,18 +265,12 @@ impl CpuMeter {
                 .iter()
                 .map(|&(pid, before)| (pid, now.cpu(pid) - before))
                 .collect(),
-            // A process that ended during the phase takes its CPU with it
-            // (its time is no longer readable): it counts as none, not as
-            // less than none.
             watched: self
                 .watched
                 .iter()
-                .map(|(name, processes)| {
-                    let used = processes
-                        .iter()
-                        .map(|&(pid, before)| (now.cpu(pid) - before).max(0.0))
-                        .sum();
-                    (name.clone(), processes.len(), used)
+                .map(|name| {
+                    let (processes, used) = now.named_since(&self.processes, name);
+                    (name.clone(), processes, used)
                 })
                 .collect(),
             others: now.others_since(&self.processes, |pid, stat| self.is_ours(pid, stat), wall),
@@ -294,7 +284,7 @@ impl CpuMeter {
         let parent = || std::os::unix::process::parent_id();
         pid == std::process::id()
             || self.servers.iter().any(|&(server, _)| server == pid)
-            || self.watched.iter().any(|(name, _)| *name == stat.name)
+            || self.watched.contains(&stat.name)
             || (self.shard && (pid == parent() || stat.ppid == parent()))
     }
 

@@ -98,13 +98,37 @@ impl Processes {
         self.0.get(&pid).map_or(0.0, |stat| stat.cpu)
     }
 
-    /// The processes named `name`, each with its CPU time so far.
-    pub fn named(&self, name: &str) -> Vec<(u32, f64)> {
-        self.0
+    /// What process `pid`, read now as `stat`, used since `before` by
+    /// `time` (its own, or with its ended children's): all of it if it
+    /// started since (or its pid was taken by a younger process).
+    fn used_since(before: &Processes, pid: u32, stat: &Stat, time: impl Fn(&Stat) -> f64) -> f64 {
+        match before.0.get(&pid) {
+            Some(was) if was.started == stat.started => (time(stat) - time(was)).max(0.0),
+            _ => time(stat),
+        }
+    }
+
+    /// The processes named `name` from `before` to now: how many ran (at
+    /// either end), and the CPU seconds they used. One started since counts
+    /// all its time (a database backend a growing pool opened, say); one
+    /// that ended counts as none, its time no longer readable.
+    pub fn named_since(&self, before: &Processes, name: &str) -> (usize, f64) {
+        let ended = before
+            .0
             .iter()
-            .filter(|(_, stat)| stat.name == name)
-            .map(|(&pid, stat)| (pid, stat.cpu))
-            .collect()
+            .filter(|&(pid, was)| {
+                was.name == name && self.0.get(pid).is_none_or(|s| s.started != was.started)
+            })
+            .count();
+        self.0.iter().filter(|(_, stat)| stat.name == name).fold(
+            (ended, 0.0),
+            |(count, used), (&pid, stat)| {
+                (
+                    count + 1,
+                    used + Self::used_since(before, pid, stat, |s| s.cpu),
+                )
+            },
+        )
     }
 
     /// The busiest processes, by name, from `before` to now that are not
@@ -122,12 +146,7 @@ impl Processes {
             if ours(pid, stat) {
                 continue;
             }
-            let total = |stat: &Stat| stat.cpu + stat.children_cpu;
-            let used = match before.0.get(&pid) {
-                Some(was) if was.started == stat.started => total(stat) - total(was),
-                // New since `before`, or its pid taken by a younger process.
-                _ => total(stat),
-            };
+            let used = Self::used_since(before, pid, stat, |s| s.cpu + s.children_cpu);
             if used > 0.0 {
                 let entry = by_name.entry(&stat.name).or_default();
                 entry.0 += 1;
@@ -255,6 +274,26 @@ mod tests {
                 {"name": "worker", "processes": 2, "percent_of_one_core": 2.0},
             ])
         );
+    }
+
+    #[test]
+    fn a_watched_name_counts_its_processes_started_during_the_phase() {
+        let before = Processes(HashMap::from([
+            (10, stat("postgres", 1, 1.0, 0.0)),
+            (11, stat("postgres", 1, 2.0, 0.0)),
+            (12, stat("redis-server", 1, 5.0, 0.0)),
+        ]));
+        let after = Processes(HashMap::from([
+            (10, stat("postgres", 1, 1.5, 0.0)),
+            // 11 ended: none of its time can be read.
+            // A backend opened during the phase: all its time.
+            (13, stat("postgres", 1, 0.3, 0.0)),
+            (12, stat("redis-server", 1, 5.5, 0.0)),
+        ]));
+        let (count, used) = after.named_since(&before, "postgres");
+        assert_eq!(count, 3);
+        assert!((used - 0.8).abs() < 1e-9, "{used}");
+        assert_eq!(after.named_since(&before, "nothing"), (0, 0.0));
     }
 
     #[test]
