@@ -129,8 +129,10 @@ async fn generators_spread_over_the_cpus_they_may_use() {
 async fn other_processes_busy_during_a_phase_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, addr) = spawn_service(dir.path(), &LOAD_LIMITS).await;
-    let mut busy = std::process::Command::new("yes")
+    // Killed when dropped, so a failing run does not leave it spinning.
+    let busy = tokio::process::Command::new("yes")
         .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .expect("yes starts");
     let ingest = bench(
@@ -144,8 +146,7 @@ async fn other_processes_busy_during_a_phase_are_named() {
         ],
     )
     .await;
-    busy.kill().unwrap();
-    busy.wait().unwrap();
+    drop(busy);
     let others = ingest["cpu"]["others"].as_array().expect("a list");
     let yes = others.iter().find(|other| other["name"] == "yes");
     let percent = yes.and_then(|yes| yes["percent_of_one_core"].as_f64());
@@ -167,7 +168,9 @@ async fn pauses_are_seen_on_each_cpu_the_process_may_use() {
         .env_remove("JWT_SECRET")
         .args(["pauses", "--duration", "1500ms", "--threshold", "50ms"])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        .stderr(std::process::Stdio::piped())
+        // Not left stopped if a signal below fails.
+        .kill_on_drop(true);
     let child = command.spawn().expect("chat-bench starts");
     let pid = child.id().expect("a running child").to_string();
     // Well after its start, well before its end.

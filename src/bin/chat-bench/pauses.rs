@@ -13,7 +13,10 @@
 //! other work on the CPU cannot delay it, so what it reports is the
 //! machine's, while at normal priority a busy CPU's other threads can
 //! delay it by about a scheduler slice (docs/benchmarks.md, twenty-eighth
-//! VM).
+//! VM). It does not see everything a busy thread suffers: a sleeper is let
+//! in as soon as it wakes, so a heavier-weighted process that holds up a
+//! busy server can pass unseen; a phase's `cpu.others` names such a
+//! process ([`crate::processes`]; twenty-ninth VM).
 
 use std::time::{Duration, Instant};
 
