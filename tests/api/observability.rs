@@ -91,18 +91,23 @@ async fn a_send_is_traced_across_pods_without_tokens_or_bodies() {
     // A connection's span ends (and is exported) when it closes.
     sender.stream.close(None).await.unwrap();
 
-    // Wait for both pods' batches.
+    // Wait for both pods' batches: the other pod's fan-out of this send
+    // (not just any remote fan-out: alice's `join` has one too, exported
+    // earlier) and the closed connection's span.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let spans = loop {
         let spans = received.lock().unwrap().clone();
-        let remote_fan_out = spans.iter().any(|s| {
-            s.name == "hub.fan_out"
-                && attribute_strings(s)
+        let send_fan_outs = spans
+            .iter()
+            .find(|s| s.name == "chat.send")
+            .map_or(0, |send| {
+                spans
                     .iter()
-                    .any(|v| v.contains("BoolValue(true)"))
-        });
+                    .filter(|s| s.name == "hub.fan_out" && s.trace_id == send.trace_id)
+                    .count()
+            });
         let connection = spans.iter().any(|s| s.name == "ws.connection");
-        if (remote_fan_out && connection) || tokio::time::Instant::now() > deadline {
+        if (send_fan_outs >= 2 && connection) || tokio::time::Instant::now() > deadline {
             break spans;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
