@@ -413,6 +413,9 @@ async fn every_scenario_runs_and_reports() {
     // Over the phases' 0.5 s (or a little longer on a slow machine).
     assert!(acked > 0.0 && rate > 0.0 && rate <= acked / 0.5, "{split}");
     assert_eq!(split["refused"], 0, "{split}");
+    // Every send the two processes made was answered.
+    assert_eq!(split["ws_sent"].as_f64(), Some(acked), "{split}");
+    assert_eq!(split["unanswered"], 0, "{split}");
     assert!(split.get("shard").is_none(), "{split}");
     // A split the merge cannot honour is refused before anything starts.
     for (args, says) in [
@@ -463,6 +466,14 @@ async fn every_scenario_runs_and_reports() {
         "{ingest}"
     );
     assert_eq!(ingest["refused"], 0);
+    // Each send made was answered, so none is listed as unanswered.
+    assert_eq!(ingest["ws_sent"], ingest["ws_acked"], "{ingest}");
+    assert_eq!(ingest["unanswered"], 0, "{ingest}");
+    assert_eq!(
+        ingest["unanswered_sends"],
+        serde_json::json!([]),
+        "{ingest}"
+    );
     // The watched processes (found by name: this test's server among
     // them) are reported with the servers, and what a message cost each.
     let watched = &ingest["cpu"]["watched"][0];

@@ -296,9 +296,16 @@ fn merge_ingest(reports: &[Value]) -> Value {
     let first = &reports[0];
     let mut report = first.clone();
     let sum = |key: &str| sum_u64(reports.iter(), key);
-    for key in ["ws_acked", "rest_acked", "refused"] {
+    for key in ["ws_sent", "ws_acked", "rest_acked", "refused", "unanswered"] {
         report[key] = json!(sum(key));
     }
+    let listed: Vec<&Value> = reports
+        .iter()
+        .filter_map(|r| r["unanswered_sends"].as_array())
+        .flatten()
+        .take(crate::Unanswered::LISTED)
+        .collect();
+    report["unanswered_sends"] = json!(listed);
     let acked = sum("ws_acked") + sum("rest_acked");
     let elapsed = max_f64(reports.iter().map(|r| &r["shard"]), "elapsed_seconds");
     report["acked_per_second"] = json!(if elapsed > 0.0 {
@@ -467,7 +474,9 @@ mod tests {
         let shard = |ws: u64, rest: u64, elapsed: f64, generator_us: f64| {
             json!({
                 "scenario": "ingest",
-                "ws_acked": ws, "rest_acked": rest, "refused": 1,
+                "ws_sent": ws + 2, "ws_acked": ws, "rest_acked": rest, "refused": 1,
+                "unanswered": 1,
+                "unanswered_sends": [{"room": format!("r{ws}"), "client_id": "7"}],
                 "acked_per_second": (ws + rest) as f64 / elapsed,
                 "cpu": {"generator_percent_of_one_core": 20.0, "servers": []},
                 // Each shard read the same server: 100 ms of CPU over the
@@ -480,9 +489,15 @@ mod tests {
             })
         };
         let merged = merge(&[shard(900, 100, 2.0, 10.0), shard(3_000, 0, 2.5, 30.0)]).unwrap();
+        assert_eq!(merged["ws_sent"], 3_904);
         assert_eq!(merged["ws_acked"], 3_900);
         assert_eq!(merged["rest_acked"], 100);
         assert_eq!(merged["refused"], 2);
+        assert_eq!(merged["unanswered"], 2);
+        assert_eq!(
+            merged["unanswered_sends"],
+            json!([{"room": "r900", "client_id": "7"}, {"room": "r3000", "client_id": "7"}])
+        );
         // 4,000 acks over the longer phase.
         assert_eq!(merged["acked_per_second"], 1_600.0);
         // The server's 100 ms over 4,000 acks; the generators' 10 ms and

@@ -1188,6 +1188,28 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
     Ok(report)
 }
 
+/// An ingest connection's sends that got no answer (ack or error) within
+/// [`ACK_GRACE`] of the run's end: its room and their `client_id`s.
+struct Unanswered {
+    room: String,
+    client_ids: Vec<u64>,
+}
+
+impl Unanswered {
+    /// How many are listed by name in a report: enough to look them up.
+    const LISTED: usize = 10;
+
+    /// The first [`Self::LISTED`] sends, each as its room and `client_id`.
+    fn listed(all: &[Self]) -> serde_json::Value {
+        let sends = all.iter().flat_map(|u| {
+            u.client_ids
+                .iter()
+                .map(|id| json!({"room": u.room, "client_id": id.to_string()}))
+        });
+        json!(sends.take(Self::LISTED).collect::<Vec<_>>())
+    }
+}
+
 async fn ingest(
     bench: &Arc<Bench>,
     connections: usize,
@@ -1195,6 +1217,7 @@ async fn ingest(
     rest_workers: usize,
     duration: Duration,
 ) -> anyhow::Result<serde_json::Value> {
+    let ws_sent = Arc::new(AtomicU64::new(0));
     let ws_acked = Arc::new(AtomicU64::new(0));
     let rest_acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
@@ -1206,11 +1229,10 @@ async fn ingest(
     for c in (0..connections).filter(|&c| shard.owns(c)) {
         let room = format!("ingest-{}-{c}", bench.run_id);
         bench.create_room(&room).await?;
-        sockets.push(
-            bench
-                .connect(c, &room, &format!("w-{}-{c}", bench.run_id))
-                .await?,
-        );
+        let socket = bench
+            .connect(c, &room, &format!("w-{}-{c}", bench.run_id))
+            .await?;
+        sockets.push((socket, room));
     }
     let mut rest_rooms = Vec::with_capacity(rest_workers);
     for w in (0..rest_workers).filter(|&w| shard.owns(w)) {
@@ -1224,9 +1246,16 @@ async fn ingest(
     let cpu = CpuMeter::start(bench);
     let server_before = server_view::Reading::take(&bench.http, &bench.urls).await;
     let end = Instant::now() + duration;
+    // Answers still missing this long after the end are given up on, and
+    // their sends reported as `unanswered`.
+    let give_up = tokio::time::Instant::from_std(end + ACK_GRACE);
     let mut tasks = Vec::new();
-    for mut socket in sockets {
-        let (acked, refused) = (Arc::clone(&ws_acked), Arc::clone(&refused));
+    for (mut socket, room) in sockets {
+        let (sent, acked, refused) = (
+            Arc::clone(&ws_sent),
+            Arc::clone(&ws_acked),
+            Arc::clone(&refused),
+        );
         tasks.push(tokio::spawn(async move {
             let (mut in_flight, mut sends, mut text) = (0, 0u64, Vec::new());
             loop {
@@ -1239,17 +1268,27 @@ async fn ingest(
                         r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#
                     );
                     socket.queue_text(&text);
+                    sent.fetch_add(1, Ordering::Relaxed);
                     in_flight += 1;
                 }
                 if socket.flush().await.is_err() || in_flight == 0 {
-                    return;
+                    return None;
                 }
                 // Every answer that came in the same read is taken before
                 // the window is refilled, so the sends it frees leave in
                 // one write, as a pipelining client's would, not one
                 // write per answer.
                 loop {
-                    match socket.next_text().await {
+                    let Ok(frame) = tokio::time::timeout_at(give_up, socket.next_text()).await
+                    else {
+                        // The sends not answered: the window's last ones.
+                        let first = sends + 1 - in_flight as u64;
+                        return Some(Unanswered {
+                            room,
+                            client_ids: (first..=sends).collect(),
+                        });
+                    };
+                    match frame {
                         Ok(Some(frame)) => match member::reply(frame) {
                             Reply::Ack => {
                                 acked.fetch_add(1, Ordering::Relaxed);
@@ -1261,7 +1300,7 @@ async fn ingest(
                             }
                             Reply::Other => {}
                         },
-                        _ => return,
+                        _ => return None,
                     }
                     if !socket.frame_buffered() {
                         break;
@@ -1270,6 +1309,7 @@ async fn ingest(
             }
         }));
     }
+    let mut rest_tasks = Vec::new();
     for (w, room) in &rest_rooms {
         let w = *w;
         let url = format!("{}/api/v1/rooms/{room}/messages", bench.url(w));
@@ -1279,7 +1319,7 @@ async fn ingest(
             Arc::clone(&rest_acked),
             Arc::clone(&refused),
         );
-        tasks.push(tokio::spawn(async move {
+        rest_tasks.push(tokio::spawn(async move {
             let mut sends = 0u64;
             while Instant::now() < end {
                 sends += 1;
@@ -1296,8 +1336,12 @@ async fn ingest(
             }
         }));
     }
-    for task in tasks {
+    for task in rest_tasks {
         let _ = task.await;
+    }
+    let mut unanswered = Vec::new();
+    for task in tasks {
+        unanswered.extend(task.await.ok().flatten());
     }
     let used = cpu.used();
     let server = server_view::Reading::take(&bench.http, &bench.urls)
@@ -1314,9 +1358,12 @@ async fn ingest(
         "window": window,
         "rest_workers": rest_workers,
         "duration_seconds": duration.as_secs_f64(),
+        "ws_sent": ws_sent.load(Ordering::Relaxed),
         "ws_acked": ws,
         "rest_acked": rest,
         "refused": refused.load(Ordering::Relaxed),
+        "unanswered": unanswered.iter().map(|u| u.client_ids.len()).sum::<usize>(),
+        "unanswered_sends": Unanswered::listed(&unanswered),
         "acked_per_second": (ws + rest) as f64 / elapsed,
         "cpu": used.report(),
         "cpu_us_per_acked": used.per_message(ws + rest),
@@ -1342,6 +1389,23 @@ mod tests {
         assert_eq!(span.rate(2_000_000), 100_000.0);
         assert_eq!(span.seconds, 20.0);
         assert_eq!(span.drain_seconds, 5.001);
+    }
+
+    /// A run's unanswered sends are listed by room and `client_id`, the
+    /// first ten of them, so that they can be looked up in the database.
+    #[test]
+    fn unanswered_sends_are_listed_by_room_and_client_id() {
+        let stuck = |room: &str, client_ids: std::ops::RangeInclusive<u64>| Unanswered {
+            room: room.to_owned(),
+            client_ids: client_ids.collect(),
+        };
+        let listed = Unanswered::listed(&[stuck("a", 41..=41), stuck("b", 3..=14)]);
+        let listed = listed.as_array().unwrap();
+        assert_eq!(listed.len(), Unanswered::LISTED);
+        assert_eq!(listed[0], json!({"room": "a", "client_id": "41"}));
+        assert_eq!(listed[1], json!({"room": "b", "client_id": "3"}));
+        assert_eq!(listed[9], json!({"room": "b", "client_id": "11"}));
+        assert_eq!(Unanswered::listed(&[]), json!([]));
     }
 
     /// A step passes only when everything got through in time and the
