@@ -164,8 +164,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
     /// connection (with a close frame or not). Pings are answered on the
     /// way; binary frames and pongs are skipped.
     ///
-    /// Cancel-safe while it waits to read: what was read is kept in the
-    /// buffer (only the rare pong's write could be cut short).
+    /// Cancel-safe: what was read is kept in the buffer, and a pong cut
+    /// short is finished by the next flush ([`Member::flush`]).
     pub async fn next_text(&mut self) -> io::Result<Option<&[u8]>> {
         loop {
             let Some(frame) = self.parse()? else {
@@ -275,10 +275,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
     }
 
     /// Writes the queued frames, in one write when the socket takes them.
+    /// Cancel-safe: what the socket took is dropped from the queue as it
+    /// goes, so a flush cut short (a pong's, inside a cancelled
+    /// [`Member::next_text`]) leaves only the rest for the next one, never
+    /// a frame's first bytes twice. A failed write drops the queue.
     pub async fn flush(&mut self) -> io::Result<()> {
-        let written = self.stream.write_all(&self.out).await;
-        self.out.clear();
-        written
+        while !self.out.is_empty() {
+            match self.stream.write(&self.out).await {
+                Ok(0) => {
+                    self.out.clear();
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(written) => {
+                    self.out.drain(..written);
+                }
+                Err(err) => {
+                    self.out.clear();
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes `payload` as one text frame.
@@ -574,6 +591,28 @@ mod tests {
             read_client_frame(&mut server).await,
             (OPCODE_PONG, b"p".to_vec())
         );
+    }
+
+    /// A flush cut short (its future dropped while the socket was full, as
+    /// a pong's inside a cancelled `next_text`) leaves the rest for the
+    /// next flush: each frame arrives once and whole.
+    #[tokio::test]
+    async fn a_flush_cut_short_is_finished_by_the_next() {
+        use futures_util::FutureExt;
+        let (mut member, mut server) = connected(&[]).await;
+        // More than the pipe between them holds (1 MiB).
+        let big = vec![b'x'; 3 << 19];
+        member.queue_text(&big);
+        assert!(member.flush().now_or_never().is_none(), "the pipe is full");
+        member.queue_text(b"next");
+        let reader = tokio::spawn(async move {
+            let first = read_client_frame(&mut server).await;
+            (first, read_client_frame(&mut server).await, server)
+        });
+        member.flush().await.unwrap();
+        let (first, second, _server) = reader.await.unwrap();
+        assert_eq!(first, (OPCODE_TEXT, big));
+        assert_eq!(second, (OPCODE_TEXT, b"next".to_vec()));
     }
 
     /// Replies are told apart as the server writes them, and nothing a
