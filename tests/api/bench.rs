@@ -469,6 +469,7 @@ async fn every_scenario_runs_and_reports() {
     // Each send made was answered, so none is listed as unanswered.
     assert_eq!(ingest["ws_sent"], ingest["ws_acked"], "{ingest}");
     assert_eq!(ingest["unanswered"], 0, "{ingest}");
+    assert_eq!(ingest["unpaired_answers"], 0, "{ingest}");
     assert_eq!(
         ingest["unanswered_sends"],
         serde_json::json!([]),

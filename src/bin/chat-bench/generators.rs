@@ -296,7 +296,14 @@ fn merge_ingest(reports: &[Value]) -> Value {
     let first = &reports[0];
     let mut report = first.clone();
     let sum = |key: &str| sum_u64(reports.iter(), key);
-    for key in ["ws_sent", "ws_acked", "rest_acked", "refused", "unanswered"] {
+    for key in [
+        "ws_sent",
+        "ws_acked",
+        "rest_acked",
+        "refused",
+        "unanswered",
+        "unpaired_answers",
+    ] {
         report[key] = json!(sum(key));
     }
     let listed: Vec<&Value> = reports
@@ -475,7 +482,7 @@ mod tests {
             json!({
                 "scenario": "ingest",
                 "ws_sent": ws + 2, "ws_acked": ws, "rest_acked": rest, "refused": 1,
-                "unanswered": 1,
+                "unanswered": 1, "unpaired_answers": 0,
                 "unanswered_sends": [{"room": format!("r{ws}"), "client_id": "7"}],
                 "acked_per_second": (ws + rest) as f64 / elapsed,
                 "cpu": {"generator_percent_of_one_core": 20.0, "servers": []},

@@ -1218,6 +1218,7 @@ async fn ingest(
     duration: Duration,
 ) -> anyhow::Result<serde_json::Value> {
     let ws_sent = Arc::new(AtomicU64::new(0));
+    let unpaired = Arc::new(AtomicU64::new(0));
     let ws_acked = Arc::new(AtomicU64::new(0));
     let rest_acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
@@ -1251,10 +1252,11 @@ async fn ingest(
     let give_up = tokio::time::Instant::from_std(end + ACK_GRACE);
     let mut tasks = Vec::new();
     for (mut socket, room) in sockets {
-        let (sent, acked, refused) = (
+        let (sent, acked, refused, unpaired) = (
             Arc::clone(&ws_sent),
             Arc::clone(&ws_acked),
             Arc::clone(&refused),
+            Arc::clone(&unpaired),
         );
         tasks.push(tokio::spawn(async move {
             let (mut in_flight, mut sends, mut text) = (0, 0u64, Vec::new());
@@ -1288,19 +1290,24 @@ async fn ingest(
                             client_ids: (first..=sends).collect(),
                         });
                     };
-                    match frame {
-                        Ok(Some(frame)) => match member::reply(frame) {
-                            Reply::Ack => {
-                                acked.fetch_add(1, Ordering::Relaxed);
-                                in_flight -= 1;
-                            }
-                            Reply::Error => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                                in_flight -= 1;
-                            }
-                            Reply::Other => {}
-                        },
+                    let answer = match frame {
+                        Ok(Some(frame)) => member::reply(frame),
                         _ => return None,
+                    };
+                    let counter = match answer {
+                        Reply::Ack => Some(&acked),
+                        Reply::Error => Some(&refused),
+                        Reply::Other => None,
+                    };
+                    if let Some(counter) = counter {
+                        if in_flight == 0 {
+                            // An answer to no send: counted apart, so that
+                            // it cannot stand in for the next send's.
+                            unpaired.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            in_flight -= 1;
+                        }
                     }
                     if !socket.frame_buffered() {
                         break;
@@ -1364,6 +1371,7 @@ async fn ingest(
         "refused": refused.load(Ordering::Relaxed),
         "unanswered": unanswered.iter().map(|u| u.client_ids.len()).sum::<usize>(),
         "unanswered_sends": Unanswered::listed(&unanswered),
+        "unpaired_answers": unpaired.load(Ordering::Relaxed),
         "acked_per_second": (ws + rest) as f64 / elapsed,
         "cpu": used.report(),
         "cpu_us_per_acked": used.per_message(ws + rest),
