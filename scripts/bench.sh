@@ -34,6 +34,10 @@
 #                (default: every CPU but SERVER_CPUS's first, or 0 on one CPU)
 #   RUST_LOG     the servers' log filter (default warn, as in the docs' figures)
 #   KEEP_LOGS    set to keep the servers' logs (their directory is printed)
+#   KEEP_DATA    set to keep the run's database and Redis keys (cluster mode;
+#                named at exit): to look up what a run stored, e.g. the
+#                sends an ingest run reports as `unanswered`. A throwaway
+#                PostgreSQL or Redis the script started is stopped all the same.
 #   BIN_DIR      run the chat-service and chat-bench found there instead of
 #                building this checkout (to compare two builds)
 #   HALT_POLL_NS on a KVM guest whose idle driver is haltpoll: how long an
@@ -44,7 +48,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [[ $# -ge 1 ]] || {
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    # The comment block at the top, all of it.
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
 }
 
@@ -106,7 +111,9 @@ finish() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     for pid in "${local_pids[@]}"; do taskset -a -cp "0-$((CPUS - 1))" "$pid" >/dev/null 2>&1 || true; done
-    if [[ $MODE == cluster ]]; then
+    if [[ $MODE == cluster && -n ${KEEP_DATA:-} ]]; then
+        say "kept: database $RUN, Redis keys $RUN:*"
+    elif [[ $MODE == cluster ]]; then
         "$psql" -q -d "$CHAT_TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS $RUN" || true
         if command -v redis-cli >/dev/null; then
             redis-cli -u "$CHAT_TEST_REDIS_URL" --scan --pattern "$RUN:*" |
