@@ -1188,6 +1188,18 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
     Ok(report)
 }
 
+/// What an ingest run's connections and REST workers counted.
+#[derive(Default)]
+struct IngestCounts {
+    ws_sent: AtomicU64,
+    ws_acked: AtomicU64,
+    rest_acked: AtomicU64,
+    /// Sends answered with an error, over either transport.
+    refused: AtomicU64,
+    /// Acks and errors that came with no send of the connection in flight.
+    unpaired: AtomicU64,
+}
+
 /// An ingest connection's sends that got no answer (ack or error) within
 /// [`ACK_GRACE`] of the run's end: its room and their `client_id`s.
 struct Unanswered {
@@ -1217,11 +1229,7 @@ async fn ingest(
     rest_workers: usize,
     duration: Duration,
 ) -> anyhow::Result<serde_json::Value> {
-    let ws_sent = Arc::new(AtomicU64::new(0));
-    let unpaired = Arc::new(AtomicU64::new(0));
-    let ws_acked = Arc::new(AtomicU64::new(0));
-    let rest_acked = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(IngestCounts::default());
     // A `--generators` shard takes every N-th connection and REST worker.
     let shard = bench.shard.unwrap_or(Shard::WHOLE);
     // Everything is connected before anything is sent, so the whole run
@@ -1252,12 +1260,7 @@ async fn ingest(
     let give_up = tokio::time::Instant::from_std(end + ACK_GRACE);
     let mut tasks = Vec::new();
     for (mut socket, room) in sockets {
-        let (sent, acked, refused, unpaired) = (
-            Arc::clone(&ws_sent),
-            Arc::clone(&ws_acked),
-            Arc::clone(&refused),
-            Arc::clone(&unpaired),
-        );
+        let counts = Arc::clone(&counts);
         tasks.push(tokio::spawn(async move {
             let (mut in_flight, mut sends, mut text) = (0, 0u64, Vec::new());
             loop {
@@ -1270,7 +1273,7 @@ async fn ingest(
                         r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#
                     );
                     socket.queue_text(&text);
-                    sent.fetch_add(1, Ordering::Relaxed);
+                    counts.ws_sent.fetch_add(1, Ordering::Relaxed);
                     in_flight += 1;
                 }
                 if socket.flush().await.is_err() || in_flight == 0 {
@@ -1295,15 +1298,15 @@ async fn ingest(
                         _ => return None,
                     };
                     let counter = match answer {
-                        Reply::Ack => Some(&acked),
-                        Reply::Error => Some(&refused),
+                        Reply::Ack => Some(&counts.ws_acked),
+                        Reply::Error => Some(&counts.refused),
                         Reply::Other => None,
                     };
                     if let Some(counter) = counter {
                         if in_flight == 0 {
                             // An answer to no send: counted apart, so that
                             // it cannot stand in for the next send's.
-                            unpaired.fetch_add(1, Ordering::Relaxed);
+                            counts.unpaired.fetch_add(1, Ordering::Relaxed);
                         } else {
                             counter.fetch_add(1, Ordering::Relaxed);
                             in_flight -= 1;
@@ -1321,11 +1324,7 @@ async fn ingest(
         let w = *w;
         let url = format!("{}/api/v1/rooms/{room}/messages", bench.url(w));
         let token = bench.token(&format!("r-{}-{w}", bench.run_id), &[])?;
-        let (http, acked, refused) = (
-            bench.http.clone(),
-            Arc::clone(&rest_acked),
-            Arc::clone(&refused),
-        );
+        let (http, counts) = (bench.http.clone(), Arc::clone(&counts));
         rest_tasks.push(tokio::spawn(async move {
             let mut sends = 0u64;
             while Instant::now() < end {
@@ -1337,8 +1336,10 @@ async fn ingest(
                     .send()
                     .await
                 {
-                    Ok(r) if r.status().is_success() => acked.fetch_add(1, Ordering::Relaxed),
-                    _ => refused.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) if r.status().is_success() => {
+                        counts.rest_acked.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => counts.refused.fetch_add(1, Ordering::Relaxed),
                 };
             }
         }));
@@ -1355,23 +1356,21 @@ async fn ingest(
         .await
         .since(&server_before);
     let elapsed = used.wall.max(duration.as_secs_f64());
-    let (ws, rest) = (
-        ws_acked.load(Ordering::Relaxed),
-        rest_acked.load(Ordering::Relaxed),
-    );
+    let load = |count: &AtomicU64| count.load(Ordering::Relaxed);
+    let (ws, rest) = (load(&counts.ws_acked), load(&counts.rest_acked));
     let mut report = json!({
         "scenario": "ingest",
         "connections": connections,
         "window": window,
         "rest_workers": rest_workers,
         "duration_seconds": duration.as_secs_f64(),
-        "ws_sent": ws_sent.load(Ordering::Relaxed),
+        "ws_sent": load(&counts.ws_sent),
         "ws_acked": ws,
         "rest_acked": rest,
-        "refused": refused.load(Ordering::Relaxed),
+        "refused": load(&counts.refused),
         "unanswered": unanswered.iter().map(|u| u.client_ids.len()).sum::<usize>(),
         "unanswered_sends": Unanswered::listed(&unanswered),
-        "unpaired_answers": unpaired.load(Ordering::Relaxed),
+        "unpaired_answers": load(&counts.unpaired),
         "acked_per_second": (ws + rest) as f64 / elapsed,
         "cpu": used.report(),
         "cpu_us_per_acked": used.per_message(ws + rest),

@@ -120,15 +120,16 @@ impl Processes {
                 was.name == name && self.0.get(pid).is_none_or(|s| s.started != was.started)
             })
             .count();
-        self.0.iter().filter(|(_, stat)| stat.name == name).fold(
-            (ended, 0.0),
-            |(count, used), (&pid, stat)| {
-                (
-                    count + 1,
-                    used + Self::used_since(before, pid, stat, |s| s.cpu),
-                )
-            },
-        )
+        let running: Vec<_> = self
+            .0
+            .iter()
+            .filter(|(_, stat)| stat.name == name)
+            .collect();
+        let used = running
+            .iter()
+            .map(|&(&pid, stat)| Self::used_since(before, pid, stat, |s| s.cpu))
+            .sum();
+        (ended + running.len(), used)
     }
 
     /// The busiest processes, by name, from `before` to now that are not
