@@ -514,3 +514,77 @@ async fn every_scenario_runs_and_reports() {
     );
     assert!(view["append"]["count"].as_u64().unwrap() >= 1, "{ingest}");
 }
+
+/// Sends in flight on a connection the server closes are reported as
+/// unanswered, with the close frame's code, and the run still reports.
+#[tokio::test]
+async fn ingest_reports_the_sends_a_closed_connection_left_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sends are not limited, but more than 20 frames in ten seconds on one
+    // connection is a flood: the second window of 16 sends crosses it.
+    let mut limits = LOAD_LIMITS;
+    limits[3] = ("FRAME_FLOOD_LIMIT", "20");
+    let (_server, addr) = spawn_service(dir.path(), &limits).await;
+    let ingest = bench(
+        &addr,
+        &[
+            "ingest",
+            "--connections",
+            "2",
+            "--window",
+            "16",
+            "--rest-workers",
+            "0",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    let count = |key: &str| ingest[key].as_u64().unwrap();
+    assert_eq!(count("refused"), 0, "{ingest}");
+    assert!(count("unanswered") > 0, "{ingest}");
+    assert_eq!(
+        count("ws_sent"),
+        count("ws_acked") + count("unanswered"),
+        "every send is either acked or unanswered: {ingest}"
+    );
+    let listed = ingest["unanswered_sends"].as_array().unwrap();
+    assert_eq!(listed.len() as u64, count("unanswered").min(10), "{ingest}");
+    for send in listed {
+        assert_eq!(send["why"], "closed by the server (4029)", "{ingest}");
+        assert!(
+            send["room"].as_str().unwrap().starts_with("ingest-"),
+            "{ingest}"
+        );
+    }
+}
+
+/// An ingest connection keeps sending when the server's pings come behind
+/// its answers: pings every 20 ms land in the same read as an ack again
+/// and again, and a sender that read on past one for a text would wait
+/// for ever (until the tool's 60 s grace, which the timeout below is well
+/// short of).
+#[tokio::test]
+async fn ingest_senders_are_not_stalled_by_the_servers_pings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = LOAD_LIMITS.to_vec();
+    env.push(("PING_INTERVAL", "20ms"));
+    let (_server, addr) = spawn_service(dir.path(), &env).await;
+    let run = bench(
+        &addr,
+        &[
+            "ingest",
+            "--connections",
+            "4",
+            "--rest-workers",
+            "0",
+            "--duration",
+            "1s",
+        ],
+    );
+    let ingest = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run ends with its phase, not 60 s later");
+    assert_eq!(ingest["ws_sent"], ingest["ws_acked"], "{ingest}");
+    assert_eq!(ingest["unanswered"], 0, "{ingest}");
+}

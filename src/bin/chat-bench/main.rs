@@ -1200,23 +1200,57 @@ struct IngestCounts {
     unpaired: AtomicU64,
 }
 
-/// An ingest connection's sends that got no answer (ack or error) within
-/// [`ACK_GRACE`] of the run's end: its room and their `client_id`s.
+/// An ingest connection's sends that got no answer (ack or error): its
+/// room, their `client_id`s, and why the answers stopped.
 struct Unanswered {
     room: String,
     client_ids: Vec<u64>,
+    why: Silence,
+}
+
+/// Why an ingest connection stopped waiting for its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Silence {
+    /// None came within [`ACK_GRACE`] of the run's end.
+    GaveUp,
+    /// The server closed the connection, with this close frame's code.
+    Closed(u16),
+    /// The connection failed, or ended without a close frame.
+    Lost,
+}
+
+impl Silence {
+    fn describe(self) -> String {
+        match self {
+            Self::GaveUp => format!("no answer {} s after the end", ACK_GRACE.as_secs()),
+            Self::Closed(code) => format!("closed by the server ({code})"),
+            Self::Lost => "connection lost".to_owned(),
+        }
+    }
 }
 
 impl Unanswered {
     /// How many are listed by name in a report: enough to look them up.
     const LISTED: usize = 10;
 
-    /// The first [`Self::LISTED`] sends, each as its room and `client_id`.
+    /// The last `in_flight` of a connection's `sends` (its `client_id`s
+    /// count them), if any were in flight when its answers stopped.
+    fn in_flight(room: String, sends: u64, in_flight: usize, why: Silence) -> Option<Self> {
+        (in_flight > 0).then(|| Self {
+            room,
+            client_ids: (sends + 1 - in_flight as u64..=sends).collect(),
+            why,
+        })
+    }
+
+    /// The first [`Self::LISTED`] sends, each as its room, `client_id`
+    /// and why it went unanswered.
     fn listed(all: &[Self]) -> serde_json::Value {
         let sends = all.iter().flat_map(|u| {
+            let why = u.why.describe();
             u.client_ids
                 .iter()
-                .map(|id| json!({"room": u.room, "client_id": id.to_string()}))
+                .map(move |id| json!({"room": u.room, "client_id": id.to_string(), "why": why}))
         });
         json!(sends.take(Self::LISTED).collect::<Vec<_>>())
     }
@@ -1276,7 +1310,10 @@ async fn ingest(
                     counts.ws_sent.fetch_add(1, Ordering::Relaxed);
                     in_flight += 1;
                 }
-                if socket.flush().await.is_err() || in_flight == 0 {
+                if socket.flush().await.is_err() {
+                    return Unanswered::in_flight(room, sends, in_flight, Silence::Lost);
+                }
+                if in_flight == 0 {
                     return None;
                 }
                 // Every answer that came in the same read is taken before
@@ -1286,16 +1323,18 @@ async fn ingest(
                 loop {
                     let Ok(frame) = tokio::time::timeout_at(give_up, socket.next_text()).await
                     else {
-                        // The sends not answered: the window's last ones.
-                        let first = sends + 1 - in_flight as u64;
-                        return Some(Unanswered {
-                            room,
-                            client_ids: (first..=sends).collect(),
-                        });
+                        let why = Silence::GaveUp;
+                        return Unanswered::in_flight(room, sends, in_flight, why);
                     };
                     let answer = match frame {
                         Ok(Some(frame)) => member::reply(frame),
-                        _ => return None,
+                        Ok(None) => {
+                            let why = socket.closed_with().map_or(Silence::Lost, Silence::Closed);
+                            return Unanswered::in_flight(room, sends, in_flight, why);
+                        }
+                        Err(_) => {
+                            return Unanswered::in_flight(room, sends, in_flight, Silence::Lost);
+                        }
                     };
                     let counter = match answer {
                         Reply::Ack => Some(&counts.ws_acked),
@@ -1312,7 +1351,7 @@ async fn ingest(
                             in_flight -= 1;
                         }
                     }
-                    if !socket.frame_buffered() {
+                    if !socket.text_buffered() {
                         break;
                     }
                 }
@@ -1402,16 +1441,24 @@ mod tests {
     /// first ten of them, so that they can be looked up in the database.
     #[test]
     fn unanswered_sends_are_listed_by_room_and_client_id() {
-        let stuck = |room: &str, client_ids: std::ops::RangeInclusive<u64>| Unanswered {
-            room: room.to_owned(),
-            client_ids: client_ids.collect(),
+        let stuck = |room: &str, sends, in_flight, why| {
+            Unanswered::in_flight(room.to_owned(), sends, in_flight, why)
         };
-        let listed = Unanswered::listed(&[stuck("a", 41..=41), stuck("b", 3..=14)]);
+        assert!(
+            stuck("a", 40, 0, Silence::GaveUp).is_none(),
+            "nothing in flight"
+        );
+        let all = [
+            stuck("a", 41, 1, Silence::GaveUp),
+            stuck("b", 14, 12, Silence::Closed(4008)),
+        ];
+        let listed = Unanswered::listed(&all.map(Option::unwrap));
         let listed = listed.as_array().unwrap();
         assert_eq!(listed.len(), Unanswered::LISTED);
-        assert_eq!(listed[0], json!({"room": "a", "client_id": "41"}));
-        assert_eq!(listed[1], json!({"room": "b", "client_id": "3"}));
-        assert_eq!(listed[9], json!({"room": "b", "client_id": "11"}));
+        let send = |room, client_id, why| json!({"room": room, "client_id": client_id, "why": why});
+        assert_eq!(listed[0], send("a", "41", "no answer 60 s after the end"));
+        assert_eq!(listed[1], send("b", "3", "closed by the server (4008)"));
+        assert_eq!(listed[9], send("b", "11", "closed by the server (4008)"));
         assert_eq!(Unanswered::listed(&[]), json!([]));
     }
 

@@ -43,6 +43,9 @@ const OPCODE_CLOSE: u8 = 0x8;
 const OPCODE_PING: u8 = 0x9;
 const OPCODE_PONG: u8 = 0xA;
 
+/// RFC 6455's code for a close frame that carried no status code.
+const NO_STATUS: u16 = 1005;
+
 /// A WebSocket client connection.
 pub struct Member<S> {
     stream: S,
@@ -54,6 +57,9 @@ pub struct Member<S> {
     /// Frames queued to be written ([`Member::queue_text`]); empty, and
     /// without an allocation, on a connection that never sends.
     out: Vec<u8>,
+    /// The status code of the server's close frame, once it sent one
+    /// (1005 when it carried none).
+    closed_with: Option<u16>,
 }
 
 /// What a sender makes of a server frame.
@@ -130,6 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
             start: 0,
             end: 0,
             out: Vec::new(),
+            closed_with: None,
         };
         let head_end = loop {
             if let Some(at) = memchr::memmem::find(&member.buf[..member.end], b"\r\n\r\n") {
@@ -187,6 +194,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
                         .get(..2)
                         .unwrap_or_default()
                         .to_vec();
+                    self.closed_with = Some(match *code {
+                        [high, low] => u16::from_be_bytes([high, low]),
+                        _ => NO_STATUS,
+                    });
                     let _ = self.send_control(OPCODE_CLOSE, &code).await;
                     return Ok(None);
                 }
@@ -195,15 +206,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
         }
     }
 
-    /// Whether the next [`Member::next_text`] has a whole frame to start
-    /// from without reading (or a malformed one to fail on at once).
-    pub fn frame_buffered(&self) -> bool {
-        !matches!(self.parse(), Ok(None))
+    /// The status code of the server's close frame, if it closed the
+    /// connection with one (1005 for a close frame without a code).
+    pub fn closed_with(&self) -> Option<u16> {
+        self.closed_with
+    }
+
+    /// Whether the next [`Member::next_text`] returns without reading: a
+    /// whole text frame is buffered (or a close, or a malformed frame to
+    /// fail on), after nothing but control frames it answers on the way.
+    ///
+    /// Not merely whether some frame is buffered: a ping that came behind
+    /// the last answer a sender waits for would have it read on, for a
+    /// text that only its next send brings — a sender stalled for good,
+    /// answering the server's pings.
+    pub fn text_buffered(&self) -> bool {
+        let mut at = self.start;
+        loop {
+            match self.parse_at(at) {
+                Ok(Some(frame)) if matches!(frame.opcode, OPCODE_PING | OPCODE_PONG) => {
+                    at = frame.payload.end;
+                }
+                Ok(None) => return false,
+                Ok(Some(_)) | Err(_) => return true,
+            }
+        }
     }
 
     /// The complete frame at the front of the buffer, if there is one.
     fn parse(&self) -> io::Result<Option<FrameAt>> {
-        let bytes = &self.buf[self.start..self.end];
+        self.parse_at(self.start)
+    }
+
+    /// The complete frame buffered from `start` on, if there is one.
+    fn parse_at(&self, start: usize) -> io::Result<Option<FrameAt>> {
+        let bytes = &self.buf[start..self.end];
         let [first, second, ..] = *bytes else {
             return Ok(None);
         };
@@ -236,7 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
         if bytes.len() < header + len {
             return Ok(None);
         }
-        let payload = self.start + header;
+        let payload = start + header;
         Ok(Some(FrameAt {
             opcode,
             payload: payload..payload + len,
@@ -472,25 +509,54 @@ mod tests {
         assert_eq!(member.next_text().await.unwrap(), Some(&b"second"[..]));
     }
 
-    /// A frame counts as buffered only once all of it has been read.
+    /// A text frame counts as buffered only once all of it has been read.
     #[tokio::test]
-    async fn a_frame_is_buffered_once_whole() {
+    async fn a_text_is_buffered_once_whole() {
         let mut then = frame(OPCODE_TEXT, b"first");
         then.extend(frame(OPCODE_TEXT, b"second"));
         let (mut member, mut server) = connected(&then).await;
-        assert!(member.frame_buffered());
+        assert!(member.text_buffered());
         assert_eq!(member.next_text().await.unwrap(), Some(&b"first"[..]));
-        assert!(member.frame_buffered());
+        assert!(member.text_buffered());
         assert_eq!(member.next_text().await.unwrap(), Some(&b"second"[..]));
-        assert!(!member.frame_buffered(), "nothing left");
+        assert!(!member.text_buffered(), "nothing left");
         let third = frame(OPCODE_TEXT, b"third");
         server.write_all(&third[..3]).await.unwrap();
         member.fill().await.unwrap();
-        assert!(!member.frame_buffered(), "a part of a frame");
+        assert!(!member.text_buffered(), "a part of a frame");
         server.write_all(&third[3..]).await.unwrap();
         member.fill().await.unwrap();
-        assert!(member.frame_buffered());
+        assert!(member.text_buffered());
         assert_eq!(member.next_text().await.unwrap(), Some(&b"third"[..]));
+    }
+
+    /// A ping behind the last answer is no text to wait for (a sender that
+    /// read on for one would wait for ever); one in front of a text is
+    /// answered on the way to it, and a close ends the wait at once.
+    #[tokio::test]
+    async fn control_frames_alone_are_no_text_buffered() {
+        let mut then = frame(OPCODE_TEXT, b"ack");
+        then.extend(frame(OPCODE_PING, b"p1"));
+        let (mut member, mut server) = connected(&then).await;
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"ack"[..]));
+        assert!(!member.text_buffered(), "only a ping is left");
+
+        let mut more = frame(OPCODE_PING, b"p2");
+        more.extend(frame(OPCODE_TEXT, b"copy"));
+        more.extend(frame(OPCODE_CLOSE, &4029u16.to_be_bytes()));
+        server.write_all(&more).await.unwrap();
+        member.fill().await.unwrap();
+        assert!(member.text_buffered(), "a text behind two pings");
+        assert_eq!(member.next_text().await.unwrap(), Some(&b"copy"[..]));
+        for ping in [b"p1", b"p2"] {
+            assert_eq!(
+                read_client_frame(&mut server).await,
+                (OPCODE_PONG, ping.to_vec())
+            );
+        }
+        assert!(member.text_buffered(), "a close ends the wait");
+        assert_eq!(member.next_text().await.unwrap(), None);
+        assert_eq!(member.closed_with(), Some(4029));
     }
 
     #[tokio::test]
