@@ -466,6 +466,7 @@ async fn every_scenario_runs_and_reports() {
         "{ingest}"
     );
     assert_eq!(ingest["refused"], 0);
+    assert!(ingest["setup_seconds"].as_f64().unwrap() > 0.0, "{ingest}");
     // Each send made was answered, so none is listed as unanswered.
     assert_eq!(ingest["ws_sent"], ingest["ws_acked"], "{ingest}");
     assert_eq!(ingest["unanswered"], 0, "{ingest}");
@@ -515,6 +516,14 @@ async fn every_scenario_runs_and_reports() {
     assert!(view["append"]["count"].as_u64().unwrap() >= 1, "{ingest}");
 }
 
+/// A one-second ingest run over WebSocket alone: `connections`, each with
+/// `window` sends in flight.
+async fn ws_ingest(addr: &str, connections: &str, window: &str) -> serde_json::Value {
+    let args = ["--connections", connections, "--window", window];
+    let rest = ["--rest-workers", "0", "--duration", "1s"];
+    bench(addr, &[&["ingest"][..], &args, &rest].concat()).await
+}
+
 /// Sends in flight on a connection the server closes are reported as
 /// unanswered, with the close frame's code, and the run still reports.
 #[tokio::test]
@@ -525,21 +534,7 @@ async fn ingest_reports_the_sends_a_closed_connection_left_unanswered() {
     let mut limits = LOAD_LIMITS;
     limits[3] = ("FRAME_FLOOD_LIMIT", "20");
     let (_server, addr) = spawn_service(dir.path(), &limits).await;
-    let ingest = bench(
-        &addr,
-        &[
-            "ingest",
-            "--connections",
-            "2",
-            "--window",
-            "16",
-            "--rest-workers",
-            "0",
-            "--duration",
-            "1s",
-        ],
-    )
-    .await;
+    let ingest = ws_ingest(&addr, "2", "16").await;
     let count = |key: &str| ingest[key].as_u64().unwrap();
     assert_eq!(count("refused"), 0, "{ingest}");
     assert!(count("unanswered") > 0, "{ingest}");
@@ -570,18 +565,7 @@ async fn ingest_senders_are_not_stalled_by_the_servers_pings() {
     let mut env = LOAD_LIMITS.to_vec();
     env.push(("PING_INTERVAL", "20ms"));
     let (_server, addr) = spawn_service(dir.path(), &env).await;
-    let run = bench(
-        &addr,
-        &[
-            "ingest",
-            "--connections",
-            "4",
-            "--rest-workers",
-            "0",
-            "--duration",
-            "1s",
-        ],
-    );
+    let run = ws_ingest(&addr, "4", "1");
     let ingest = tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("the run ends with its phase, not 60 s later");

@@ -313,6 +313,7 @@ fn merge_ingest(reports: &[Value]) -> Value {
         .take(crate::Unanswered::LISTED)
         .collect();
     report["unanswered_sends"] = json!(listed);
+    report["setup_seconds"] = json!(max_f64(reports.iter(), "setup_seconds"));
     let acked = sum("ws_acked") + sum("rest_acked");
     let elapsed = max_f64(reports.iter().map(|r| &r["shard"]), "elapsed_seconds");
     report["acked_per_second"] = json!(if elapsed > 0.0 {
@@ -484,6 +485,7 @@ mod tests {
                 "ws_sent": ws + 2, "ws_acked": ws, "rest_acked": rest, "refused": 1,
                 "unanswered": 1, "unpaired_answers": 0,
                 "unanswered_sends": [{"room": format!("r{ws}"), "client_id": "7"}],
+                "setup_seconds": ws as f64 / 1_000.0,
                 "acked_per_second": (ws + rest) as f64 / elapsed,
                 "cpu": {"generator_percent_of_one_core": 20.0, "servers": []},
                 // Each shard read the same server: 100 ms of CPU over the
@@ -505,7 +507,8 @@ mod tests {
             merged["unanswered_sends"],
             json!([{"room": "r900", "client_id": "7"}, {"room": "r3000", "client_id": "7"}])
         );
-        // 4,000 acks over the longer phase.
+        // The slower set-up; 4,000 acks over the longer phase.
+        assert_eq!(merged["setup_seconds"], 3.0);
         assert_eq!(merged["acked_per_second"], 1_600.0);
         // The server's 100 ms over 4,000 acks; the generators' 10 ms and
         // 90 ms over the same.

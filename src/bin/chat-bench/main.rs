@@ -1268,6 +1268,7 @@ async fn ingest(
     let shard = bench.shard.unwrap_or(Shard::WHOLE);
     // Everything is connected before anything is sent, so the whole run
     // has every sender at work.
+    let setup_started = Instant::now();
     let mut sockets = Vec::with_capacity(connections);
     for c in (0..connections).filter(|&c| shard.owns(c)) {
         let room = format!("ingest-{}-{c}", bench.run_id);
@@ -1286,6 +1287,9 @@ async fn ingest(
     if let Some(shard) = bench.shard {
         generators::ready_then_wait(shard).await?;
     }
+    // Reported: the server pings a connection 25 s after it opened, so a
+    // long set-up puts pings inside the phase.
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
     let cpu = CpuMeter::start(bench);
     let server_before = server_view::Reading::take(&bench.http, &bench.urls).await;
     let end = Instant::now() + duration;
@@ -1403,6 +1407,7 @@ async fn ingest(
         "window": window,
         "rest_workers": rest_workers,
         "duration_seconds": duration.as_secs_f64(),
+        "setup_seconds": setup_seconds,
         "ws_sent": load(&counts.ws_sent),
         "ws_acked": ws,
         "rest_acked": rest,
