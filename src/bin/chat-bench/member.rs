@@ -214,7 +214,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
 
     /// Whether the next [`Member::next_text`] returns without reading: a
     /// whole text frame is buffered (or a close, or a malformed frame to
-    /// fail on), after nothing but control frames it answers on the way.
+    /// fail on), behind nothing but frames it answers or skips on the way.
     ///
     /// Not merely whether some frame is buffered: a ping that came behind
     /// the last answer a sender waits for would have it read on, for a
@@ -224,11 +224,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
         let mut at = self.start;
         loop {
             match self.parse_at(at) {
-                Ok(Some(frame)) if matches!(frame.opcode, OPCODE_PING | OPCODE_PONG) => {
-                    at = frame.payload.end;
+                Ok(Some(frame)) if matches!(frame.opcode, OPCODE_TEXT | OPCODE_CLOSE) => {
+                    return true;
                 }
+                // A ping, pong or binary frame: `next_text` goes past it.
+                Ok(Some(frame)) => at = frame.payload.end,
                 Ok(None) => return false,
-                Ok(Some(_)) | Err(_) => return true,
+                Err(_) => return true,
             }
         }
     }
@@ -530,16 +532,19 @@ mod tests {
         assert_eq!(member.next_text().await.unwrap(), Some(&b"third"[..]));
     }
 
-    /// A ping behind the last answer is no text to wait for (a sender that
-    /// read on for one would wait for ever); one in front of a text is
-    /// answered on the way to it, and a close ends the wait at once.
+    /// A ping (or a binary frame) behind the last answer is no text to wait
+    /// for (a sender that read on for one would wait for ever); a ping in
+    /// front of a text is answered on the way to it, and a close ends the
+    /// wait at once.
     #[tokio::test]
     async fn control_frames_alone_are_no_text_buffered() {
+        const OPCODE_BINARY: u8 = 0x2;
         let mut then = frame(OPCODE_TEXT, b"ack");
         then.extend(frame(OPCODE_PING, b"p1"));
+        then.extend(frame(OPCODE_BINARY, b"skipped"));
         let (mut member, mut server) = connected(&then).await;
         assert_eq!(member.next_text().await.unwrap(), Some(&b"ack"[..]));
-        assert!(!member.text_buffered(), "only a ping is left");
+        assert!(!member.text_buffered(), "only a ping and a binary frame");
 
         let mut more = frame(OPCODE_PING, b"p2");
         more.extend(frame(OPCODE_TEXT, b"copy"));
