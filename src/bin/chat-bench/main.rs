@@ -1301,7 +1301,8 @@ async fn ingest(
         let counts = Arc::clone(&counts);
         tasks.push(tokio::spawn(async move {
             let (mut in_flight, mut sends, mut text) = (0, 0u64, Vec::new());
-            loop {
+            // Why the answers stopped, with sends still in flight.
+            let why = 'sending: loop {
                 // What the window has room for leaves in one write.
                 while in_flight < window && Instant::now() < end {
                     sends += 1;
@@ -1315,7 +1316,7 @@ async fn ingest(
                     in_flight += 1;
                 }
                 if socket.flush().await.is_err() {
-                    return Unanswered::in_flight(room, sends, in_flight, Silence::Lost);
+                    break Silence::Lost;
                 }
                 if in_flight == 0 {
                     return None;
@@ -1325,20 +1326,15 @@ async fn ingest(
                 // one write, as a pipelining client's would, not one
                 // write per answer.
                 loop {
-                    let Ok(frame) = tokio::time::timeout_at(give_up, socket.next_text()).await
-                    else {
-                        let why = Silence::GaveUp;
-                        return Unanswered::in_flight(room, sends, in_flight, why);
-                    };
-                    let answer = match frame {
-                        Ok(Some(frame)) => member::reply(frame),
-                        Ok(None) => {
-                            let why = socket.closed_with().map_or(Silence::Lost, Silence::Closed);
-                            return Unanswered::in_flight(room, sends, in_flight, why);
+                    let answer = match tokio::time::timeout_at(give_up, socket.next_text()).await {
+                        Ok(Ok(Some(frame))) => member::reply(frame),
+                        Ok(Ok(None)) => {
+                            break 'sending socket
+                                .closed_with()
+                                .map_or(Silence::Lost, Silence::Closed);
                         }
-                        Err(_) => {
-                            return Unanswered::in_flight(room, sends, in_flight, Silence::Lost);
-                        }
+                        Ok(Err(_)) => break 'sending Silence::Lost,
+                        Err(_) => break 'sending Silence::GaveUp,
                     };
                     let counter = match answer {
                         Reply::Ack => Some(&counts.ws_acked),
@@ -1359,7 +1355,8 @@ async fn ingest(
                         break;
                     }
                 }
-            }
+            };
+            Unanswered::in_flight(room, sends, in_flight, why)
         }));
     }
     let mut rest_tasks = Vec::new();

@@ -321,16 +321,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Member<S> {
     pub async fn flush(&mut self) -> io::Result<()> {
         while !self.out.is_empty() {
             match self.stream.write(&self.out).await {
-                Ok(0) => {
-                    self.out.clear();
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                Ok(written) => {
+                Ok(written) if written > 0 => {
                     self.out.drain(..written);
                 }
-                Err(err) => {
+                failed => {
                     self.out.clear();
-                    return Err(err);
+                    return Err(failed.err().unwrap_or(io::ErrorKind::WriteZero.into()));
                 }
             }
         }
