@@ -23,7 +23,7 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -413,7 +413,8 @@ pub fn record_runtime() {
 const LOOP_PROBE_EVERY: Duration = Duration::from_millis(50);
 
 /// A probe at least this late marks the runtime as busy (see
-/// [`runtime_busy`]); the next one under it clears the mark.
+/// [`runtime_busy`], and [`BusyMark`] for when it does not); the next one
+/// under it clears the mark.
 /// (10 ms kept more of the direct writes' gain at 2,000 msg/s in rooms
 /// of 50 than 5 ms, and target 2's rate still queues; docs/benchmarks.md,
 /// twenty-third VM.)
@@ -422,8 +423,61 @@ const BUSY_LAG: Duration = Duration::from_millis(10);
 /// Whether this process's runtime was busy at the last probe.
 static RUNTIME_BUSY: AtomicBool = AtomicBool::new(false);
 
-/// Whether the runtime got to the last probe at least [`BUSY_LAG`] late:
-/// every ready task waits about that long for its turn. The hub then
+/// Sessions' writes of what the hub queued for them, and the frames those
+/// writes carried, since the last probe (see [`BusyMark`]).
+static QUEUED_WRITES: AtomicU64 = AtomicU64::new(0);
+static QUEUED_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a session's write of `frames` frames the hub queued for it.
+pub fn record_queued_write(frames: usize) {
+    QUEUED_WRITES.fetch_add(1, Ordering::Relaxed);
+    QUEUED_FRAMES.fetch_add(frames as u64, Ordering::Relaxed);
+}
+
+/// Probes a lifted mark stays lifted: one second.
+const LIFTED_PROBES: u32 = 20;
+
+/// Fewest queued writes in one probe's period for their yield to count.
+const YIELD_SAMPLE: u64 = 50;
+
+/// The busy mark, judged also by what queueing yields. A late pod queues
+/// each frame for its session so that a session which waits its turn finds
+/// several to write at once; where frames come slower than the pod is late
+/// (ten a second per connection in rooms of 50, at a lag of 10–30 ms),
+/// a woken session finds one, its wake costs more than the write it
+/// carries, and queueing keeps the pod late. So while marked busy, a
+/// probe's period of at least [`YIELD_SAMPLE`] queued writes carrying
+/// under 1.5 frames each lifts the mark for [`LIFTED_PROBES`] probes; a
+/// probe on time clears the mark and the lift.
+#[derive(Debug, Default)]
+struct BusyMark {
+    busy: bool,
+    lifted: u32,
+}
+
+impl BusyMark {
+    /// The mark after a probe `late`, given the queued writes and their
+    /// frames since the previous probe.
+    fn probe(&mut self, late: Duration, writes: u64, frames: u64) -> bool {
+        if late < BUSY_LAG {
+            self.lifted = 0;
+            self.busy = false;
+        } else if self.lifted > 0 {
+            self.lifted -= 1;
+            self.busy = false;
+        } else if self.busy && writes >= YIELD_SAMPLE && 2 * frames < 3 * writes {
+            self.lifted = LIFTED_PROBES - 1;
+            self.busy = false;
+        } else {
+            self.busy = true;
+        }
+        self.busy
+    }
+}
+
+/// Whether the runtime got to the last probe at least [`BUSY_LAG`] late
+/// (unless [`BusyMark`] lifted the mark): every ready task waits about
+/// that long for its turn. The hub then
 /// queues frames for their sessions instead of writing them itself, since
 /// a session that waits that long for its turn finds more frames queued
 /// and writes them together (one system call for several), which is how
@@ -442,9 +496,12 @@ pub fn runtime_busy() -> bool {
 /// worker the probe runs on.
 pub async fn watch_loop_lag(stop: CancellationToken) {
     let lag = metrics::histogram!("chat_runtime_loop_lag_seconds");
+    let mut mark = BusyMark::default();
     probe_lateness(LOOP_PROBE_EVERY, stop.cancelled(), |late| {
         lag.record(late.as_secs_f64());
-        RUNTIME_BUSY.store(late >= BUSY_LAG, Ordering::Relaxed);
+        let writes = QUEUED_WRITES.swap(0, Ordering::Relaxed);
+        let frames = QUEUED_FRAMES.swap(0, Ordering::Relaxed);
+        RUNTIME_BUSY.store(mark.probe(late, writes, frames), Ordering::Relaxed);
     })
     .await;
 }
@@ -617,5 +674,38 @@ mod tests {
         assert!(brief.allow());
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert!(brief.allow(), "the next period's first");
+    }
+
+    #[test]
+    fn a_late_pod_stops_queueing_for_a_second_when_its_sessions_find_one_frame_each() {
+        let late = BUSY_LAG;
+        let on_time = BUSY_LAG / 2;
+        let mut mark = BusyMark::default();
+        assert!(!mark.probe(on_time, 0, 0), "on time: not busy");
+        // Frames queued while the pod was not busy say nothing of queueing.
+        assert!(
+            mark.probe(late, 500, 500),
+            "late: busy, whatever came before"
+        );
+        // Queueing paid: sessions wrote two frames a write.
+        assert!(mark.probe(late, 500, 1000), "busy while queueing pays");
+        // Too few writes to judge by.
+        assert!(mark.probe(late, YIELD_SAMPLE - 1, YIELD_SAMPLE - 1));
+        // Queueing did not pay: lifted for a second, however late the pod.
+        assert!(
+            !mark.probe(late, 500, 600),
+            "under 1.5 frames a write lifts it"
+        );
+        for probe in 1..LIFTED_PROBES {
+            assert!(
+                !mark.probe(late * 10, 0, 0),
+                "still lifted at probe {probe}"
+            );
+        }
+        assert!(mark.probe(late, 0, 0), "busy again after a second");
+        // A probe on time ends a lift too.
+        assert!(!mark.probe(late, 500, 500));
+        assert!(!mark.probe(on_time, 0, 0));
+        assert!(mark.probe(late, 0, 0), "busy at once: the lift ended");
     }
 }

@@ -748,6 +748,7 @@ impl Session {
         };
         if taken > 0 {
             crate::telemetry::per_message().session_writes.record(taken);
+            crate::telemetry::record_queued_write(taken);
         }
         flush(&self.socket, self.state.config.write_timeout).await
     }
