@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::{SECRET, spawn_service};
+use crate::helpers::{SECRET, Service, spawn_service};
 
 /// Limits raised as docs/benchmarks.md says to run the server for load.
 const LOAD_LIMITS: [(&str, &str); 4] = [
@@ -516,6 +516,15 @@ async fn every_scenario_runs_and_reports() {
     assert!(view["append"]["count"].as_u64().unwrap() >= 1, "{ingest}");
 }
 
+/// A service with the limits out of the load's way ([`LOAD_LIMITS`]) and
+/// one more setting, which wins over theirs (the environment is applied in
+/// order).
+async fn spawn_loaded(dir: &std::path::Path, setting: (&str, &str)) -> (Service, String) {
+    let mut env = LOAD_LIMITS.to_vec();
+    env.push(setting);
+    spawn_service(dir, &env).await
+}
+
 /// A one-second ingest run over WebSocket alone: `connections`, each with
 /// `window` sends in flight.
 async fn ws_ingest(addr: &str, connections: &str, window: &str) -> serde_json::Value {
@@ -531,9 +540,7 @@ async fn ingest_reports_the_sends_a_closed_connection_left_unanswered() {
     let dir = tempfile::tempdir().unwrap();
     // Sends are not limited, but more than 20 frames in ten seconds on one
     // connection is a flood: the second window of 16 sends crosses it.
-    let mut limits = LOAD_LIMITS;
-    limits[3] = ("FRAME_FLOOD_LIMIT", "20");
-    let (_server, addr) = spawn_service(dir.path(), &limits).await;
+    let (_server, addr) = spawn_loaded(dir.path(), ("FRAME_FLOOD_LIMIT", "20")).await;
     let ingest = ws_ingest(&addr, "2", "16").await;
     let count = |key: &str| ingest[key].as_u64().unwrap();
     assert_eq!(count("refused"), 0, "{ingest}");
@@ -562,9 +569,7 @@ async fn ingest_reports_the_sends_a_closed_connection_left_unanswered() {
 #[tokio::test]
 async fn ingest_senders_are_not_stalled_by_the_servers_pings() {
     let dir = tempfile::tempdir().unwrap();
-    let mut env = LOAD_LIMITS.to_vec();
-    env.push(("PING_INTERVAL", "20ms"));
-    let (_server, addr) = spawn_service(dir.path(), &env).await;
+    let (_server, addr) = spawn_loaded(dir.path(), ("PING_INTERVAL", "20ms")).await;
     let run = ws_ingest(&addr, "4", "1");
     let ingest = tokio::time::timeout(Duration::from_secs(30), run)
         .await
