@@ -248,7 +248,7 @@ pub struct ServeConfig {
     /// In a big room, an event that follows the room's previous fan-out
     /// within this long waits for the end of it and goes out with the
     /// others that arrived meanwhile, one write per connection (0 = never).
-    #[arg(long, global = true, env = "BIG_ROOM_LINGER", default_value = "20ms", value_parser = duration)]
+    #[arg(long, global = true, env = "BIG_ROOM_LINGER", default_value = "30ms", value_parser = duration)]
     pub big_room_linger: Duration,
 
     /// A big room batches for a second after one of its messages reached
