@@ -202,6 +202,42 @@ async fn pauses_are_seen_on_each_cpu_the_process_may_use() {
     assert_eq!(listed.len() as u64, cpu["pauses"].as_u64().unwrap());
 }
 
+/// `flushes` needs no server either: it times real flushes in the
+/// directory it is given, leaves nothing there, and says so when it cannot
+/// write there.
+#[tokio::test]
+async fn flushes_time_the_disk_and_leave_no_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = chat_bench();
+    command
+        .env_remove("JWT_SECRET")
+        .args([
+            "flushes",
+            "--duration",
+            "300ms",
+            "--threshold",
+            "1ms",
+            "--dir",
+        ])
+        .arg(dir.path());
+    let flushes = report(command).await;
+    assert_eq!(flushes["scenario"], "flushes");
+    assert!(flushes["flushes"].as_u64().unwrap() > 0, "{flushes}");
+    let (p50, max) = (flushes["p50_ms"].as_f64(), flushes["max_ms"].as_f64());
+    assert!(p50.unwrap() <= max.unwrap(), "{flushes}");
+    let listed = flushes["listed"].as_array().unwrap().len() as u64;
+    assert_eq!(listed, flushes["stalls"].as_u64().unwrap().min(100));
+    let left = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(left, 0, "the flushed file is removed");
+
+    let mut nowhere = chat_bench();
+    nowhere
+        .env_remove("JWT_SECRET")
+        .args(["flushes", "--duration", "100ms", "--dir"])
+        .arg(dir.path().join("missing"));
+    assert_fails_saying(nowhere, "to flush").await;
+}
+
 async fn assert_fails_saying(mut command: tokio::process::Command, what: &str) {
     let output = command.output().await.expect("chat-bench runs");
     assert!(!output.status.success());

@@ -16,9 +16,10 @@
 //!   send, p99 over the bound or senders that cannot keep the rate.
 //! - `ingest`: WebSocket and REST sends as fast as acks come back.
 //!
-//! Two more need no server and describe the machine: `loopback` (what its
-//! kernel charges for a delivery, [`loopback`]) and `pauses` (when it does
-//! not run its CPUs at all, [`pauses`]).
+//! Three more need no server and describe the machine: `loopback` (what
+//! its kernel charges for a delivery, [`loopback`]), `pauses` (when it does
+//! not run its CPUs at all, [`pauses`]) and `flushes` (how long its disk
+//! takes to make a write durable, [`flushes`]).
 //!
 //! `--generators N` runs a `fanout` or an `ingest` in N processes of this
 //! program and merges their reports into one ([`generators`]).
@@ -59,6 +60,7 @@ use tokio::sync::watch;
 
 mod arrival;
 mod cores;
+mod flushes;
 mod generators;
 mod loop_lag;
 mod loopback;
@@ -80,7 +82,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8001")]
     url: Vec<String>,
     /// The service's JWT secret (tokens are minted locally; every scenario
-    /// but `loopback` and `pauses` needs it).
+    /// but `loopback`, `pauses` and `flushes` needs it).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
     /// Server PIDs (repeatable): their RSS for `idle`, their CPU over each
@@ -126,6 +128,10 @@ enum Scenario {
     /// each of its CPUs (a thread per CPU watching the clock), to tell a
     /// latency tail the machine made from one the service made.
     Pauses(pauses::PausesArgs),
+    /// No server: how long this machine's disk takes to flush a small
+    /// write, one after another (as a commit waits for its log), to tell a
+    /// tail its disk made from one the service made.
+    Flushes(flushes::FlushesArgs),
 }
 
 /// The scenarios that drive running servers.
@@ -640,6 +646,9 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
         }
         Scenario::Pauses(pauses_args) => {
             tokio::task::spawn_blocking(move || pauses::run(pauses_args)).await??
+        }
+        Scenario::Flushes(flushes_args) => {
+            tokio::task::spawn_blocking(move || flushes::run(flushes_args)).await??
         }
         Scenario::Served(scenario) => {
             let secret = args

@@ -81,12 +81,12 @@ fn watch(
 }
 
 /// `d` in ms to a tenth, for reports.
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     tenths(d.as_secs_f64() * 1e3)
 }
 
 /// `d` in seconds to a ms, for reports.
-fn seconds(d: Duration) -> f64 {
+pub fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e3).round() / 1e3
 }
 
