@@ -23,7 +23,7 @@ use std::{
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::pauses::{ms, seconds};
+use crate::pauses::{listed, ms, seconds};
 
 #[derive(Debug, clap::Args)]
 pub struct FlushesArgs {
@@ -42,9 +42,6 @@ const PAGE: usize = 8192;
 
 /// The file's pages, rewritten in turn (as a log segment's are).
 const PAGES: u64 = 128;
-
-/// Stalls listed one by one in the report (the counts cover them all).
-const LISTED: usize = 100;
 
 /// What a run saw.
 #[derive(Debug)]
@@ -112,12 +109,7 @@ impl Flushes {
             "max_ms": self.took_us.last().map(|&us| ms(Duration::from_micros(us.into()))),
             "stalls": self.stalls.len(),
             "stalled_ms": ms(stalled),
-            "listed": self
-                .stalls
-                .iter()
-                .take(LISTED)
-                .map(|(at, took)| json!([seconds(*at), ms(*took)]))
-                .collect::<Vec<_>>(),
+            "listed": listed(&self.stalls),
         })
     }
 }

@@ -37,8 +37,8 @@ pub struct PausesArgs {
     threshold: Duration,
 }
 
-/// Pauses listed one by one in the report, per CPU (the counts and
-/// totals cover them all).
+/// Pauses (and the `flushes` scenario's stalls) listed one by one in a
+/// report, per CPU (the counts and totals cover them all).
 const LISTED: usize = 100;
 
 /// What one CPU's thread saw.
@@ -85,6 +85,16 @@ pub fn ms(d: Duration) -> f64 {
     tenths(d.as_secs_f64() * 1e3)
 }
 
+/// The first [`LISTED`] of `events` (when each began, how long it lasted)
+/// for a report: `[seconds, ms]` each.
+pub fn listed(events: &[(Duration, Duration)]) -> Vec<Value> {
+    events
+        .iter()
+        .take(LISTED)
+        .map(|(at, took)| json!([seconds(*at), ms(*took)]))
+        .collect()
+}
+
 /// `d` in seconds to a ms, for reports.
 pub fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e3).round() / 1e3
@@ -110,12 +120,7 @@ impl Pauses {
             "paused_percent": tenths(100.0 * paused.as_secs_f64() / self.watched.as_secs_f64().max(1e-9)),
             "longest_ms": longest.map(ms),
             "median_seconds_between": between.get(between.len() / 2).copied().map(seconds),
-            "listed": self
-                .pauses
-                .iter()
-                .take(LISTED)
-                .map(|(at, gap)| json!([seconds(*at), ms(*gap)]))
-                .collect::<Vec<_>>(),
+            "listed": listed(&self.pauses),
         })
     }
 }
