@@ -35,6 +35,12 @@ pub struct FlushesArgs {
     /// Where the flushed file is made (and removed).
     #[arg(long, default_value = ".")]
     dir: PathBuf,
+    /// A pause after each flush (0: back to back). With `10ms` the probe
+    /// is light enough to run beside a benchmark and tell which of its
+    /// spells of slow acks the disk made (`started_unix_ms` and `listed`
+    /// against the run's `slowest_by_send_time`).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    interval: Duration,
 }
 
 /// Bytes written before each flush: one page of PostgreSQL's log.
@@ -55,13 +61,14 @@ struct Flushes {
 }
 
 /// Runs `flush` (write and flush one page, the argument numbering it)
-/// until `clock` reaches `until`, timing each by `clock`; a flush that took
-/// at least `threshold` is a stall.
+/// until `clock` reaches `until`, timing each by `clock`, and `rest`
+/// after each; a flush that took at least `threshold` is a stall.
 fn time_flushes(
     until: Instant,
     threshold: Duration,
     mut clock: impl FnMut() -> Instant,
     mut flush: impl FnMut(u64) -> io::Result<()>,
+    mut rest: impl FnMut(),
 ) -> io::Result<Flushes> {
     let started = clock();
     let mut now = started;
@@ -77,7 +84,8 @@ fn time_flushes(
         if took >= threshold {
             stalls.push((now - started, took));
         }
-        now = done;
+        rest();
+        now = clock();
     }
     Ok(Flushes {
         ran: now - started,
@@ -87,7 +95,7 @@ fn time_flushes(
 }
 
 impl Flushes {
-    fn report(mut self, threshold: Duration) -> Value {
+    fn report(mut self, threshold: Duration, started_unix_ms: u64) -> Value {
         self.took_us.sort_unstable();
         let count = self.took_us.len();
         let at = |q: f64| {
@@ -100,6 +108,7 @@ impl Flushes {
         json!({
             "scenario": "flushes",
             "threshold_ms": ms(threshold),
+            "started_unix_ms": started_unix_ms,
             "ran_seconds": seconds(self.ran),
             "flushes": count,
             "flushes_per_second": (count as f64 / self.ran.as_secs_f64().max(1e-9)).round(),
@@ -134,15 +143,26 @@ pub fn run(args: FlushesArgs) -> anyhow::Result<Value> {
         File::create_new(&path).with_context(|| format!("making {} to flush", path.display()))?;
     let scratch = Scratch { path, file };
     let page = [0x5a_u8; PAGE];
+    let started_unix_ms = crate::unix_micros() / 1000;
     let until = Instant::now() + args.duration;
-    let flushes = time_flushes(until, args.threshold, Instant::now, |n| {
-        scratch
-            .file
-            .write_all_at(&page, (n % PAGES) * PAGE as u64)?;
-        scratch.file.sync_data()
-    })
+    let flushes = time_flushes(
+        until,
+        args.threshold,
+        Instant::now,
+        |n| {
+            scratch
+                .file
+                .write_all_at(&page, (n % PAGES) * PAGE as u64)?;
+            scratch.file.sync_data()
+        },
+        || {
+            if !args.interval.is_zero() {
+                std::thread::sleep(args.interval);
+            }
+        },
+    )
     .with_context(|| format!("writing and flushing {}", scratch.path.display()))?;
-    Ok(flushes.report(args.threshold))
+    Ok(flushes.report(args.threshold, started_unix_ms))
 }
 
 #[cfg(test)]
@@ -151,8 +171,9 @@ mod tests {
 
     use super::*;
 
-    /// Flushes that take `took(n)` each on a clock only they advance.
-    fn timed(until: Duration, took: impl Fn(u64) -> Duration) -> Flushes {
+    /// Flushes that take `took(n)` each, with `rest` after each, on a
+    /// clock only they advance.
+    fn timed(until: Duration, rest: Duration, took: impl Fn(u64) -> Duration) -> Flushes {
         let start = Instant::now();
         let now = Cell::new(start);
         time_flushes(
@@ -163,13 +184,14 @@ mod tests {
                 now.set(now.get() + took(n));
                 Ok(())
             },
+            || now.set(now.get() + rest),
         )
         .expect("no flush fails")
     }
 
     #[test]
     fn flushes_at_or_over_the_threshold_are_stalls_listed_by_their_start() {
-        let flushes = timed(Duration::from_millis(100), |n| match n {
+        let flushes = timed(Duration::from_millis(100), Duration::ZERO, |n| match n {
             3 => Duration::from_millis(40),
             // Just under the threshold: not a stall.
             5 => Duration::from_micros(4999),
@@ -183,12 +205,33 @@ mod tests {
                 (Duration::from_micros(49_999), Duration::from_millis(5)),
             ]
         );
-        let report = flushes.report(Duration::from_millis(5));
+        let report = flushes.report(Duration::from_millis(5), 1_000);
+        assert_eq!(report["started_unix_ms"], 1_000);
         assert_eq!(report["stalls"], 2);
         assert_eq!(report["stalled_ms"], 45.0);
         assert_eq!(report["max_ms"], 40.0);
         assert_eq!(report["p50_ms"], 1.0);
         assert_eq!(report["listed"], json!([[0.003, 40.0], [0.05, 5.0]]));
+    }
+
+    /// The rest between flushes is neither a flush's time nor a stall,
+    /// and stalls keep their place on the run's clock.
+    #[test]
+    fn the_rest_between_flushes_is_not_timed() {
+        let flushes = timed(Duration::from_millis(100), Duration::from_millis(9), |n| {
+            if n == 2 {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(1)
+            }
+        });
+        // Flushes start at 0, 10, 20, then 49 (after the 20 ms one), 59,
+        // ... 99: nine before the run's 100 ms are up.
+        assert_eq!(flushes.took_us.len(), 9);
+        assert_eq!(
+            flushes.stalls,
+            [(Duration::from_millis(20), Duration::from_millis(20))]
+        );
     }
 
     #[test]
@@ -199,6 +242,7 @@ mod tests {
             Duration::from_millis(5),
             || start,
             |_| Err(io::Error::other("disk full")),
+            || {},
         );
         assert_eq!(failed.unwrap_err().to_string(), "disk full");
     }

@@ -37,8 +37,8 @@ pub struct PausesArgs {
     threshold: Duration,
 }
 
-/// Pauses (and the `flushes` scenario's stalls) listed one by one in a
-/// report, per CPU (the counts and totals cover them all).
+/// Events listed one by one in a report: a CPU's pauses, or the `flushes`
+/// scenario's stalls (the counts and totals cover them all).
 const LISTED: usize = 100;
 
 /// What one CPU's thread saw.
