@@ -214,6 +214,13 @@ def render_set(chart, label: str, overrides: dict, crds: dict, env_ok: set[str],
                 if mode.get("is_install") and "helm test" not in text:
                     fail(f"{label}: NOTES.txt does not mention helm test")
                 continue
+            # A digest in an annotation must be quoted: bare, one of digits
+            # alone (about one in 1,900) reads as a number, which Kubernetes
+            # refuses; a values change made one once.
+            for line in text.splitlines():
+                digest = re.match(r"\s+(checksum/[\w.-]+):\s*(.*)$", line)
+                if digest and not digest.group(2).startswith('"'):
+                    fail(f"{label}: {path}: {digest.group(1)} is not quoted: {digest.group(2)}")
             for doc in yaml.safe_load_all(text):
                 if doc:
                     objects.append(doc)
