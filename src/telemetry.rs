@@ -428,8 +428,10 @@ static RUNTIME_BUSY: AtomicBool = AtomicBool::new(false);
 static QUEUED_WRITES: AtomicU64 = AtomicU64::new(0);
 static QUEUED_FRAMES: AtomicU64 = AtomicU64::new(0);
 
-/// Counts a session's write of `frames` frames the hub queued for it.
-pub fn record_queued_write(frames: usize) {
+/// Counts a session's write of `frames` frames the hub queued for it: in
+/// `chat_fanout_writes_total{path="session"}` and for [`BusyMark`].
+pub fn record_backlog_write(frames: usize) {
+    per_message().session_writes.record(frames);
     QUEUED_WRITES.fetch_add(1, Ordering::Relaxed);
     QUEUED_FRAMES.fetch_add(frames as u64, Ordering::Relaxed);
 }

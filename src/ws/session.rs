@@ -747,8 +747,7 @@ impl Session {
                 .take(FRAMES_PER_FLUSH, |frame| io.push_text(frame.as_bytes()))
         };
         if taken > 0 {
-            crate::telemetry::per_message().session_writes.record(taken);
-            crate::telemetry::record_queued_write(taken);
+            crate::telemetry::record_backlog_write(taken);
         }
         flush(&self.socket, self.state.config.write_timeout).await
     }

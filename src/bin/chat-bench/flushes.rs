@@ -115,7 +115,7 @@ impl Flushes {
             "p50_ms": at(0.5),
             "p99_ms": at(0.99),
             "p999_ms": at(0.999),
-            "max_ms": self.took_us.last().map(|&us| ms(Duration::from_micros(us.into()))),
+            "max_ms": at(1.0),
             "stalls": self.stalls.len(),
             "stalled_ms": ms(stalled),
             "listed": listed(&self.stalls),
