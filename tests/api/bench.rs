@@ -319,6 +319,11 @@ async fn every_scenario_runs_and_reports() {
     let delivered = result["delivered"].as_f64().unwrap();
     assert!((rate * span - delivered).abs() < 1.0, "{fanout}");
     assert!(result["send_to_delivery"]["p99_ms"].as_f64().is_some());
+    // What a delivery cost the servers (none given here) and the generator.
+    for who in ["servers", "generator"] {
+        let cost = result["cpu_us_per_delivery"][who].as_f64();
+        assert!(cost.is_some_and(|us| us >= 0.0), "{who}: {fanout}");
+    }
     // The timeline holds the slowest latency of each 250 ms of sends: two
     // slices here, and the slowest of them is the run's slowest.
     let timeline = &result["slowest_by_send_time"];

@@ -321,30 +321,44 @@ fn merge_ingest(reports: &[Value]) -> Value {
     } else {
         0.0
     });
-    // µs per ack of one report, as µs per ack of all of them.
-    let over_all = |r: &Value, name: &str| {
-        let own = r["ws_acked"].as_u64().unwrap_or(0) + r["rest_acked"].as_u64().unwrap_or(0);
-        r["cpu_us_per_acked"][name].as_f64().unwrap_or(0.0) * own as f64 / acked.max(1) as f64
-    };
-    if let Some(names) = first["cpu_us_per_acked"]
-        .as_object()
-        .map(|o| o.keys().cloned().collect::<Vec<_>>())
-    {
-        for name in names {
-            let us = if name == "generator" {
-                reports.iter().map(|r| over_all(r, &name)).sum()
-            } else {
-                over_all(first, &name)
-            };
-            report["cpu_us_per_acked"][&name] = json!(tenths(us));
-        }
-    }
+    let own_acks =
+        |r: &Value| r["ws_acked"].as_u64().unwrap_or(0) + r["rest_acked"].as_u64().unwrap_or(0);
+    report["cpu_us_per_acked"] = cpu_per_unit(
+        reports
+            .iter()
+            .map(|r| (&r["cpu_us_per_acked"], own_acks(r))),
+        acked,
+    );
     report["cpu"]["generator_percent_of_one_core"] =
         generators_cpu(reports.iter().map(|r| &r["cpu"]));
     if let Some(object) = report.as_object_mut() {
         object.remove("shard");
     }
     report
+}
+
+/// What a unit of work (an acked message, a delivery) cost each process, from
+/// each report's `(per_unit, own units)`, over all `units`: the generators'
+/// cost is the sum of every report's share; the servers' and the watched
+/// processes' is the first report's reading (each shard reads the same
+/// processes over the same phase) spread over all the units.
+fn cpu_per_unit<'a>(parts: impl Iterator<Item = (&'a Value, u64)>, units: u64) -> Value {
+    let parts: Vec<(&Value, u64)> = parts.collect();
+    let Some(names) = parts.first().and_then(|(first, _)| first.as_object()) else {
+        return Value::Null;
+    };
+    let share = |(per_unit, own): &(&Value, u64), name: &str| {
+        per_unit[name].as_f64().unwrap_or(0.0) * *own as f64 / units.max(1) as f64
+    };
+    let merged = names.keys().map(|name| {
+        let us = if name == "generator" {
+            parts.iter().map(|part| share(part, name)).sum()
+        } else {
+            share(&parts[0], name)
+        };
+        (name.clone(), json!(tenths(us)))
+    });
+    Value::Object(merged.collect())
 }
 
 /// Fan-out: see the module's doc.
@@ -409,6 +423,15 @@ fn merge_fanout(reports: &[Value]) -> anyhow::Result<Value> {
     }
     result["cpu"]["generator_percent_of_one_core"] =
         generators_cpu(results.iter().map(|r| &r["cpu"]));
+    result["cpu_us_per_delivery"] = cpu_per_unit(
+        results.iter().map(|r| {
+            (
+                &r["cpu_us_per_delivery"],
+                r["delivered"].as_u64().unwrap_or(0),
+            )
+        }),
+        result["delivered"].as_u64().unwrap_or(0),
+    );
     // The most late of the processes' loops, and each one's.
     let lags: Vec<Value> = results
         .iter()
@@ -559,6 +582,10 @@ mod tests {
                 "delivered": 2 * n, "expected": 2 * n, "loss": 0, "elapsed_seconds": 2.0,
                 "slowest_by_send_time": {"delivery_ms": [1.0, 9.0], "ack_ms": [2.0]},
                 "cpu": {"generator_percent_of_one_core": 25.0, "servers": []},
+                // Each shard read the same server: 48 µs of CPU over the
+                // phase. Each generator spent 60 µs on its deliveries.
+                "cpu_us_per_delivery": {"servers": 48.0 / (2 * n) as f64,
+                                        "generator": 60.0 / (2 * n) as f64},
                 "generator_loop_lag": {"p99_ms": n as f64},
                 "shard": {
                     "delivery": histogram_to_json(&h), "ack": histogram_to_json(&h),
@@ -593,6 +620,9 @@ mod tests {
             json!([1.0, 9.0])
         );
         assert_eq!(result["cpu"]["generator_percent_of_one_core"], 50.0);
+        // The server's 48 µs over all 8 deliveries; the generators' 120.
+        assert_eq!(result["cpu_us_per_delivery"]["servers"], 6.0);
+        assert_eq!(result["cpu_us_per_delivery"]["generator"], 15.0);
         assert_eq!(result["generator_loop_lag"]["p99_ms"], 3.0);
         assert!(result.get("shard").is_none(), "{merged}");
         assert_eq!(merged["generator"]["processes"], 2);

@@ -32,7 +32,9 @@
 //! WebSocket library ([`member`]), and latency histograms sharded to avoid
 //! lock contention. It reports its own CPU use, and that
 //! of the servers given with `--pid`, over each measured phase (setup
-//! excluded), so a reader can tell who was saturated. Fan-out phases start
+//! excluded), so a reader can tell who was saturated, and what each message
+//! (`ingest`) or delivery (`fanout`) cost each of them: on a machine whose
+//! speed drifts, a run slowed by the machine shows there. Fan-out phases start
 //! once the setup's `join` announcements have stopped arriving; the report's
 //! `setup` says how long that took, how many frames it caused and the CPU it
 //! cost (with `--join-concurrency`, a join storm). The server must run with
@@ -340,6 +342,17 @@ impl CpuUsed {
         }
         serde_json::Value::Object(out)
     }
+}
+
+/// A [`CpuUsed::per_message`] map as `servers 7.4, generator 6.1, ...`.
+fn per_unit_line(per_unit: &serde_json::Value) -> String {
+    let named: Vec<String> = per_unit
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, us)| format!("{name} {us}"))
+        .collect();
+    named.join(", ")
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -1102,6 +1115,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
         );
         let rate = span.rate(delivered);
         let (delivery_slices, ack_slices) = (delivery.timeline(), ack.timeline());
+        let used = cpu.used();
         let mut result = json!({
             "target_rate": current,
             "sent": sent,
@@ -1123,7 +1137,8 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
                 "delivery_ms": &delivery_slices,
                 "ack_ms": &ack_slices,
             },
-            "cpu": cpu.report(),
+            "cpu": used.report(),
+            "cpu_us_per_delivery": used.per_message(delivered),
             "server_view": server,
             "generator_loop_lag": lag,
         });
@@ -1175,6 +1190,10 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             result["generator_loop_lag"]["max_ms"],
         );
         eprintln!("  {}", processes::others_line(&result["cpu"]["others"]));
+        eprintln!(
+            "  CPU per delivery, µs: {}",
+            per_unit_line(&result["cpu_us_per_delivery"])
+        );
         phases.push(result);
         if !find_max || !passed {
             break;
@@ -1445,6 +1464,29 @@ async fn ingest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What each process spent per message: the servers' CPU over the
+    /// messages, and the summary's line of it.
+    #[test]
+    fn cpu_per_message_divides_each_process_cpu_by_the_messages() {
+        let used = CpuUsed {
+            wall: 2.0,
+            generator: 0.5,
+            servers: vec![(10, 1.0), (11, 0.5)],
+            watched: vec![("postgres".into(), 3, 0.25)],
+            others: json!([]),
+            cores: json!([]),
+        };
+        let per = used.per_message(100_000);
+        assert_eq!(
+            per,
+            json!({"servers": 15.0, "generator": 5.0, "postgres": 2.5})
+        );
+        assert_eq!(
+            per_unit_line(&per),
+            "generator 5.0, postgres 2.5, servers 15.0"
+        );
+    }
 
     /// An overloaded phase: sends for 15 s, deliveries until 20 s. Its rate
     /// is what it delivered over those 20 s, not over the 15 s of sending.
