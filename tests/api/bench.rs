@@ -123,6 +123,46 @@ async fn generators_spread_over_the_cpus_they_may_use() {
     }
 }
 
+/// `--spin` runs a served scenario with the generator polling (and says so
+/// in its report), and is refused where it cannot poll: on more than one
+/// CPU, or in a scenario without a server.
+#[tokio::test]
+async fn a_spinning_generator_runs_on_one_cpu_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = spawn_service(dir.path(), &LOAD_LIMITS).await;
+    let ingest = bench(
+        &addr,
+        &[
+            "ingest",
+            "--spin",
+            "--connections",
+            "2",
+            "--rest-workers",
+            "0",
+            "--duration",
+            "300ms",
+        ],
+    )
+    .await;
+    assert_eq!(ingest["generator"]["spin"], true, "{ingest}");
+    assert!(ingest["ws_acked"].as_u64().unwrap() > 0, "{ingest}");
+    assert_eq!(ingest["ws_acked"], ingest["ws_sent"], "{ingest}");
+
+    if std::thread::available_parallelism().map_or(1, usize::from) >= 2 {
+        let mut unpinned = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"));
+        unpinned.env("JWT_SECRET", SECRET).args([
+            "--url",
+            &format!("http://{addr}"),
+            "--spin",
+            "idle",
+        ]);
+        assert_fails_saying(unpinned, "--spin needs the generator on one CPU").await;
+    }
+    let mut serverless = chat_bench();
+    serverless.args(["--spin", "pauses", "--duration", "100ms"]);
+    assert_fails_saying(serverless, "--spin applies to idle, fanout and ingest only").await;
+}
+
 /// A process that is not the run's and uses the CPU during its measured
 /// phase is named in `cpu.others`; the run's own processes are not.
 #[tokio::test]

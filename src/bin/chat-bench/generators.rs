@@ -260,6 +260,7 @@ pub fn merge(reports: &[Value]) -> anyhow::Result<Value> {
     report["generator"] = json!({
         "processes": reports.len(),
         "runtime": first["generator"]["runtime"],
+        "spin": first["generator"]["spin"],
         "cpu_seconds": sum_f64(generators(), "cpu_seconds"),
         "cpu_percent_of_one_core": sum_f64(generators(), "cpu_percent_of_one_core"),
         "wall_seconds": max_f64(generators(), "wall_seconds"),

@@ -104,6 +104,16 @@ struct Args {
     /// about a tenth more CPU (docs/benchmarks.md).
     #[arg(long, global = true)]
     arrival_stamps: bool,
+    /// Never let the generator sleep in the kernel: it polls its sockets in
+    /// a loop, at the lowest priority (nice 19) so that PostgreSQL and Redis
+    /// on its core still run first. A delivery then does not have to wake
+    /// it, a cost the servers pay on loopback that clients on other
+    /// machines would not make them pay. The generator's CPU figures then
+    /// include its polling (`generator.spin`). Needs the generator on one
+    /// CPU (`taskset`); served scenarios only (docs/benchmarks.md,
+    /// thirty-fourth VM).
+    #[arg(long, global = true)]
+    spin: bool,
     /// Run `fanout` or `ingest` in this many generator processes, each with
     /// a share of the rooms and connections, and print one report merged
     /// from theirs (`generator.processes`): for a load one process cannot
@@ -630,6 +640,26 @@ fn main() -> anyhow::Result<()> {
     builder.enable_all().build()?.block_on(run(flavor))
 }
 
+/// `--spin`: lowers this process's priority to the least and keeps a task
+/// ready that only yields, so the runtime polls its sockets without
+/// waiting (a zero timeout) instead of sleeping until one is ready.
+fn spin(flavor: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        flavor == "current_thread",
+        "--spin needs the generator on one CPU (taskset -c N chat-bench ...): with more, only one of its threads would poll"
+    );
+    // SAFETY: setpriority only reads its integer arguments.
+    if unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 19) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("lowering the generator's priority");
+    }
+    tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    });
+    Ok(())
+}
+
 /// The whole run; `flavor` names the runtime it runs on, for the report.
 async fn run(flavor: &'static str) -> anyhow::Result<()> {
     let args = Args::parse();
@@ -653,6 +683,10 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
     }
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
+    anyhow::ensure!(
+        !args.spin || matches!(args.scenario, Scenario::Served(_)),
+        "--spin applies to idle, fanout and ingest only"
+    );
     let mut report = match args.scenario {
         Scenario::Loopback(loopback_args) => {
             tokio::task::spawn_blocking(move || loopback::run(loopback_args)).await??
@@ -664,6 +698,9 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || flushes::run(flushes_args)).await??
         }
         Scenario::Served(scenario) => {
+            if args.spin {
+                spin(flavor)?;
+            }
             let secret = args
                 .jwt_secret
                 .context("--jwt-secret (or JWT_SECRET) is required for this scenario")?;
@@ -709,6 +746,7 @@ async fn run(flavor: &'static str) -> anyhow::Result<()> {
     report["generator"] = json!({
         "processes": 1,
         "runtime": flavor,
+        "spin": args.spin,
         "cpu_seconds": cpu,
         "cpu_percent_of_one_core": 100.0 * cpu / wall,
         "wall_seconds": wall,
