@@ -557,6 +557,12 @@ async fn every_scenario_runs_and_reports() {
         serde_json::json!([]),
         "{ingest}"
     );
+    assert_eq!(ingest["connections_stopped"], 0, "{ingest}");
+    assert_eq!(
+        ingest["stopped_connections"],
+        serde_json::json!([]),
+        "{ingest}"
+    );
     // The watched processes (found by name: this test's server among
     // them) are reported with the servers, and what a message cost each.
     let watched = &ingest["cpu"]["watched"][0];
@@ -640,6 +646,17 @@ async fn ingest_reports_the_sends_a_closed_connection_left_unanswered() {
             "{ingest}"
         );
     }
+    // Both connections were closed, and each is listed with its room, why
+    // and how many of its sends went unanswered.
+    assert_eq!(count("connections_stopped"), 2, "{ingest}");
+    let stopped = ingest["stopped_connections"].as_array().unwrap();
+    assert_eq!(stopped.len(), 2, "{ingest}");
+    let mut unanswered = 0;
+    for connection in stopped {
+        assert_eq!(connection["why"], "closed by the server (4029)", "{ingest}");
+        unanswered += connection["unanswered"].as_u64().unwrap();
+    }
+    assert_eq!(unanswered, count("unanswered"), "{ingest}");
 }
 
 /// An ingest connection keeps sending when the server's pings come behind

@@ -304,16 +304,19 @@ fn merge_ingest(reports: &[Value]) -> Value {
         "refused",
         "unanswered",
         "unpaired_answers",
+        "connections_stopped",
     ] {
         report[key] = json!(sum(key));
     }
-    let listed: Vec<&Value> = reports
-        .iter()
-        .filter_map(|r| r["unanswered_sends"].as_array())
-        .flatten()
-        .take(crate::Unanswered::LISTED)
-        .collect();
-    report["unanswered_sends"] = json!(listed);
+    for key in ["unanswered_sends", "stopped_connections"] {
+        let listed: Vec<&Value> = reports
+            .iter()
+            .filter_map(|r| r[key].as_array())
+            .flatten()
+            .take(crate::Stopped::LISTED)
+            .collect();
+        report[key] = json!(listed);
+    }
     report["setup_seconds"] = json!(max_f64(reports.iter(), "setup_seconds"));
     let acked = sum("ws_acked") + sum("rest_acked");
     let elapsed = max_f64(reports.iter().map(|r| &r["shard"]), "elapsed_seconds");
@@ -509,6 +512,8 @@ mod tests {
                 "ws_sent": ws + 2, "ws_acked": ws, "rest_acked": rest, "refused": 1,
                 "unanswered": 1, "unpaired_answers": 0,
                 "unanswered_sends": [{"room": format!("r{ws}"), "client_id": "7"}],
+                "connections_stopped": 1,
+                "stopped_connections": [{"room": format!("r{ws}"), "unanswered": 1}],
                 "setup_seconds": ws as f64 / 1_000.0,
                 "acked_per_second": (ws + rest) as f64 / elapsed,
                 "cpu": {"generator_percent_of_one_core": 20.0, "servers": []},
@@ -527,6 +532,11 @@ mod tests {
         assert_eq!(merged["rest_acked"], 100);
         assert_eq!(merged["refused"], 2);
         assert_eq!(merged["unanswered"], 2);
+        assert_eq!(merged["connections_stopped"], 2);
+        assert_eq!(
+            merged["stopped_connections"],
+            json!([{"room": "r900", "unanswered": 1}, {"room": "r3000", "unanswered": 1}])
+        );
         assert_eq!(
             merged["unanswered_sends"],
             json!([{"room": "r900", "client_id": "7"}, {"room": "r3000", "client_id": "7"}])

@@ -1264,6 +1264,87 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
     Ok(report)
 }
 
+/// How an ingest connection's sending ended: its sends (their `client_id`s
+/// count them), how many were still in flight, and why the answers stopped
+/// (`None`: the run was done with it, every send answered).
+struct Sending {
+    sends: u64,
+    in_flight: usize,
+    why: Option<Silence>,
+}
+
+/// One ingest connection: keeps `window` sends in flight until `end`, then
+/// waits until `give_up` for the answers of those still in flight.
+async fn ingest_connection<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    socket: &mut Member<S>,
+    window: usize,
+    end: Instant,
+    give_up: tokio::time::Instant,
+    counts: &IngestCounts,
+) -> Sending {
+    let (mut in_flight, mut sends, mut text) = (0, 0u64, Vec::new());
+    let why = 'sending: loop {
+        // What the window has room for leaves in one write.
+        while in_flight < window && Instant::now() < end {
+            sends += 1;
+            text.clear();
+            let _ = write!(
+                text,
+                r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#
+            );
+            socket.queue_text(&text);
+            counts.ws_sent.fetch_add(1, Ordering::Relaxed);
+            in_flight += 1;
+        }
+        if socket.flush().await.is_err() {
+            break Silence::Lost;
+        }
+        if in_flight == 0 {
+            return Sending {
+                sends,
+                in_flight,
+                why: None,
+            };
+        }
+        // Every answer that came in the same read is taken before the
+        // window is refilled, so the sends it frees leave in one write, as
+        // a pipelining client's would, not one write per answer.
+        loop {
+            let answer = match tokio::time::timeout_at(give_up, socket.next_text()).await {
+                Ok(Ok(Some(frame))) => member::reply(frame),
+                Ok(Ok(None)) => {
+                    break 'sending socket.closed_with().map_or(Silence::Lost, Silence::Closed);
+                }
+                Ok(Err(_)) => break 'sending Silence::Lost,
+                Err(_) => break 'sending Silence::GaveUp,
+            };
+            let counter = match answer {
+                Reply::Ack => Some(&counts.ws_acked),
+                Reply::Error => Some(&counts.refused),
+                Reply::Other => None,
+            };
+            if let Some(counter) = counter {
+                if in_flight == 0 {
+                    // An answer to no send: counted apart, so that it
+                    // cannot stand in for the next send's.
+                    counts.unpaired.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    in_flight -= 1;
+                }
+            }
+            if !socket.text_buffered() {
+                break;
+            }
+        }
+    };
+    Sending {
+        sends,
+        in_flight,
+        why: Some(why),
+    }
+}
+
 /// What an ingest run's connections and REST workers counted.
 #[derive(Default)]
 struct IngestCounts {
@@ -1276,9 +1357,10 @@ struct IngestCounts {
     unpaired: AtomicU64,
 }
 
-/// An ingest connection's sends that got no answer (ack or error): its
-/// room, their `client_id`s, and why the answers stopped.
-struct Unanswered {
+/// An ingest connection whose answers stopped before the run was done with
+/// it: its room, the `client_id`s of its sends that got no answer (ack or
+/// error; none when it stopped between answers), and why.
+struct Stopped {
     room: String,
     client_ids: Vec<u64>,
     why: Silence,
@@ -1305,23 +1387,28 @@ impl Silence {
     }
 }
 
-impl Unanswered {
+impl Stopped {
     /// How many are listed by name in a report: enough to look them up.
     const LISTED: usize = 10;
 
-    /// The last `in_flight` of a connection's `sends` (its `client_id`s
-    /// count them), if any were in flight when its answers stopped.
-    fn in_flight(room: String, sends: u64, in_flight: usize, why: Silence) -> Option<Self> {
-        (in_flight > 0).then(|| Self {
+    /// The connection in `room` as its `sending` left it, if its answers
+    /// stopped: the last `in_flight` of its sends are the unanswered ones.
+    fn new(room: String, sending: &Sending) -> Option<Self> {
+        let &Sending {
+            sends,
+            in_flight,
+            why,
+        } = sending;
+        Some(Self {
             room,
             client_ids: (sends + 1 - in_flight as u64..=sends).collect(),
-            why,
+            why: why?,
         })
     }
 
-    /// The first [`Self::LISTED`] sends, each as its room, `client_id`
-    /// and why it went unanswered.
-    fn listed(all: &[Self]) -> serde_json::Value {
+    /// The first [`Self::LISTED`] unanswered sends, each as its room,
+    /// `client_id` and why it went unanswered.
+    fn listed_sends(all: &[Self]) -> serde_json::Value {
         let sends = all.iter().flat_map(|u| {
             let why = u.why.describe();
             u.client_ids
@@ -1329,6 +1416,15 @@ impl Unanswered {
                 .map(move |id| json!({"room": u.room, "client_id": id.to_string(), "why": why}))
         });
         json!(sends.take(Self::LISTED).collect::<Vec<_>>())
+    }
+
+    /// The first [`Self::LISTED`] connections, each as its room, why it
+    /// stopped and how many of its sends went unanswered.
+    fn listed(all: &[Self]) -> serde_json::Value {
+        let connections = all.iter().take(Self::LISTED).map(
+            |u| json!({"room": u.room, "why": u.why.describe(), "unanswered": u.client_ids.len()}),
+        );
+        json!(connections.collect::<Vec<_>>())
     }
 }
 
@@ -1376,63 +1472,8 @@ async fn ingest(
     for (mut socket, room) in sockets {
         let counts = Arc::clone(&counts);
         tasks.push(tokio::spawn(async move {
-            let (mut in_flight, mut sends, mut text) = (0, 0u64, Vec::new());
-            // Why the answers stopped, with sends still in flight.
-            let why = 'sending: loop {
-                // What the window has room for leaves in one write.
-                while in_flight < window && Instant::now() < end {
-                    sends += 1;
-                    text.clear();
-                    let _ = write!(
-                        text,
-                        r#"{{"type":"message","body":"ingest","client_id":"{sends}"}}"#
-                    );
-                    socket.queue_text(&text);
-                    counts.ws_sent.fetch_add(1, Ordering::Relaxed);
-                    in_flight += 1;
-                }
-                if socket.flush().await.is_err() {
-                    break Silence::Lost;
-                }
-                if in_flight == 0 {
-                    return None;
-                }
-                // Every answer that came in the same read is taken before
-                // the window is refilled, so the sends it frees leave in
-                // one write, as a pipelining client's would, not one
-                // write per answer.
-                loop {
-                    let answer = match tokio::time::timeout_at(give_up, socket.next_text()).await {
-                        Ok(Ok(Some(frame))) => member::reply(frame),
-                        Ok(Ok(None)) => {
-                            break 'sending socket
-                                .closed_with()
-                                .map_or(Silence::Lost, Silence::Closed);
-                        }
-                        Ok(Err(_)) => break 'sending Silence::Lost,
-                        Err(_) => break 'sending Silence::GaveUp,
-                    };
-                    let counter = match answer {
-                        Reply::Ack => Some(&counts.ws_acked),
-                        Reply::Error => Some(&counts.refused),
-                        Reply::Other => None,
-                    };
-                    if let Some(counter) = counter {
-                        if in_flight == 0 {
-                            // An answer to no send: counted apart, so that
-                            // it cannot stand in for the next send's.
-                            counts.unpaired.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            counter.fetch_add(1, Ordering::Relaxed);
-                            in_flight -= 1;
-                        }
-                    }
-                    if !socket.text_buffered() {
-                        break;
-                    }
-                }
-            };
-            Unanswered::in_flight(room, sends, in_flight, why)
+            let sending = ingest_connection(&mut socket, window, end, give_up, &counts).await;
+            Stopped::new(room, &sending)
         }));
     }
     let mut rest_tasks = Vec::new();
@@ -1463,9 +1504,9 @@ async fn ingest(
     for task in rest_tasks {
         let _ = task.await;
     }
-    let mut unanswered = Vec::new();
+    let mut stopped = Vec::new();
     for task in tasks {
-        unanswered.extend(task.await.ok().flatten());
+        stopped.extend(task.await.ok().flatten());
     }
     let used = cpu.used();
     let server = server_view::Reading::take(&bench.http, &bench.urls)
@@ -1485,8 +1526,10 @@ async fn ingest(
         "ws_acked": ws,
         "rest_acked": rest,
         "refused": load(&counts.refused),
-        "unanswered": unanswered.iter().map(|u| u.client_ids.len()).sum::<usize>(),
-        "unanswered_sends": Unanswered::listed(&unanswered),
+        "unanswered": stopped.iter().map(|u| u.client_ids.len()).sum::<usize>(),
+        "unanswered_sends": Stopped::listed_sends(&stopped),
+        "connections_stopped": stopped.len(),
+        "stopped_connections": Stopped::listed(&stopped),
         "unpaired_answers": load(&counts.unpaired),
         "acked_per_second": (ws + rest) as f64 / elapsed,
         "cpu": used.report(),
@@ -1539,28 +1582,78 @@ mod tests {
     }
 
     /// A run's unanswered sends are listed by room and `client_id`, the
-    /// first ten of them, so that they can be looked up in the database.
+    /// first ten of them, so that they can be looked up in the database;
+    /// the connections whose answers stopped are listed too, those that
+    /// stopped between answers among them.
     #[test]
-    fn unanswered_sends_are_listed_by_room_and_client_id() {
-        let stuck = |room: &str, sends, in_flight, why| {
-            Unanswered::in_flight(room.to_owned(), sends, in_flight, why)
+    fn stopped_connections_and_their_unanswered_sends_are_listed() {
+        let stopped = |room: &str, sends, in_flight, why| {
+            let sending = Sending {
+                sends,
+                in_flight,
+                why,
+            };
+            Stopped::new(room.to_owned(), &sending)
         };
-        assert!(
-            stuck("a", 40, 0, Silence::GaveUp).is_none(),
-            "nothing in flight"
-        );
+        assert!(stopped("a", 40, 0, None).is_none(), "answered to the end");
         let all = [
-            stuck("a", 41, 1, Silence::GaveUp),
-            stuck("b", 14, 12, Silence::Closed(4008)),
-        ];
-        let listed = Unanswered::listed(&all.map(Option::unwrap));
+            stopped("a", 41, 1, Some(Silence::GaveUp)),
+            stopped("b", 14, 12, Some(Silence::Closed(4008))),
+            stopped("c", 9, 0, Some(Silence::Lost)),
+        ]
+        .map(Option::unwrap);
+        let listed = Stopped::listed_sends(&all);
         let listed = listed.as_array().unwrap();
-        assert_eq!(listed.len(), Unanswered::LISTED);
+        assert_eq!(listed.len(), Stopped::LISTED);
         let send = |room, client_id, why| json!({"room": room, "client_id": client_id, "why": why});
         assert_eq!(listed[0], send("a", "41", "no answer 60 s after the end"));
         assert_eq!(listed[1], send("b", "3", "closed by the server (4008)"));
         assert_eq!(listed[9], send("b", "11", "closed by the server (4008)"));
-        assert_eq!(Unanswered::listed(&[]), json!([]));
+        assert_eq!(Stopped::listed_sends(&[]), json!([]));
+        assert_eq!(
+            Stopped::listed(&all),
+            json!([
+                {"room": "a", "why": "no answer 60 s after the end", "unanswered": 1},
+                {"room": "b", "why": "closed by the server (4008)", "unanswered": 12},
+                {"room": "c", "why": "connection lost", "unanswered": 0},
+            ])
+        );
+    }
+
+    /// A connection the server closes right after an answer, with nothing
+    /// of it in flight, stops sending: it is reported as stopped, with no
+    /// send unanswered, instead of going quiet unnoticed.
+    #[tokio::test]
+    async fn an_ingest_connection_closed_between_answers_is_reported() {
+        use tokio::io::AsyncWriteExt;
+
+        let (mut socket, mut server) = member::testing::connected(&[]).await;
+        let counts = IngestCounts::default();
+        let end = Instant::now() + Duration::from_secs(60);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        let serve = async {
+            let (opcode, send) = member::testing::read_client_frame(&mut server).await;
+            assert_eq!(opcode, 0x1, "a text frame");
+            assert!(
+                String::from_utf8(send)
+                    .unwrap()
+                    .contains(r#""client_id":"1""#)
+            );
+            // The answer and the close in one write: one read takes both.
+            let mut answer = member::testing::text(br#"{"type":"ack","client_id":"1"}"#);
+            answer.extend(member::testing::close(4008));
+            server.write_all(&answer).await.unwrap();
+            server
+        };
+        let (sending, _server) = tokio::join!(
+            ingest_connection(&mut socket, 1, end, give_up, &counts),
+            serve
+        );
+        assert_eq!(sending.why, Some(Silence::Closed(4008)));
+        assert_eq!((sending.sends, sending.in_flight), (1, 0));
+        assert_eq!(counts.ws_acked.load(Ordering::Relaxed), 1);
+        let stopped = Stopped::new("r".to_owned(), &sending).expect("reported");
+        assert!(stopped.client_ids.is_empty());
     }
 
     /// A step passes only when everything got through in time and the

@@ -433,27 +433,35 @@ fn digits_until(bytes: &[u8], end: u8) -> Option<(u64, &[u8])> {
     Some((number, &bytes[at + 1..]))
 }
 
+/// A server's side of a member's connection, for tests (the member's own and
+/// the ingest loop's in `main.rs`).
 #[cfg(test)]
-mod tests {
-    use chat_service::{
-        bus::{WireMessage, WireUser},
-        protocol::ServerFrame,
-    };
+pub mod testing {
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     use super::*;
 
     /// A server frame as the server writes it: unmasked, one frame.
-    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    pub fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         push_head(&mut out, opcode, payload.len(), 0);
         out.extend_from_slice(payload);
         out
     }
 
+    /// A server's text frame.
+    pub fn text(payload: &[u8]) -> Vec<u8> {
+        frame(OPCODE_TEXT, payload)
+    }
+
+    /// A server's close frame with status `code`.
+    pub fn close(code: u16) -> Vec<u8> {
+        frame(OPCODE_CLOSE, &code.to_be_bytes())
+    }
+
     /// Plays the server's side of the handshake on `server`, answering with
     /// `accept` (the right key when `None`), followed by `then`.
-    async fn serve_upgrade(
+    pub async fn serve_upgrade(
         server: DuplexStream,
         accept: Option<&str>,
         then: &[u8],
@@ -481,7 +489,7 @@ mod tests {
         server.into_inner()
     }
 
-    async fn connected(then: &[u8]) -> (Member<DuplexStream>, DuplexStream) {
+    pub async fn connected(then: &[u8]) -> (Member<DuplexStream>, DuplexStream) {
         let (client, server) = tokio::io::duplex(1 << 20);
         let (member, server) = tokio::join!(
             Member::handshake(client, "127.0.0.1:1", "/ws/chat/r?token=x"),
@@ -492,7 +500,7 @@ mod tests {
 
     /// Reads a masked client frame and returns its opcode and unmasked
     /// payload.
-    async fn read_client_frame(server: &mut DuplexStream) -> (u8, Vec<u8>) {
+    pub async fn read_client_frame(server: &mut DuplexStream) -> (u8, Vec<u8>) {
         let mut head = [0; 2];
         server.read_exact(&mut head).await.unwrap();
         assert_eq!(head[1] & 0x80, 0x80, "client frames are masked");
@@ -510,6 +518,16 @@ mod tests {
         }
         (head[0] & 0x0F, payload)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_service::{
+        bus::{WireMessage, WireUser},
+        protocol::ServerFrame,
+    };
+
+    use super::{testing::*, *};
 
     /// The frames that came in the same read as the upgrade response are
     /// not lost: the first one is the server's `ready`.
