@@ -533,8 +533,8 @@ mod tests {
     /// not lost: the first one is the server's `ready`.
     #[tokio::test]
     async fn frames_sent_with_the_upgrade_response_are_read() {
-        let mut then = frame(OPCODE_TEXT, br#"{"type":"ready"}"#);
-        then.extend(frame(OPCODE_TEXT, b"second"));
+        let mut then = text(br#"{"type":"ready"}"#);
+        then.extend(text(b"second"));
         let (mut member, _server) = connected(&then).await;
         assert_eq!(
             member.next_text().await.unwrap(),
@@ -547,8 +547,8 @@ mod tests {
     /// they are taken; a frame from a later read carries the later time.
     #[tokio::test]
     async fn frames_of_one_read_carry_its_time() {
-        let mut then = frame(OPCODE_TEXT, b"one");
-        then.extend(frame(OPCODE_TEXT, b"two"));
+        let mut then = text(b"one");
+        then.extend(text(b"two"));
         let (mut member, mut server) = connected(&then).await;
         assert_eq!(member.next_text().await.unwrap(), Some(&b"one"[..]));
         let first = member.read_us();
@@ -556,10 +556,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         assert_eq!(member.next_text().await.unwrap(), Some(&b"two"[..]));
         assert_eq!(member.read_us(), first, "taken later, read together");
-        server
-            .write_all(&frame(OPCODE_TEXT, b"three"))
-            .await
-            .unwrap();
+        server.write_all(&text(b"three")).await.unwrap();
         assert_eq!(member.next_text().await.unwrap(), Some(&b"three"[..]));
         assert!(member.read_us() >= first + 2_000, "read 2 ms later or more");
     }
@@ -567,15 +564,15 @@ mod tests {
     /// A text frame counts as buffered only once all of it has been read.
     #[tokio::test]
     async fn a_text_is_buffered_once_whole() {
-        let mut then = frame(OPCODE_TEXT, b"first");
-        then.extend(frame(OPCODE_TEXT, b"second"));
+        let mut then = text(b"first");
+        then.extend(text(b"second"));
         let (mut member, mut server) = connected(&then).await;
         assert!(member.text_buffered());
         assert_eq!(member.next_text().await.unwrap(), Some(&b"first"[..]));
         assert!(member.text_buffered());
         assert_eq!(member.next_text().await.unwrap(), Some(&b"second"[..]));
         assert!(!member.text_buffered(), "nothing left");
-        let third = frame(OPCODE_TEXT, b"third");
+        let third = text(b"third");
         server.write_all(&third[..3]).await.unwrap();
         member.fill().await.unwrap();
         assert!(!member.text_buffered(), "a part of a frame");
@@ -592,7 +589,7 @@ mod tests {
     #[tokio::test]
     async fn control_frames_alone_are_no_text_buffered() {
         const OPCODE_BINARY: u8 = 0x2;
-        let mut then = frame(OPCODE_TEXT, b"ack");
+        let mut then = text(b"ack");
         then.extend(frame(OPCODE_PING, b"p1"));
         then.extend(frame(OPCODE_BINARY, b"skipped"));
         let (mut member, mut server) = connected(&then).await;
@@ -600,8 +597,8 @@ mod tests {
         assert!(!member.text_buffered(), "only a ping and a binary frame");
 
         let mut more = frame(OPCODE_PING, b"p2");
-        more.extend(frame(OPCODE_TEXT, b"copy"));
-        more.extend(frame(OPCODE_CLOSE, &4029u16.to_be_bytes()));
+        more.extend(text(b"copy"));
+        more.extend(close(4029));
         server.write_all(&more).await.unwrap();
         member.fill().await.unwrap();
         assert!(member.text_buffered(), "a text behind two pings");
@@ -644,10 +641,10 @@ mod tests {
     async fn frames_split_across_reads_come_out_whole() {
         let (mut member, mut server) = connected(b"").await;
         let (short, medium, long) = (vec![b'a'; 100], vec![b'b'; 300], vec![b'c'; 70_000]);
-        let mut bytes = frame(OPCODE_TEXT, &short);
-        bytes.extend(frame(OPCODE_TEXT, &medium));
-        bytes.extend(frame(OPCODE_TEXT, &long));
-        bytes.extend(frame(OPCODE_TEXT, &short));
+        let mut bytes = text(&short);
+        bytes.extend(text(&medium));
+        bytes.extend(text(&long));
+        bytes.extend(text(&short));
         let writer = tokio::spawn(async move {
             for byte in bytes {
                 server.write_all(&[byte]).await.unwrap();
@@ -669,7 +666,7 @@ mod tests {
     async fn pings_are_answered_and_a_close_ends_the_connection() {
         let mut then = frame(OPCODE_PING, b"p1");
         then.extend(frame(OPCODE_PONG, b""));
-        then.extend(frame(OPCODE_TEXT, b"after"));
+        then.extend(text(b"after"));
         then.extend(frame(OPCODE_CLOSE, &[0x03, 0xE8, b'b', b'y', b'e']));
         let (mut member, mut server) = connected(&then).await;
         assert_eq!(member.next_text().await.unwrap(), Some(&b"after"[..]));
@@ -702,10 +699,7 @@ mod tests {
             );
         }
         member.queue_text(b"queued");
-        server
-            .write_all(&frame(OPCODE_TEXT, b"reply"))
-            .await
-            .unwrap();
+        server.write_all(&text(b"reply")).await.unwrap();
         assert_eq!(member.next_text().await.unwrap(), Some(&b"reply"[..]));
         assert_eq!(
             read_client_frame(&mut server).await,
