@@ -145,6 +145,8 @@ async fn a_spinning_generator_runs_on_one_cpu_and_says_so() {
     )
     .await;
     assert_eq!(ingest["generator"]["spin"], true, "{ingest}");
+    // It polls instead of sleeping: nothing had to wake it.
+    assert_eq!(ingest["cpu"]["generator_wakeups"], 0, "{ingest}");
     assert!(ingest["ws_acked"].as_u64().unwrap() > 0, "{ingest}");
     assert_eq!(ingest["ws_acked"], ingest["ws_sent"], "{ingest}");
 
@@ -364,6 +366,15 @@ async fn every_scenario_runs_and_reports() {
         let cost = result["cpu_us_per_delivery"][who].as_f64();
         assert!(cost.is_some_and(|us| us >= 0.0), "{who}: {fanout}");
     }
+    // How often the generator slept (at 40 sends a second it waits for
+    // each), and the deliveries it read per wake-up.
+    let wakeups = result["cpu"]["generator_wakeups"].as_u64().unwrap();
+    assert!(wakeups > 0, "{fanout}");
+    let per_wakeup = result["deliveries_per_generator_wakeup"].as_f64().unwrap();
+    assert!(
+        (per_wakeup - delivered / wakeups as f64).abs() <= 0.05,
+        "{fanout}"
+    );
     // The timeline holds the slowest latency of each 250 ms of sends: two
     // slices here, and the slowest of them is the run's slowest.
     let timeline = &result["slowest_by_send_time"];

@@ -284,9 +284,15 @@ fn max_f64<'a>(parts: impl Iterator<Item = &'a Value>, key: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The generators' CPU over the phase, summed over the reports' `cpu`.
-fn generators_cpu<'a>(cpus: impl Iterator<Item = &'a Value>) -> Value {
-    json!(tenths(sum_f64(cpus, "generator_percent_of_one_core")))
+/// Sets `cpu`'s generator figures to the sum of the generators' (`cpus`,
+/// each report's `cpu`): their CPU over the phase and their wake-ups.
+fn add_generators_cpu(cpu: &mut Value, cpus: &[&Value]) {
+    let each = || cpus.iter().copied();
+    cpu["generator_percent_of_one_core"] =
+        json!(tenths(sum_f64(each(), "generator_percent_of_one_core")));
+    cpu["generator_wakeups"] = json!(sum_u64(each(), "generator_wakeups"));
+    cpu["generator_wakeups_per_second"] =
+        json!(tenths(sum_f64(each(), "generator_wakeups_per_second")));
 }
 
 /// Ingest: acks added up over the longest of the phases; what an acked
@@ -333,8 +339,8 @@ fn merge_ingest(reports: &[Value]) -> Value {
             .map(|r| (&r["cpu_us_per_acked"], own_acks(r))),
         acked,
     );
-    report["cpu"]["generator_percent_of_one_core"] =
-        generators_cpu(reports.iter().map(|r| &r["cpu"]));
+    let cpus: Vec<&Value> = reports.iter().map(|r| &r["cpu"]).collect();
+    add_generators_cpu(&mut report["cpu"], &cpus);
     if let Some(object) = report.as_object_mut() {
         object.remove("shard");
     }
@@ -425,8 +431,12 @@ fn merge_fanout(reports: &[Value]) -> anyhow::Result<Value> {
         }
         result["slowest_by_send_time"][series] = json!(slowest);
     }
-    result["cpu"]["generator_percent_of_one_core"] =
-        generators_cpu(results.iter().map(|r| &r["cpu"]));
+    let cpus: Vec<&Value> = results.iter().map(|r| &r["cpu"]).collect();
+    add_generators_cpu(&mut result["cpu"], &cpus);
+    result["deliveries_per_generator_wakeup"] = crate::per_wakeup(
+        result["delivered"].as_u64().unwrap_or(0),
+        result["cpu"]["generator_wakeups"].as_u64().unwrap_or(0),
+    );
     result["cpu_us_per_delivery"] = cpu_per_unit(
         results.iter().map(|r| {
             (
@@ -516,7 +526,8 @@ mod tests {
                 "stopped_connections": [{"room": format!("r{ws}"), "unanswered": 1}],
                 "setup_seconds": ws as f64 / 1_000.0,
                 "acked_per_second": (ws + rest) as f64 / elapsed,
-                "cpu": {"generator_percent_of_one_core": 20.0, "servers": []},
+                "cpu": {"generator_percent_of_one_core": 20.0, "servers": [],
+                        "generator_wakeups": 30, "generator_wakeups_per_second": 10.0},
                 // Each shard read the same server: 100 ms of CPU over the
                 // phase, 100 µs per ack of the first's 1,000.
                 "cpu_us_per_acked": {"servers": 100_000.0 / (ws + rest) as f64,
@@ -549,6 +560,8 @@ mod tests {
         assert_eq!(merged["cpu_us_per_acked"]["servers"], 25.0);
         assert_eq!(merged["cpu_us_per_acked"]["generator"], 25.0);
         assert_eq!(merged["cpu"]["generator_percent_of_one_core"], 40.0);
+        assert_eq!(merged["cpu"]["generator_wakeups"], 60);
+        assert_eq!(merged["cpu"]["generator_wakeups_per_second"], 20.0);
         assert_eq!(merged["generator"]["processes"], 2);
         assert!(merged.get("shard").is_none(), "{merged}");
     }
@@ -577,7 +590,7 @@ mod tests {
     }
 
     /// A shard's report as `fanout` prints it, with what `merge` reads.
-    fn shard_report(latencies_us: &[u64], first_us: u64, last_us: u64) -> Value {
+    fn shard_report(latencies_us: &[u64], first_us: u64, last_us: u64, wakeups: u64) -> Value {
         let mut h = latency_histogram();
         for &us in latencies_us {
             h.record(us).unwrap();
@@ -592,7 +605,9 @@ mod tests {
                 "target_rate": 100.0, "sent": n, "acked": n, "refused": 0, "unacked": 0,
                 "delivered": 2 * n, "expected": 2 * n, "loss": 0, "elapsed_seconds": 2.0,
                 "slowest_by_send_time": {"delivery_ms": [1.0, 9.0], "ack_ms": [2.0]},
-                "cpu": {"generator_percent_of_one_core": 25.0, "servers": []},
+                "cpu": {"generator_percent_of_one_core": 25.0, "servers": [],
+                        "generator_wakeups": wakeups,
+                        "generator_wakeups_per_second": wakeups as f64 / 2.0},
                 // Each shard read the same server: 48 µs of CPU over the
                 // phase. Each generator spent 60 µs on its deliveries.
                 "cpu_us_per_delivery": {"servers": 48.0 / (2 * n) as f64,
@@ -609,8 +624,8 @@ mod tests {
 
     #[test]
     fn merged_reports_add_up_counts_and_histograms() {
-        let a = shard_report(&[1_000, 2_000, 3_000], 10_000_000, 11_000_000);
-        let b = shard_report(&[50_000], 10_500_000, 12_000_000);
+        let a = shard_report(&[1_000, 2_000, 3_000], 10_000_000, 11_000_000, 3);
+        let b = shard_report(&[50_000], 10_500_000, 12_000_000, 1);
         let merged = merge(&[a, b]).unwrap();
         let result = &merged["result"];
         assert_eq!(result["sent"], 4);
@@ -631,6 +646,10 @@ mod tests {
             json!([1.0, 9.0])
         );
         assert_eq!(result["cpu"]["generator_percent_of_one_core"], 50.0);
+        // Four wake-ups of the generators for eight deliveries.
+        assert_eq!(result["cpu"]["generator_wakeups"], 4);
+        assert_eq!(result["cpu"]["generator_wakeups_per_second"], 2.0);
+        assert_eq!(result["deliveries_per_generator_wakeup"], 2.0);
         // The server's 48 µs over all 8 deliveries; the generators' 120.
         assert_eq!(result["cpu_us_per_delivery"]["servers"], 6.0);
         assert_eq!(result["cpu_us_per_delivery"]["generator"], 15.0);
@@ -639,5 +658,16 @@ mod tests {
         assert_eq!(merged["generator"]["processes"], 2);
         assert_eq!(merged["generator"]["cpu_seconds"], 3.0);
         assert_eq!(merged["setup"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn generators_that_never_slept_have_no_deliveries_per_wake_up() {
+        let spinning = || shard_report(&[1_000], 10_000_000, 11_000_000, 0);
+        let merged = merge(&[spinning(), spinning()]).unwrap();
+        assert_eq!(merged["result"]["cpu"]["generator_wakeups"], 0);
+        assert_eq!(
+            merged["result"]["deliveries_per_generator_wakeup"],
+            Value::Null
+        );
     }
 }

@@ -74,7 +74,7 @@ mod server_view;
 use arrival::Stamped;
 use generators::Shard;
 use member::{Member, Reply};
-use processes::{Processes, own_cpu_seconds};
+use processes::{Processes, own_cpu_seconds, own_wakeups};
 
 #[derive(Debug, Parser)]
 #[command(name = "chat-bench", about = "Load generator for the chat service")]
@@ -225,6 +225,7 @@ fn unix_micros() -> u64 {
 struct CpuMeter {
     started: Instant,
     own: f64,
+    own_wakeups: u64,
     servers: Vec<(u32, f64)>,
     /// The `--watch` names.
     watched: Vec<String>,
@@ -240,6 +241,8 @@ struct CpuMeter {
 struct CpuUsed {
     wall: f64,
     generator: f64,
+    /// Times the generator slept and was woken ([`own_wakeups`]).
+    generator_wakeups: u64,
     servers: Vec<(u32, f64)>,
     /// Per `--watch` name: its processes, and their CPU seconds.
     watched: Vec<(String, usize, f64)>,
@@ -256,6 +259,7 @@ impl CpuMeter {
         Self {
             started: Instant::now(),
             own: own_cpu_seconds(),
+            own_wakeups: own_wakeups(),
             servers: bench
                 .pids
                 .iter()
@@ -278,6 +282,7 @@ impl CpuMeter {
         CpuUsed {
             wall,
             generator: own_cpu_seconds() - self.own,
+            generator_wakeups: own_wakeups().saturating_sub(self.own_wakeups),
             servers: self
                 .servers
                 .iter()
@@ -330,6 +335,8 @@ impl CpuUsed {
         json!({
             "wall_seconds": self.wall,
             "generator_percent_of_one_core": percent(self.generator),
+            "generator_wakeups": self.generator_wakeups,
+            "generator_wakeups_per_second": tenths(self.generator_wakeups as f64 / self.wall),
             "servers": servers,
             "watched": watched,
             "others": self.others,
@@ -364,6 +371,25 @@ fn per_unit_line(per_unit: &serde_json::Value) -> String {
         .map(|(name, us)| format!("{name} {us}"))
         .collect();
     named.join(", ")
+}
+
+/// Deliveries the generator read per time it slept and was woken (`null`
+/// when it never slept, as with `--spin`). Near 1, nearly every delivery
+/// woke it; on loopback that wake-up is paid by the server's write.
+fn per_wakeup(delivered: u64, wakeups: u64) -> serde_json::Value {
+    match wakeups {
+        0 => serde_json::Value::Null,
+        n => json!(tenths(delivered as f64 / n as f64)),
+    }
+}
+
+/// A fan-out phase's wake-ups of the generator as one line.
+fn wakeups_line(result: &serde_json::Value) -> String {
+    let per_second = &result["cpu"]["generator_wakeups_per_second"];
+    match &result["deliveries_per_generator_wakeup"] {
+        serde_json::Value::Null => format!("the generator was woken {per_second} times/s"),
+        each => format!("the generator was woken {per_second} times/s, once per {each} deliveries"),
+    }
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -1178,6 +1204,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             },
             "cpu": used.report(),
             "cpu_us_per_delivery": used.per_message(delivered),
+            "deliveries_per_generator_wakeup": per_wakeup(delivered, used.generator_wakeups),
             "server_view": server,
             "generator_loop_lag": lag,
         });
@@ -1233,6 +1260,7 @@ async fn fanout(bench: &Arc<Bench>, args: FanoutArgs) -> anyhow::Result<serde_js
             "  CPU per delivery, µs: {}",
             per_unit_line(&result["cpu_us_per_delivery"])
         );
+        eprintln!("  {}", wakeups_line(&result));
         phases.push(result);
         if !find_max || !passed {
             break;
@@ -1554,11 +1582,13 @@ mod tests {
         let used = CpuUsed {
             wall: 2.0,
             generator: 0.5,
+            generator_wakeups: 40,
             servers: vec![(10, 1.0), (11, 0.5)],
             watched: vec![("postgres".into(), 3, 0.25)],
             others: json!([]),
             cores: json!([]),
         };
+        assert_eq!(used.report()["generator_wakeups_per_second"], 20.0);
         let per = used.per_message(100_000);
         assert_eq!(
             per,
@@ -1567,6 +1597,26 @@ mod tests {
         assert_eq!(
             per_unit_line(&per),
             "generator 5.0, postgres 2.5, servers 15.0"
+        );
+    }
+
+    /// How often the generator slept, and how many deliveries it read per
+    /// wake-up; a generator that never slept (`--spin`) has no such ratio.
+    #[test]
+    fn the_generators_wake_ups_are_counted_per_delivery() {
+        let result = |delivered, wakeups| {
+            json!({
+                "cpu": {"generator_wakeups_per_second": wakeups as f64 / 10.0},
+                "deliveries_per_generator_wakeup": per_wakeup(delivered, wakeups),
+            })
+        };
+        assert_eq!(
+            wakeups_line(&result(1_000, 400)),
+            "the generator was woken 40.0 times/s, once per 2.5 deliveries"
+        );
+        assert_eq!(
+            wakeups_line(&result(1_000, 0)),
+            "the generator was woken 0.0 times/s"
         );
     }
 

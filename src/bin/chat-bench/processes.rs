@@ -73,6 +73,19 @@ pub fn own_cpu_seconds() -> f64 {
     Stat::of("self").map_or(0.0, |stat| stat.cpu)
 }
 
+/// How many times this process's threads have slept waiting for something
+/// (voluntary context switches, all threads together). Each sleep ends
+/// with a wake-up that whatever woke it paid for: on loopback, mostly the
+/// server's write that made one of the generator's sockets readable, which
+/// on a VM may cost it an interrupt sent to the generator's halted core
+/// (docs/benchmarks.md, thirty-fifth VM).
+pub fn own_wakeups() -> u64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0, |usage| {
+        u64::try_from(usage.voluntary_context_switches()).unwrap_or(0)
+    })
+}
+
 /// Every process running at one moment.
 #[derive(Debug, Default)]
 pub struct Processes(HashMap<u32, Stat>);
