@@ -237,9 +237,12 @@ async fn pauses_are_seen_on_each_cpu_the_process_may_use() {
     let watched = cpu["watched_seconds"].as_f64().unwrap();
     assert!((1.0..2.0).contains(&watched), "{pauses}");
     // The stop is a pause of at least its length (other tests' turns on
-    // the CPU may add shorter ones).
+    // the CPU may add shorter ones), less the millisecond the watcher
+    // meant to sleep anyway: a pause is how late it woke, and a watcher
+    // stopped just after it read the clock wakes 150 ms after that read,
+    // 149 ms late.
     assert!(cpu["pauses"].as_u64().unwrap() >= 1, "{pauses}");
-    assert!(cpu["longest_ms"].as_f64().unwrap() >= 150.0, "{pauses}");
+    assert!(cpu["longest_ms"].as_f64().unwrap() >= 149.0, "{pauses}");
     let listed = cpu["listed"].as_array().unwrap();
     assert_eq!(listed.len() as u64, cpu["pauses"].as_u64().unwrap());
 }
