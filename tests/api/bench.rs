@@ -81,6 +81,35 @@ async fn loopback_needs_no_server_and_prices_a_delivery() {
     let reads = loopback["reader"]["reads_per_frame"].as_f64().unwrap();
     assert!(reads > 0.0, "{loopback}");
     assert!(loopback["null_syscall_ns"].as_f64().unwrap() > 0.0);
+    // Writer and reader on one CPU: no other CPU to wake.
+    assert!(loopback["wakeup"].is_null(), "{loopback}");
+    if std::thread::available_parallelism().map_or(1, usize::from) >= 2 {
+        // On two CPUs, what waking the reader costs the writer: its CPU per
+        // write with the reader asleep, less that with the reader polling.
+        let mut unpinned = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"));
+        unpinned.args(["loopback", "--connections", "2", "--rate", "1000"]);
+        unpinned.args([
+            "--duration",
+            "100ms",
+            "--writer-cpu",
+            "0",
+            "--reader-cpu",
+            "1",
+        ]);
+        let loopback = parsed(unpinned.output().await.expect("chat-bench runs"));
+        let wakeup = &loopback["wakeup"];
+        let us = |key: &str| wakeup[key].as_f64().unwrap();
+        let (blocked, polling) = (
+            us("blocked_reader_us_per_write"),
+            us("polling_reader_us_per_write"),
+        );
+        assert!(blocked > 0.0 && polling > 0.0, "{loopback}");
+        assert!(
+            (us("wakeup_us") - (blocked - polling).max(0.0)).abs() < 0.01,
+            "{loopback}"
+        );
+        assert_eq!(wakeup["writes"], 2000, "{loopback}");
+    }
 
     // Pinned to CPU 0, it may not put its reader on CPU 1.
     let mut command = chat_bench();

@@ -18,6 +18,9 @@
 //! thread's own CPU time divided by the frames is the kernel's price per
 //! delivery on each side; the writer's includes the loopback receive path
 //! and the reader's wake-ups, as a pod's does.
+//!
+//! Then it prices one of those wake-ups on its own ([`crate::wakeup`]):
+//! what waking a thread asleep on the reader's CPU costs the writer.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -70,7 +73,7 @@ impl LoopbackArgs {
 }
 
 /// The calling thread's CPU time so far.
-fn thread_cpu() -> Duration {
+pub fn thread_cpu() -> Duration {
     clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
@@ -221,6 +224,7 @@ pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
     let per_frame_us = |cpu: Duration| cpu.as_secs_f64() * 1e6 / frames.max(1) as f64;
     let seconds = took.as_secs_f64().max(1e-9);
     let share = |cpu: Duration| 100.0 * cpu.as_secs_f64() / seconds;
+    let wakeup = crate::wakeup::measure(args.writer_cpu, args.reader_cpu)?;
     Ok(json!({
         "scenario": "loopback",
         "connections": args.connections,
@@ -229,6 +233,7 @@ pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
         "frames": frames,
         "frames_per_second": frames as f64 / seconds,
         "null_syscall_ns": syscall_ns,
+        "wakeup": wakeup,
         "writer": {
             "cpu": args.writer_cpu,
             "cpu_us_per_frame": per_frame_us(writer_cpu),

@@ -70,6 +70,7 @@ mod member;
 mod pauses;
 mod processes;
 mod server_view;
+mod wakeup;
 
 use arrival::Stamped;
 use generators::Shard;
@@ -134,7 +135,8 @@ enum Scenario {
     Served(Served),
     /// No server: what this machine's kernel charges for a delivery (a
     /// small frame written to a loopback TCP connection and read on another
-    /// core), to compare machines by.
+    /// core), and what waking a thread asleep on the other core costs the
+    /// waker (`wakeup`), to compare machines by.
     Loopback(loopback::LoopbackArgs),
     /// No server: how often, and for how long, this machine does not run
     /// each of its CPUs (a thread per CPU watching the clock), to tell a
