@@ -193,6 +193,25 @@ fn write_all(
     Ok((thread_cpu() - cpu_before, started.elapsed()))
 }
 
+/// Waits for a writer thread and its reader thread, and returns both
+/// results or the failure. A side that fails ends the other's connections,
+/// so when both failed both are said.
+pub fn join_both<W, R>(
+    writer: std::thread::JoinHandle<anyhow::Result<W>>,
+    reader: std::thread::JoinHandle<anyhow::Result<R>>,
+) -> anyhow::Result<(W, R)> {
+    let joined = |what| move |_| anyhow::anyhow!("the {what} panicked");
+    let written = writer.join().map_err(joined("writer"))?;
+    let read = reader.join().map_err(joined("reader"))?;
+    match (written, read) {
+        (Ok(written), Ok(read)) => Ok((written, read)),
+        (Err(writer), Err(reader)) => {
+            anyhow::bail!("the writer: {writer:#}; the reader: {reader:#}")
+        }
+        (Err(err), _) | (_, Err(err)) => Err(err),
+    }
+}
+
 pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
@@ -209,17 +228,7 @@ pub fn run(args: LoopbackArgs) -> anyhow::Result<serde_json::Value> {
         let written = write_all(&mut writers, &args, &frame)?;
         anyhow::Ok((written, null_syscall_ns(), args))
     });
-    let joined = |what| move |_| anyhow::anyhow!("the {what} panicked");
-    let written = writer.join().map_err(joined("writer"))?;
-    let read = reader.join().map_err(joined("reader"))?;
-    // A side that fails ends the other's connections: say both.
-    let (((writer_cpu, took), syscall_ns, args), read) = match (written, read) {
-        (Ok(written), Ok(read)) => (written, read),
-        (Err(writer), Err(reader)) => {
-            anyhow::bail!("the writer: {writer:#}; the reader: {reader:#}")
-        }
-        (Err(err), _) | (_, Err(err)) => return Err(err),
-    };
+    let (((writer_cpu, took), syscall_ns, args), read) = join_both(writer, reader)?;
     let frames = args.frames();
     let per_frame_us = |cpu: Duration| cpu.as_secs_f64() * 1e6 / frames.max(1) as f64;
     let seconds = took.as_secs_f64().max(1e-9);

@@ -23,7 +23,12 @@ use std::{
 
 use serde_json::json;
 
-use crate::{cores::pin, loopback::thread_cpu};
+use anyhow::Context;
+
+use crate::{
+    cores::pin,
+    loopback::{join_both, thread_cpu},
+};
 
 /// Between two writes: time for the reader to go back to sleep and for
 /// its idle CPU to halt.
@@ -90,8 +95,6 @@ fn writer_cpu_per_write(
         }
         Ok(spent / WRITES)
     });
-    let joined = |what| move |_| anyhow::anyhow!("the wake-up {what} panicked");
-    let spent = writing.join().map_err(joined("writer"))?;
-    reading.join().map_err(joined("reader"))??;
-    spent
+    let (spent, ()) = join_both(writing, reading).context("pricing a wake-up")?;
+    Ok(spent)
 }
